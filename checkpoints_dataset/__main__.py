@@ -1,0 +1,82 @@
+"""Command line: ``python -m checkpoints_dataset build --task digits_mlp --runs 256 --epochs 20 --out DIR``.
+
+``main(argv)`` also accepts the arguments without the leading ``build`` word, which is how
+``gpt-params build-dataset ARGS`` delegates here (``main(ARGS)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .population import PopulationConfig, build_population
+from .tasks import BUILTIN_TASKS, get_task
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need N >= 1 and 0 <= I < N (I counts from 0)")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m checkpoints_dataset build",
+                                description="Train many runs of a task at once and save their checkpoints "
+                                            "into a store (resumable; shardable with --shard I/N).")
+    p.add_argument("--task", default="digits_mlp",
+                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or 'pkg.module:TaskClass'")
+    p.add_argument("--out", required=True, help="store directory (created; an existing build resumes)")
+    p.add_argument("--runs", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="build part I of N (groups g with g %% N == I)")
+    p.add_argument("--group-size", type=int, default=PopulationConfig.group_size, help="runs trained together")
+    p.add_argument("--checkpoints", type=int, default=PopulationConfig.num_checkpoints, help="per run")
+    p.add_argument("--batch-size", type=int, default=PopulationConfig.batch_size)
+    p.add_argument("--optimizers", default="adam,sgd", help="comma-separated subset of adam,sgd")
+    p.add_argument("--data-dir", default=None, help="data directory of the task (Fashion-MNIST IDX files)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build"]:
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    kwargs = {"data_dir": args.data_dir} if args.data_dir is not None else {}
+    try:
+        task = get_task(args.task, **kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    except TypeError as e:
+        parser.error(f"task {args.task!r} does not take these options ({e})")
+    try:
+        config = PopulationConfig(runs=args.runs, epochs=args.epochs, seed=args.seed, group_size=args.group_size,
+                                  num_checkpoints=args.checkpoints, batch_size=args.batch_size,
+                                  optimizers=tuple(o.strip() for o in args.optimizers.split(",")))
+    except ValueError as e:
+        parser.error(str(e))
+    from .store import StoreError
+
+    try:
+        store = build_population(task, args.out, config, device=args.device, shard=args.shard,
+                                 progress=not args.no_progress)
+    except StoreError as e:
+        parser.error(str(e))
+    if store is None:
+        print(f"shard {args.shard[0]}/{args.shard[1]} done; the store is finalized when every shard is built")
+    else:
+        print(f"{args.out}: {store.num_runs} runs, {store.num_checkpoints} checkpoints, "
+              f"{task.num_params} params each")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

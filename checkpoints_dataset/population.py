@@ -1,0 +1,224 @@
+"""Build a checkpoint dataset: many training runs of one task at once, written to a store.
+
+Runs are vectorized with torch.func: the parameters of R runs are stacked ``[R, ...]``, one
+``vmap(grad(loss))`` gives every run's gradient on its own minibatch, and Adam / SGD-momentum are
+written as tensor ops over the stack with per-run learning rate, weight decay and momentum.
+
+Every run ``r`` draws its seed and hyperparameters from ``(config.seed, r)`` alone (``draw_hparams``), so
+the dataset does not depend on grouping, sharding or interruptions. Runs are split into fixed groups
+``g = [g*G, (g+1)*G)``; each finished group is written atomically as one store shard ``group_{g:05d}``.
+A build skips groups whose shard exists (resume after a kill) and, with ``shard=(i, N)``, builds only the
+groups with ``g % N == i``. The per-group trainer is ``task.train_population`` (generic supervised
+training in ``ClassificationTask``; a task may bring its own, e.g. cartpole).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tasks.base import Task
+
+OptimizerName = Literal["adam", "sgd"]
+InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
+
+
+@dataclass
+class PopulationConfig:
+    """What to build. Ranges are ``(low, high)``; a run draws each value independently."""
+
+    runs: int = 256
+    epochs: int = 20
+    seed: int = 0
+    group_size: int = 64                 # runs trained together and written as one shard
+    num_checkpoints: int = 32            # per run, the init and the last step included
+    batch_size: int = 64
+    lr: tuple[float, float] = (1e-4, 3e-2)            # log-uniform (Adam scale)
+    sgd_lr_scale: float = 10.0                        # SGD runs use lr * sgd_lr_scale
+    weight_decay: tuple[float, float] = (0.0, 1e-3)   # uniform; decoupled for Adam, L2 for SGD
+    init_scale: tuple[float, float] = (0.5, 1.5)      # uniform; multiplies every trainable init entry
+    momentum: tuple[float, float] = (0.8, 0.95)       # uniform; Adam beta1 / SGD momentum
+    optimizers: tuple[OptimizerName, ...] = ("adam", "sgd")
+    init_scheme: InitScheme = "default"
+
+    def __post_init__(self):
+        if self.runs < 1 or self.epochs < 1 or self.group_size < 1 or self.batch_size < 1:
+            raise ValueError("runs, epochs, group_size and batch_size must all be >= 1")
+        if self.num_checkpoints < 2:
+            raise ValueError(f"num_checkpoints must be >= 2 (the init and the last step), got {self.num_checkpoints}")
+        bad = [o for o in self.optimizers if o not in ("adam", "sgd")]
+        if bad or not self.optimizers:
+            raise ValueError(f"optimizers must be a non-empty subset of ('adam', 'sgd'), got {self.optimizers}")
+        if not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError(f"lr range must satisfy 0 < low <= high, got {self.lr}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class GroupResult:
+    """The checkpoints of one group of R runs with C checkpoints each."""
+
+    params: Tensor                 # [R, C, P] float32, CPU
+    steps: Tensor                  # [C] int64, optimizer steps done (0 = init)
+    epochs: Tensor                 # [C] float64
+    metrics: dict[str, Tensor]     # name -> [R, C] float32
+
+
+def run_seed(seed: int, run_id: int) -> int:
+    """A 63-bit seed for run ``run_id`` of a build seeded with ``seed`` (independent of grouping)."""
+    state = np.random.SeedSequence([int(seed), int(run_id)]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
+    """The JSON-able hyperparameters of one run, drawn from the config's ranges by its own seed."""
+    seed = run_seed(config.seed, run_id)
+    rng = np.random.default_rng(seed)
+    optimizer = str(config.optimizers[int(rng.integers(len(config.optimizers)))])
+    lr = float(np.exp(rng.uniform(np.log(config.lr[0]), np.log(config.lr[1]))))
+    return {
+        "run_id": int(run_id), "seed": seed, "optimizer": optimizer,
+        "lr": lr * (config.sgd_lr_scale if optimizer == "sgd" else 1.0),
+        "weight_decay": float(rng.uniform(*config.weight_decay)),
+        "momentum": float(rng.uniform(*config.momentum)),
+        "init_scale": float(rng.uniform(*config.init_scale)),
+        "init_scheme": config.init_scheme,
+    }
+
+
+def checkpoint_schedule(total_steps: int, num_checkpoints: int) -> list[int]:
+    """Checkpoint steps: 0, then geometric spacing (dense early) up to ``total_steps``, distinct.
+
+    Gives ``min(num_checkpoints, total_steps + 1)`` steps.
+    """
+    if total_steps < 1:
+        raise ValueError(f"a run needs at least one training step, got total_steps={total_steps}")
+    k = min(num_checkpoints, total_steps + 1) - 1               # checkpoints after the init
+    steps = np.rint(np.geomspace(1, total_steps, k)).astype(np.int64) if k > 1 else np.array([total_steps])
+    for i in range(1, k):                                       # make them strictly increasing ...
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    steps[-1] = total_steps
+    for i in range(k - 2, -1, -1):                              # ... and end exactly at total_steps
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return [0] + steps.tolist()
+
+
+# ---------------------------------------------------------------- vectorized optimizers
+
+def _per_run(x: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a per-run ``[R]`` tensor against ``like [R, ...]``."""
+    return x.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def init_optimizer_state(params: Tensor) -> dict:
+    """Zeroed first/second moments for flat stacked parameters ``[R, P]`` and a step counter."""
+    return {"step": 0, "m": torch.zeros_like(params), "v": torch.zeros_like(params)}
+
+
+def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, lr: Tensor,
+                   weight_decay: Tensor, momentum: Tensor, beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
+    """One optimizer step for a stack of runs ``params [R, P]``, ``grads [R, P]``; every hyperparameter is a
+    per-run ``[R]`` tensor.
+
+    Runs with ``is_adam`` follow ``torch.optim.AdamW(lr, betas=(momentum, beta2), eps, weight_decay)``;
+    the others ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 added to the gradient, no dampening).
+    Returns the new params; ``state`` (from ``init_optimizer_state``) is updated in place.
+    """
+    state["step"] += 1
+    t = state["step"]
+    a = is_adam.to(torch.bool)[:, None]                                  # [R, 1]
+    lr, wd, mom = lr[:, None], weight_decay[:, None], momentum[:, None]  # [R, 1]
+    g = torch.where(a, grads, grads + wd * params)                      # [R, P] SGD: L2 in the gradient
+    p = params * torch.where(a, 1 - lr * wd, 1.0)                       # Adam: decoupled decay
+    m = state["m"].mul_(mom).add_(g * torch.where(a, 1 - mom, 1.0))     # [R, P]
+    v = state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - mom ** t                                                  # [R, 1]
+    adam_dir = (m / bc1).div_((v / (1 - beta2 ** t)).sqrt_().add_(eps))  # [R, P]
+    return p.sub_(lr * torch.where(a, adam_dir, m))
+
+
+# ---------------------------------------------------------------- the builder
+
+def shard_name(group: int) -> str:
+    return f"group_{group:05d}"
+
+
+def build_config(task: "Task", config: PopulationConfig) -> dict:
+    """What identifies a build: building into a store made with another one fails."""
+    return {"task": task.name, "num_params": task.num_params, **config.to_json()}
+
+
+def build_population(task: "Task", out: str | Path, config: PopulationConfig, device: str | torch.device = "cpu",
+                     shard: tuple[int, int] = (0, 1), progress: bool = True):
+    """Build (or resume) this shard's groups of runs into the store at ``out``.
+
+    Returns the opened store once every group of every shard is present (the store is then finalized),
+    else None (other shards still have groups to build).
+    """
+    from tqdm.auto import tqdm
+
+    from . import store
+
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
+    device = torch.device(device)
+    out = Path(out)
+    store.create_store(out, task=task.name, layer_shapes=task.layer_shapes, metric_names=list(task.metric_names),
+                       lower_is_better=dict(task.lower_is_better), permutation_spec=_spec_json(task),
+                       build_config=build_config(task, config))
+    num_groups = math.ceil(config.runs / config.group_size)
+    mine = [g for g in range(num_groups) if g % count == index]
+    todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
+    bar = tqdm(total=len(todo), unit="group", disable=not progress,
+               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done")
+    for g in todo:
+        run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
+        hparams = [draw_hparams(config, r) for r in run_ids]
+        result = task.train_population(hparams, config, device, progress=lambda f: bar.update(f))
+        _write_group(out, g, run_ids, hparams, result)
+        bar.set_postfix(group=g)
+    bar.close()
+    if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
+        store.finalize_store(out)
+        return store.open_store(out)
+    return None
+
+
+def _spec_json(task: "Task") -> dict | None:
+    try:
+        return task.permutation_spec.to_json()
+    except (NotImplementedError, ValueError, TypeError):  # no spec for this architecture
+        return None
+
+
+def _write_group(out: Path, group: int, run_ids: list[int], hparams: list[dict], result: GroupResult) -> int:
+    from . import store
+
+    R, C, P = result.params.shape
+    return store.write_shard(
+        out, shard_name(group),
+        params=result.params.reshape(R * C, P).numpy(),                              # [R*C, P]
+        run_ids=np.repeat(np.asarray(run_ids, dtype=np.int64), C),                    # [R*C]
+        steps=np.tile(result.steps.numpy().astype(np.int64), R),
+        epochs=np.tile(result.epochs.numpy().astype(np.float64), R),
+        metrics={k: v.reshape(R * C).numpy() for k, v in result.metrics.items()},
+        run_hparams={h["run_id"]: h for h in hparams})
+
+
+def main(argv=None):
+    """``python -m checkpoints_dataset build ...`` (see ``checkpoints_dataset.__main__``)."""
+    from .__main__ import main as cli_main
+
+    return cli_main(argv)

@@ -1,0 +1,283 @@
+"""The Task protocol and the generic classification task.
+
+A Task names a network architecture (``build_model``) and how a batch of its parameter vectors is scored
+(``evaluate``). ``ClassificationTask`` adds fixed data splits, batched scoring with
+``torch.func.functional_call`` + ``vmap`` (chunked over networks and samples so memory stays bounded) and
+``train_population``, the vectorized supervised trainer used by ``population.build_population``.
+
+BatchNorm: during training every run normalizes with its minibatch statistics (``torch.func`` cannot
+update running statistics in place under ``vmap``), and at each checkpoint the running mean / unbiased
+variance of every BatchNorm layer are recomputed from a fixed training subset (the first
+``bn_stats_size`` samples of ``split("train")``) in one train-mode pass, as ``momentum=None`` would.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+
+from ..params import (LayerShapes, check_params, count_params, float_layer_shapes, state_dict_to_vector,
+                      tensors_to_vector, vector_to_state_dict, vector_to_tensors)
+
+Split = Literal["train", "val", "test"]
+InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
+
+
+def _reinit(model: nn.Module, scheme: InitScheme, generator: torch.Generator) -> None:
+    """Re-initialize the weights of Linear/Conv layers with ``scheme`` (biases to zero)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu", generator=generator)
+            elif scheme == "orthogonal":
+                nn.init.orthogonal_(m.weight, generator=generator)
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}; use default, xavier, kaiming or orthogonal")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy ``[N]`` of ``logits [N, classes]``; faster than F.cross_entropy under vmap."""
+    return torch.logsumexp(logits, -1) - logits.gather(-1, y[:, None])[:, 0]
+
+
+class Task:
+    """A network architecture plus how to score a batch of its parameter vectors."""
+
+    name: str = "task"
+    metric_names: tuple[str, ...] = ()
+    lower_is_better: dict[str, bool] = {}
+    metric_bounds: dict[str, tuple[float, float]] = {}
+    default_metric: str = ""
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+
+    def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must define evaluate(params [K, P])")
+
+    def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
+        raise NotImplementedError(f"{type(self).__name__} has no population trainer; define train_population "
+                                  f"(see ClassificationTask.train_population)")
+
+    @functools.cached_property
+    def layer_shapes(self) -> LayerShapes:
+        return float_layer_shapes(self.build_model())
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.layer_shapes)
+
+    @property
+    def permutation_spec(self):
+        """The neuron-permutation symmetry of ``build_model()`` (inferred; override to declare one)."""
+        from ..permute import infer_permutation_spec
+
+        return infer_permutation_spec(self.build_model())
+
+    def to_state_dict(self, vec: Tensor) -> dict[str, Tensor]:
+        return vector_to_state_dict(vec, self.build_model())
+
+    def init_params(self, n: int, generator: torch.Generator | None = None, scheme: InitScheme = "default") -> Tensor:
+        """``n`` freshly initialized parameter vectors ``[n, P]``.
+
+        "default" is PyTorch's own init of ``build_model()``; the other schemes re-initialize Linear/Conv
+        weights (biases zero). With a generator the result depends on its state only.
+        """
+        rows = []
+        for _ in range(n):
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = self.build_model()
+            if scheme != "default":
+                _reinit(model, scheme, torch.Generator().manual_seed(seed))
+            rows.append(state_dict_to_vector(model.state_dict(), self.layer_shapes))  # [P]
+        return torch.stack(rows)  # [n, P]
+
+
+class ClassificationTask(Task):
+    """A supervised classification task with fixed train/val/test splits.
+
+    Subclasses define ``build_model`` and ``load_splits() -> {split: (inputs float32, labels int64)}``.
+    Metrics: ``{split}_loss`` (mean cross-entropy) and ``{split}_error`` (fraction of wrong argmax
+    predictions) for the names listed in ``metric_names``.
+    """
+
+    metric_names = ("train_loss", "val_loss", "val_error", "test_loss", "test_error")
+    default_metric = "val_error"
+    eval_networks_chunk = 64        # networks scored together
+    eval_samples_chunk = 2048       # samples scored together
+    bn_stats_size = 1024            # training samples used to recompute BatchNorm statistics
+
+    @property
+    def lower_is_better(self) -> dict[str, bool]:
+        return {m: True for m in self.metric_names}
+
+    @property
+    def metric_bounds(self) -> dict[str, tuple[float, float]]:
+        return {m: (0.0, 1.0) if m.endswith("_error") else (0.0, float("inf")) for m in self.metric_names}
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must define load_splits()")
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return self.load_splits()
+
+    def split(self, name: Split) -> tuple[Tensor, Tensor]:
+        """``(inputs float32, labels int64)`` of split "train", "val" or "test" (deterministic)."""
+        if name not in self._splits:
+            raise ValueError(f"unknown split {name!r}; use one of {sorted(self._splits)}")
+        return self._splits[name]
+
+    def eval_split(self, name: Split) -> tuple[Tensor, Tensor]:
+        """The data the ``{name}_*`` metrics are measured on (``split(name)`` unless a task says otherwise)."""
+        return self.split(name)
+
+    # ------------------------------------------------------------ scoring
+
+    @functools.cached_property
+    def _eval_model(self) -> nn.Module:
+        return self.build_model().eval()
+
+    def _score_fn(self):
+        model = self._eval_model
+
+        def score(p: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            logits = functional_call(model, p, (x,))                               # [N, classes]
+            return cross_entropy(logits, y).sum(), (logits.argmax(-1) != y).sum()
+
+        return vmap(score, in_dims=(0, None, None))
+
+    def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """Every metric of a batch of parameter vectors ``[K, P]``, each ``[K]`` (float32, on CPU)."""
+        params = check_params(params, self.num_params)
+        device = torch.device(device) if device is not None else params.device
+        splits = sorted({m.rsplit("_", 1)[0] for m in self.metric_names})
+        score = self._score_fn()
+        sums = {s: [] for s in splits}
+        for k0 in range(0, params.shape[0], self.eval_networks_chunk):
+            chunk = params[k0:k0 + self.eval_networks_chunk].to(device=device, dtype=torch.float32)  # [k, P]
+            p = vector_to_tensors(chunk, self.layer_shapes)                        # name -> [k, *shape]
+            for s in splits:
+                x, y = self.eval_split(s)
+                loss = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)  # [k]
+                wrong = torch.zeros(chunk.shape[0], dtype=torch.int64, device=device)
+                for n0 in range(0, len(y), self.eval_samples_chunk):
+                    xb = x[n0:n0 + self.eval_samples_chunk].to(device)
+                    yb = y[n0:n0 + self.eval_samples_chunk].to(device)
+                    with torch.no_grad():
+                        l, w = score(p, xb, yb)                                     # [k], [k]
+                    loss += l.double()
+                    wrong += w
+                sums[s].append((loss / len(y), wrong.double() / len(y)))
+        out = {}
+        for s in splits:
+            out[f"{s}_loss"] = torch.cat([a for a, _ in sums[s]]).float().cpu()   # [K]
+            out[f"{s}_error"] = torch.cat([b for _, b in sums[s]]).float().cpu()
+        return {m: out[m] for m in self.metric_names}
+
+    # ------------------------------------------------------------ training
+
+    def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
+        """Train the runs of ``hparams`` together (see docs/INTERFACES.md) -> ``GroupResult``.
+
+        Run i: init ``init_params(1, Generator(seed_i), scheme) * init_scale_i`` on trainable entries;
+        each epoch a permutation of ``split("train")`` from the same generator, cut into
+        ``n // batch_size`` full batches; mean cross-entropy; ``optimizer_step``.
+        """
+        from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+
+        device = torch.device(device)
+        R = len(hparams)
+        x_train, y_train = (t.to(device) for t in self.split("train"))
+        batch = min(config.batch_size, len(y_train))
+        steps_per_epoch = len(y_train) // batch
+        total = steps_per_epoch * config.epochs
+        schedule = checkpoint_schedule(total, config.num_checkpoints)
+
+        gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
+        init = torch.cat([self.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+        model = copy.deepcopy(self._eval_model).train()
+        replace_all_batch_norm_modules_(model)              # batch statistics only, no in-place buffers
+        trainable = {k: tuple(v.shape) for k, v in model.named_parameters()}  # layer shapes
+        init_t = vector_to_tensors(init.to(device), self.layer_shapes)       # name -> [R, *shape]
+        hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
+              for k in ("lr", "weight_decay", "momentum", "init_scale")}     # name -> [R]
+        is_adam = torch.tensor([h["optimizer"] == "adam" for h in hparams], device=device)
+        flat = tensors_to_vector(init_t, trainable) * hp["init_scale"][:, None]  # [R, P'] trainable only
+        fixed = {k: v for k, v in init_t.items() if k not in trainable}    # float buffers (BN stats)
+
+        def loss_fn(p, x, y):
+            return cross_entropy(functional_call(model, p, (x,)), y).mean()
+
+        grad_fn = vmap(grad(loss_fn))                                        # per run: own params, own batch
+        bn_names = [n for n, m in self._eval_model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bn_x = x_train[:self.bn_stats_size]
+
+        def bn_stats(p, x):
+            stats, handles = {}, []
+
+            def hook(name):
+                def f(_, inp):
+                    a = inp[0]
+                    dims = [0, *range(2, a.dim())]                           # all but channels
+                    stats[f"{name}.running_mean"] = a.mean(dims)
+                    stats[f"{name}.running_var"] = a.var(dims, unbiased=True)
+                return f
+
+            handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in bn_names]
+            try:
+                functional_call(model, p, (x,))
+            finally:
+                for h in handles:
+                    h.remove()
+            return stats
+
+        def snapshot(flat) -> Tensor:
+            p = vector_to_tensors(flat, trainable)
+            tensors = dict(fixed)
+            if bn_names:
+                with torch.no_grad():
+                    tensors.update(vmap(bn_stats, in_dims=(0, None))(p, bn_x))
+            return tensors_to_vector({**tensors, **p}, self.layer_shapes).float()  # [R, P]
+
+        state = init_optimizer_state(flat)
+        vectors, metrics = [], []
+        step, next_ck = 0, 0
+        perms = None
+        while True:
+            if step == schedule[next_ck]:
+                vec = snapshot(flat)                                         # [R, P]
+                vectors.append(vec.cpu())
+                metrics.append(self.evaluate(vec, device=device))
+                next_ck += 1
+                if next_ck == len(schedule):
+                    break
+            if step % steps_per_epoch == 0:
+                perms = torch.stack([torch.randperm(len(y_train), generator=g) for g in gens]).to(device)  # [R, n]
+                if progress is not None and step:
+                    progress(steps_per_epoch / total)
+            s = step % steps_per_epoch
+            idx = perms[:, s * batch:(s + 1) * batch]                        # [R, B]
+            grads = grad_fn(vector_to_tensors(flat, trainable), x_train[idx], y_train[idx])  # name -> [R, *shape]
+            flat = optimizer_step(flat, tensors_to_vector(grads, trainable), state, is_adam,
+                                  hp["lr"], hp["weight_decay"], hp["momentum"])   # [R, P']
+            step += 1
+        if progress is not None:
+            progress(steps_per_epoch / total)
+        return GroupResult(
+            params=torch.stack(vectors, dim=1),                              # [R, C, P]
+            steps=torch.tensor(schedule, dtype=torch.int64),                 # [C]
+            epochs=torch.tensor(schedule, dtype=torch.float64) / steps_per_epoch,
+            metrics={m: torch.stack([c[m] for c in metrics], dim=1) for m in self.metric_names})  # [R, C]

@@ -1,0 +1,327 @@
+"""CartPole-v1 policies: a batched torch CartPole, the policy MLP, the ``cartpole`` task and its
+evolution-strategies population training.
+
+The batched environment reproduces gymnasium's ``CartPole-v1`` bit for bit on CPU: the same constants,
+the same explicit-Euler update written in the same operation order, the state kept in float64, the
+policy shown float32 observations, reward 1 per step including the terminating one, truncation at 500
+steps. Initial states are drawn with numpy exactly as ``env.reset(seed=s)`` does. Finished episodes are
+dropped from the active batch, so no work is spent on them. (On CUDA, ``cos``/``sin`` and division can
+differ from glibc by one ulp, which very rarely changes an episode; CPU results are exact.)
+
+The metric ``return`` is the mean undiscounted return of the greedy policy (argmax of the logits) over
+the 100 reset seeds ``EVAL_SEEDS``; ``return_std`` is its standard deviation over those episodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ..params import check_params, vector_to_tensors
+from .base import Task
+
+# gymnasium/envs/classic_control/cartpole.py, CartPoleEnv.__init__ (CartPole-v1)
+GRAVITY = 9.8
+MASSCART = 1.0
+MASSPOLE = 0.1
+TOTAL_MASS = MASSPOLE + MASSCART
+LENGTH = 0.5  # half the pole's length
+POLEMASS_LENGTH = MASSPOLE * LENGTH
+FORCE_MAG = 10.0
+TAU = 0.02
+THETA_THRESHOLD = 12 * 2 * math.pi / 360
+X_THRESHOLD = 2.4
+MAX_EPISODE_STEPS = 500
+
+EVAL_SEEDS: tuple[int, ...] = tuple(range(100_000, 100_100))  # reset seeds of the 100 evaluation episodes
+
+# act(obs [K', L, 4] float32, policy_ids [K']) -> actions [K', L] (0 or 1)
+ActFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- environment
+
+def initial_states(seeds: Sequence[int]) -> np.ndarray:
+    """``[E, 4]`` float64 initial states, row e equal to ``gymnasium.make("CartPole-v1").reset(seed=seeds[e])``'s
+    state: uniform(-0.05, 0.05, size=4) drawn from the env's ``np_random`` seeded by the reset seed."""
+    rows = []
+    for s in seeds:
+        if not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"reset seeds must be non-negative integers, got {s!r}")
+        rng, _ = seeding.np_random(int(s))
+        rows.append(rng.uniform(low=-0.05, high=0.05, size=(4,)))
+    return np.stack(rows) if rows else np.zeros((0, 4))  # [E, 4]
+
+
+def _cos_sin(theta: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin as numpy (glibc) computes them on CPU: torch's vectorized kernels differ by one ulp
+    in ~0.2% of inputs, which would break bit equality with gymnasium."""
+    if theta.device.type == "cpu":
+        a = theta.numpy()
+        return torch.from_numpy(np.cos(a)), torch.from_numpy(np.sin(a))
+    return torch.cos(theta), torch.sin(theta)
+
+
+def cartpole_step(state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+    """One CartPole-v1 step for a batch: ``state [M, 4]`` float64 and ``action [M]`` in {0, 1} ->
+    ``(next_state [M, 4], terminated [M] bool)``, operation for operation as gymnasium's ``step``."""
+    x, x_dot, theta, theta_dot = state.unbind(1)  # [M] each
+    total_mass = torch.full((), TOTAL_MASS, dtype=state.dtype, device=state.device)  # divisor as a tensor:
+    # CUDA turns division by a Python scalar into multiplication by its reciprocal
+    force = torch.where(action == 1, FORCE_MAG, -FORCE_MAG).to(state.dtype)  # [M]
+    costheta, sintheta = _cos_sin(theta)
+    temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / total_mass
+    thetaacc = (GRAVITY * sintheta - costheta * temp) / (
+        LENGTH * (4.0 / 3.0 - MASSPOLE * (costheta * costheta) / total_mass))
+    xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / total_mass
+    x = x + TAU * x_dot
+    x_dot = x_dot + TAU * xacc
+    theta = theta + TAU * theta_dot
+    theta_dot = theta_dot + TAU * thetaacc
+    state = torch.stack((x, x_dot, theta, theta_dot), dim=1)  # [M, 4]
+    terminated = (x < -X_THRESHOLD) | (x > X_THRESHOLD) | (theta < -THETA_THRESHOLD) | (theta > THETA_THRESHOLD)
+    return state, terminated
+
+
+def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX_EPISODE_STEPS,
+            trace: list[Tensor] | None = None) -> Tensor:
+    """Run B episodes to their end and return their undiscounted returns ``[B]`` float64.
+
+    ``owner [B]`` (non-decreasing) is the policy of each episode, ``init_states [B, 4]`` float64 their
+    starts. Active episodes are kept compacted; for the policy they are packed as ``[K', L, 4]`` (K'
+    policies with an unfinished episode, L their largest count) and ``act`` returns actions ``[K', L]``.
+    With ``trace`` a list, the full ``[B, 4]`` state after every step is appended (finished rows frozen).
+    """
+    if owner.dim() != 1 or init_states.shape != (owner.shape[0], 4):
+        raise ValueError(f"owner must be [B] and init_states [B, 4], got {list(owner.shape)} and "
+                         f"{list(init_states.shape)}")
+    if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):
+        raise ValueError("owner must be sorted (non-decreasing): episodes of one policy must be contiguous")
+    device = init_states.device
+    returns = torch.zeros(owner.shape[0], dtype=torch.float64, device=device)  # [B]
+    active = torch.arange(owner.shape[0], device=device)  # [M] episode ids, ascending
+    state = init_states.to(torch.float64)  # [M, 4]
+    full = state.clone() if trace is not None else None  # [B, 4]
+    changed = True
+    for _ in range(max_steps):
+        if active.numel() == 0:
+            break
+        if changed:  # re-pack only when an episode ended
+            pids, counts = torch.unique_consecutive(owner[active], return_counts=True)  # [K'], [K']
+            grp = torch.repeat_interleave(torch.arange(pids.shape[0], device=device), counts)  # [M]
+            rank = torch.arange(active.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[grp]  # [M]
+            obs_pad = torch.zeros(pids.shape[0], int(counts.max()), 4, device=device)  # [K', L, 4]
+        obs_pad[grp, rank] = state.float()  # float32 observations, as gymnasium returns them
+        action = act(obs_pad, pids)[grp, rank]  # [M]
+        state, terminated = cartpole_step(state, action)
+        returns[active] += 1.0
+        if full is not None:
+            full[active] = state
+            trace.append(full.clone())
+        changed = bool(terminated.any())
+        if changed:
+            keep = ~terminated
+            active, state = active[keep], state[keep]
+    return returns
+
+
+# --------------------------------------------------------------------------- policy
+
+class CartPolePolicy(nn.Sequential):
+    """The policy MLP 4 -> 32 -> 32 -> 2 with Tanh (bounded, smooth units suit evolution strategies).
+    ``forward(obs [N, 4] float32) -> logits [N, 2]``; the greedy action is ``logits.argmax(-1)``."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, 2))
+
+
+def greedy_act_fn(model: nn.Module, params: dict[str, Tensor]) -> ActFn:
+    """An ``ActFn`` for ``rollout``: the greedy actions of K stacked policies (``params``: name ->
+    ``[K, *shape]``) evaluated with ``vmap(functional_call)``; re-selects rows only when K' changes."""
+    batched = vmap(lambda p, obs: functional_call(model, p, (obs,)))  # [K', ...], [K', L, 4] -> [K', L, 2]
+    cache: dict[str, object] = {"ids": None, "params": None}
+
+    def act(obs: Tensor, policy_ids: Tensor) -> Tensor:
+        if cache["ids"] is None or cache["ids"].shape != policy_ids.shape or not torch.equal(cache["ids"], policy_ids):
+            cache["ids"] = policy_ids
+            cache["params"] = {k: v.index_select(0, policy_ids) for k, v in params.items()}
+        with torch.no_grad():
+            return batched(cache["params"], obs).argmax(-1)  # [K', L]
+    return act
+
+
+def batched_returns(model: nn.Module, params: Tensor, layer_shapes, init_states: Tensor) -> Tensor:
+    """Returns ``[K, E]`` (float64) of K policies (``params [K, P]``) from starts ``init_states``: ``[E, 4]``
+    shared by every policy or ``[K, E, 4]`` per policy; one ``rollout`` of all K*E episodes."""
+    K = params.shape[0]
+    starts = init_states.expand(K, -1, -1) if init_states.dim() == 2 else init_states  # [K, E, 4]
+    E = starts.shape[1]
+    owner = torch.arange(K, device=params.device).repeat_interleave(E)  # [K*E]
+    act = greedy_act_fn(model, vector_to_tensors(params, layer_shapes))
+    return rollout(act, owner, starts.reshape(K * E, 4).to(params.device, torch.float64)).view(K, E)
+
+
+def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Sequence[int],
+                      max_envs: int = 2048) -> Tensor:
+    """Returns ``[K, E]`` of K policies on the real ``gymnasium.make("CartPole-v1")`` reset with ``seeds``,
+    stepped in a ``gymnasium.vector.SyncVectorEnv`` (the reference for ``batched_returns``). Policies are
+    taken ``max_envs // E`` at a time; finished episodes are masked until the slowest one ends."""
+    import gymnasium
+
+    K, E = params.shape[0], len(seeds)
+    per = max(1, min(K, max_envs // max(E, 1)))  # policies per chunk
+    envs = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("CartPole-v1")] * (per * E))
+    out = torch.zeros(K, E, dtype=torch.float64)
+    try:
+        for k0 in range(0, K, per):
+            chunk = params[k0:k0 + per]
+            n = chunk.shape[0]
+            chunk = torch.cat([chunk, chunk[-1:].expand(per - n, -1)])  # [per, P] padded with copies
+            act = greedy_act_fn(model, vector_to_tensors(chunk, layer_shapes))
+            ids = torch.arange(per, device=params.device)
+            obs, _ = envs.reset(seed=[int(s) for s in seeds] * per)
+            done = np.zeros(per * E, dtype=bool)
+            total = np.zeros(per * E)
+            while not done.all():
+                o = torch.from_numpy(obs).to(params.device).view(per, E, 4)  # float32, as gymnasium gives
+                action = act(o, ids).reshape(-1).cpu().numpy()
+                obs, reward, terminated, truncated, _ = envs.step(action)
+                total += np.where(done, 0.0, reward)
+                done |= terminated | truncated
+            out[k0:k0 + n] = torch.from_numpy(total).view(per, E)[:n]
+    finally:
+        envs.close()
+    return out
+
+
+# --------------------------------------------------------------------------- task
+
+def _centered_ranks(fitness: Tensor) -> Tensor:
+    """Centered ranks in [-0.5, 0.5] within each row of ``fitness [R, n]``; ties share their mean rank
+    (so a population of equal returns gives a zero update)."""
+    less = (fitness[:, None, :] < fitness[:, :, None]).sum(-1)  # [R, n] entries below each
+    equal = (fitness[:, None, :] == fitness[:, :, None]).sum(-1)  # [R, n] including itself
+    n = fitness.shape[1]
+    return (less + 0.5 * (equal - 1)) / max(n - 1, 1) - 0.5
+
+
+class CartpoleTask(Task):
+    """CartPole-v1 policies (``CartPolePolicy``, 1,250 parameters) scored by their greedy return.
+
+    Metrics: ``return`` (mean over the episodes of ``eval_seeds``, higher is better, bounds (0, 500)) and
+    ``return_std`` (its standard deviation over those episodes). ``evaluator`` picks the batched torch
+    environment ("batched", default) or the real gymnasium one ("gymnasium", slow; a reference).
+
+    Population training (``train_population``) is OpenAI-style evolution strategies, vectorized over the
+    runs of a group: each ES generation, run r perturbs its policy with ``es_population`` antithetic
+    Gaussian directions of scale ``sigma_r``, scores each on ``es_episodes`` random starts (shared within
+    the run), turns returns into centered ranks and takes ``optimizer_step`` with the ES gradient, using
+    the run's own optimizer, lr, momentum and weight decay from ``hparams``. ``sigma_r`` is drawn
+    log-uniformly from ``es_sigma`` with the run's seed. One epoch is ``generations_per_epoch``
+    generations; checkpoints follow ``checkpoint_schedule`` (dense early) and are scored on
+    ``eval_seeds`` at the end of the group. ``config.batch_size`` is not used.
+    """
+
+    name = "cartpole"
+    metric_names = ("return", "return_std")
+    lower_is_better = {"return": False, "return_std": True}
+    metric_bounds = {"return": (0.0, float(MAX_EPISODE_STEPS)), "return_std": (0.0, MAX_EPISODE_STEPS / 2)}
+    default_metric = "return"
+
+    def __init__(self, evaluator: Literal["batched", "gymnasium"] = "batched",
+                 eval_seeds: Sequence[int] = EVAL_SEEDS, hidden: int = 32, es_population: int = 16,
+                 es_episodes: int = 2, es_sigma: tuple[float, float] = (0.02, 0.2), generations_per_epoch: int = 5):
+        if evaluator not in ("batched", "gymnasium"):
+            raise ValueError(f"evaluator must be 'batched' or 'gymnasium', got {evaluator!r}")
+        if len(eval_seeds) < 1:
+            raise ValueError("eval_seeds must hold at least one reset seed")
+        if es_population < 2 or es_population % 2:
+            raise ValueError(f"es_population must be an even number >= 2 (antithetic pairs), got {es_population}")
+        if es_episodes < 1 or generations_per_epoch < 1 or not 0 < es_sigma[0] <= es_sigma[1]:
+            raise ValueError("es_episodes and generations_per_epoch must be >= 1 and es_sigma 0 < low <= high")
+        self.evaluator = evaluator
+        self.eval_seeds = tuple(int(s) for s in eval_seeds)
+        self.hidden = hidden
+        self.es_population, self.es_episodes = es_population, es_episodes
+        self.es_sigma, self.generations_per_epoch = tuple(es_sigma), generations_per_epoch
+        self._eval_starts = torch.from_numpy(initial_states(self.eval_seeds))  # [E, 4] float64
+
+    def build_model(self) -> nn.Module:
+        return CartPolePolicy(self.hidden)
+
+    @functools.cached_property
+    def _model(self) -> nn.Module:
+        return self.build_model().eval()
+
+    def split(self, name: str):
+        raise ValueError(f"cartpole is not a data task: it has no {name!r} split (policies are scored by "
+                         f"running episodes, see CartpoleTask.evaluate)")
+
+    def returns(self, params: Tensor, device: str | torch.device | None = None) -> Tensor:
+        """Per-episode returns ``[K, E]`` (float64, CPU) on ``eval_seeds`` with the chosen evaluator."""
+        params = check_params(params, self.num_params, what="policy params")
+        device = torch.device(device) if device is not None else params.device
+        params = params.detach().to(device=device, dtype=torch.float32)
+        if self.evaluator == "gymnasium":
+            return gymnasium_returns(self._model, params, self.layer_shapes, self.eval_seeds).cpu()
+        return batched_returns(self._model, params, self.layer_shapes, self._eval_starts.to(device)).cpu()
+
+    def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """``{"return": [K], "return_std": [K]}`` (float32, CPU) of policies ``params [K, P]``."""
+        r = self.returns(params, device)  # [K, E]
+        return {"return": r.mean(1).float(), "return_std": r.std(1, unbiased=False).float()}
+
+    def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
+        """Evolution strategies for the runs of ``hparams`` together (see the class docstring) ->
+        ``GroupResult`` with ``steps`` = ES generations and ``epochs`` = generations / generations_per_epoch."""
+        from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+
+        device = torch.device(device)
+        R, n, E = len(hparams), self.es_population, self.es_episodes
+        total = config.epochs * self.generations_per_epoch
+        schedule = checkpoint_schedule(total, config.num_checkpoints)
+        gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
+        init = torch.cat([self.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+        hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
+              for k in ("lr", "weight_decay", "momentum", "init_scale")}  # name -> [R]
+        is_adam = torch.tensor([h["optimizer"] == "adam" for h in hparams], device=device)
+        lo, hi = math.log(self.es_sigma[0]), math.log(self.es_sigma[1])
+        sigma = torch.tensor([math.exp(lo + (hi - lo) * float(torch.rand((), generator=g))) for g in gens],
+                             device=device)  # [R]
+        theta = {"theta": init.to(device) * hp["init_scale"][:, None]}  # [R, P]
+        state = init_optimizer_state(theta)
+        snapshots = []
+        for step in range(total + 1):
+            if step in schedule:
+                snapshots.append(theta["theta"].float().cpu())
+            if step == total:
+                break
+            noise = torch.stack([torch.randn(n // 2, self.num_params, generator=g) for g in gens]).to(device)  # [R, n/2, P]
+            starts = torch.stack([torch.rand(E, 4, generator=g, dtype=torch.float64) for g in gens])  # [R, E, 4]
+            starts = (starts * 0.1 - 0.05).to(device)
+            eps = torch.cat([noise, -noise], dim=1)  # [R, n, P] antithetic
+            cand = theta["theta"][:, None] + sigma[:, None, None] * eps  # [R, n, P]
+            fitness = batched_returns(self._model, cand.reshape(R * n, -1), self.layer_shapes,
+                                      starts.repeat_interleave(n, dim=0)).mean(1).view(R, n)  # [R, n]
+            ranks = _centered_ranks(fitness).to(eps.dtype)  # [R, n]
+            grad = -torch.einsum("rn,rnp->rp", ranks, eps) / (n * sigma[:, None])  # [R, P] ascent -> descent
+            theta = optimizer_step(theta, {"theta": grad}, state, is_adam, hp["lr"], hp["weight_decay"], hp["momentum"])
+            if progress is not None:
+                progress(0.5 / total)
+        vectors = torch.stack(snapshots, dim=1)  # [R, C, P]
+        C = vectors.shape[1]
+        metrics = self.evaluate(vectors.reshape(R * C, -1), device=device)  # name -> [R*C]
+        if progress is not None:
+            progress(0.5)
+        return GroupResult(params=vectors, steps=torch.tensor(schedule, dtype=torch.int64),
+                           epochs=torch.tensor(schedule, dtype=torch.float64) / self.generations_per_epoch,
+                           metrics={k: v.view(R, C) for k, v in metrics.items()})

@@ -1,0 +1,35 @@
+"""digits_mlp: sklearn's 8x8 digits (embedded, no download) with a 64-32-10 ReLU MLP.
+
+Inputs are the 64 pixel values / 16 (in [0, 1]); the 1,797 images are split 60/20/20 into
+train/val/test by a fixed permutation drawn from ``split_seed``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import ClassificationTask
+
+
+class DigitsMLP(ClassificationTask):
+    name = "digits_mlp"
+
+    def __init__(self, hidden: int = 32, split_seed: int = 0):
+        self.hidden = int(hidden)
+        self.split_seed = int(split_seed)
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.data / 16.0, dtype=torch.float32)          # [1797, 64]
+        y = torch.tensor(data.target, dtype=torch.int64)                  # [1797]
+        order = torch.from_numpy(np.random.default_rng(self.split_seed).permutation(len(y)))
+        n_train, n_val = int(0.6 * len(y)), int(0.2 * len(y))
+        parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        return {k: (x[i], y[i]) for k, i in parts.items()}

@@ -1,0 +1,155 @@
+"""Callbacks: AlignmentMonitor (prompt alignment in TensorBoard while training) and ParameterPrompter
+(a trained generator as a learned optimizer inside another project's training)."""
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import matplotlib.pyplot as plt
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+
+from checkpoints_dataset.tasks import get_task
+from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
+
+
+class AlignmentMonitor(pl.Callback):
+    """Every ``every_n_epochs`` validation epochs, prompt the generator from the initial checkpoints of
+    ``runs`` held-out runs with ``num_prompts`` targets each, and log the median R^2 (``val/alignment``)
+    and the prompted-vs-achieved figure to TensorBoard.
+
+    Place it after ``EMAWeightAveraging`` in ``trainer.callbacks``: it runs at validation start, when
+    the EMA weights are swapped in, so it measures the weights that prompting will use.
+    """
+
+    def __init__(self, every_n_epochs: int = 5, runs: int = 8, num_prompts: int = 10,
+                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 10) -> None:
+        self.every_n_epochs, self.runs, self.num_prompts = every_n_epochs, runs, num_prompts
+        self.sampler, self.steps = sampler, steps
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if trainer.sanity_checking or (epoch + 1) % self.every_n_epochs != 0:
+            return
+        data = trainer.datamodule
+        if data is None or getattr(data, "task_name", None) is None:
+            return
+        value = torch.tensor(float("nan"), device=pl_module.device)
+        if trainer.is_global_zero:
+            value.fill_(self._measure(trainer, pl_module, data))
+        pl_module.log("val/alignment", value, on_epoch=True, sync_dist=True, reduce_fx="max")
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data) -> float:
+        from gpt_params.evaluate import prompt_alignment
+        from gpt_params.prompting import Generator
+
+        task = get_task(data.task_name, **data._task_kwargs())
+        was_training = pl_module.training
+        result, fig = prompt_alignment(Generator(pl_module), task, data.store,
+                                       runs=data.store.test_runs[: self.runs], num_prompts=self.num_prompts,
+                                       sampler=self.sampler, steps=self.steps)
+        pl_module.train(was_training)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure("alignment/prompted_vs_achieved", fig, global_step=trainer.global_step)
+        plt.close(fig)
+        return float(result["median"])
+
+
+class ParameterPrompter(pl.Callback):
+    """Replace a model's parameters with generated ones for a target metric (G.pt as a learned
+    optimizer: one jump instead of many gradient steps), at fit start and/or every n epochs.
+
+    Args:
+        ckpt: a gpt-params generator checkpoint trained on checkpoints of this model's architecture.
+        target: the target value of the generator's conditioning metric.
+        at: "fit_start" prompts once when fitting begins; "never" only on ``every_n_epochs``.
+        every_n_epochs: also prompt at the start of every n-th epoch (None: never).
+        metric_fn: measures the model's conditioning metric (module -> float); default: the generator's
+            task evaluates the parameter vector; without either, the data's median metric at init is
+            used as the start metric and the metric is not logged.
+        sampler, steps, guidance: the sampling settings.
+        seed: seed of the sampling noise.
+    """
+
+    def __init__(self, ckpt: str, target: float, at: Literal["fit_start", "never"] = "fit_start",
+                 every_n_epochs: Optional[int] = None, metric_fn: Optional[Callable[[pl.LightningModule], float]] = None,
+                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 50, guidance: float = 1.0,
+                 seed: int = 0) -> None:
+        self.ckpt, self.target, self.at, self.every_n_epochs = ckpt, float(target), at, every_n_epochs
+        self.metric_fn, self.sampler, self.steps, self.guidance, self.seed = metric_fn, sampler, steps, guidance, seed
+        self.history: list[dict] = []
+        self._gen = None
+        self._task = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from gpt_params.prompting import Generator
+
+        self._gen = Generator.load(self.ckpt)
+        shapes = float_layer_shapes(pl_module)
+        if shapes != self._gen.layer_shapes:
+            missing = [k for k in self._gen.layer_shapes if k not in shapes]
+            extra = [k for k in shapes if k not in self._gen.layer_shapes]
+            wrong = [k for k in shapes if k in self._gen.layer_shapes and shapes[k] != self._gen.layer_shapes[k]]
+            raise ValueError(
+                f"ParameterPrompter: the model's parameters differ from the generator's ({self.ckpt}): "
+                f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {wrong[:5]}; use a generator "
+                "trained on checkpoints of this architecture (names are state_dict keys)")
+        if self._gen.task_name is not None and self.metric_fn is None:
+            try:
+                self._task = get_task(self._gen.task_name)
+            except Exception:
+                self._task = None
+        lo, hi = self._gen.data_range
+        if not lo <= self.target <= hi:
+            rank_zero_info(f"ParameterPrompter: target {self.target} is outside the data's range "
+                           f"[{lo:.4g}, {hi:.4g}]; the generator extrapolates there")
+
+    def _metric(self, pl_module: pl.LightningModule, vec: torch.Tensor) -> Optional[float]:
+        if self.metric_fn is not None:
+            return float(self.metric_fn(pl_module))
+        if self._task is not None:
+            return float(self._task.evaluate(vec[None].cpu())[self._gen.metric][0])
+        return None
+
+    @torch.no_grad()
+    def prompt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Generate parameters for the target from the model's current ones and load them."""
+        gen = self._gen
+        state = pl_module.state_dict()
+        vec = state_dict_to_vector(state, gen.layer_shapes).float()             # [P]
+        before = self._metric(pl_module, vec)
+        start_metric = before if before is not None else gen.init_metric
+        g = torch.Generator().manual_seed(self.seed + len(self.history))
+        new = gen.generate(vec[None], torch.tensor([start_metric]), torch.tensor([self.target]),
+                           sampler=self.sampler, steps=self.steps, guidance=self.guidance, generator=g)[0].cpu()
+        offset = 0
+        for name, shape in gen.layer_shapes.items():                          # write back in place
+            n = int(torch.tensor(shape).prod()) if shape else 1
+            state[name].copy_(new[offset:offset + n].view(shape))
+            offset += n
+        after = self._metric(pl_module, new)
+        record = {"epoch": trainer.current_epoch, "target": self.target, "before": before, "after": after}
+        self.history.append(record)
+        self._log(trainer, record)
+        return record
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, record: dict) -> None:
+        name = self._gen.metric
+        rank_zero_info(f"ParameterPrompter: {name} {record['before']} -> {record['after']} "
+                       f"(target {self.target})")
+        if trainer.logger is not None and record["after"] is not None:
+            metrics = {f"prompter/{name}_after": record["after"]}
+            if record["before"] is not None:
+                metrics[f"prompter/{name}_before"] = record["before"]
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at == "fit_start":
+            self.prompt(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_epochs and epoch > 0 and epoch % self.every_n_epochs == 0:
+            self.prompt(trainer, pl_module)

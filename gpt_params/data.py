@@ -1,0 +1,180 @@
+"""The LightningDataModule: a checkpoint store -> (start, target) pairs with permutation augmentation.
+
+Runs are split three ways: the store's own held-out test runs (never seen in training; prompt alignment
+is measured on them), a few validation runs (the val loss), and the rest for training. The store is
+built at ``root`` when it is missing (``--data.task`` names the task then); an existing store's
+manifest decides the task.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from checkpoints_dataset.pairs import PairDataset
+from checkpoints_dataset.store import open_store
+from checkpoints_dataset.tasks import get_task
+from checkpoints_dataset.population import PopulationConfig, build_population
+
+
+class ParameterDataModule(pl.LightningDataModule):
+    """Pairs of checkpoints from one run of a store, for training the generator.
+
+    Args:
+        root: the checkpoint store (built here when missing).
+        task: built-in task name or "pkg.module:Class"; only needed to build a store or to evaluate
+            the networks of a store recorded by another project.
+        metric: the conditioning metric (default: the task's, e.g. val_error for digits_mlp, so that
+            test metrics stay held out; test_error gives G.pt's setting).
+        batch_size: pairs per step (per device).
+        num_workers: DataLoader worker processes.
+        init_prob: probability that a pair starts at the run's initial checkpoint (prompts start from
+            fresh inits; the prototype found 0.25 doubles alignment over uniform starts).
+        ordered: target later than start in the run (G.pt); False allows any two checkpoints.
+        augment: "permute" applies one random function-preserving neuron permutation per pair.
+        val_runs: training runs set aside for the validation loss.
+        build_runs: runs to build when the store is missing.
+        build_epochs: epochs per run when building.
+        build_seed: seed of the build.
+        build_device: device of the build ("cpu" or "cuda").
+        data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
+        seed: seed of pair sampling and augmentation (each rank adds its rank).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/digits_mlp",
+        task: Optional[str] = "digits_mlp",
+        metric: Optional[str] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        init_prob: float = 0.25,
+        ordered: bool = True,
+        augment: Literal["permute", "none"] = "permute",
+        val_runs: int = 8,
+        build_runs: int = 512,
+        build_epochs: int = 20,
+        build_seed: int = 0,
+        build_device: str = "cpu",
+        data_dir: Optional[str] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser().resolve()
+        self.store = self._open_or_build()
+        self.task_name = self.store.task or task
+        metric = metric or self._default_metric()
+        if metric not in self.store.metric_names:
+            raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
+                             f"choose one of {list(self.store.metric_names)}")
+        self.metric = metric
+        test = set(int(r) for r in self.store.test_runs)
+        train = np.array([r for r in self.store.train_runs if int(r) not in test])
+        n_val = min(val_runs, max(len(train) // 5, 1))
+        self.val_run_ids, self.train_run_ids = train[-n_val:], train[:-n_val]
+        self.info = self._make_info()
+
+    # ----------------------------------------------------------------- store
+    def _task_kwargs(self) -> dict:
+        return {"data_dir": self.hparams.data_dir} if self.hparams.data_dir else {}
+
+    def _open_or_build(self):
+        """Open the store; build it (rank 0 only) when missing, finish it when a build was cut short."""
+        rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+        config, task_name = None, self.hparams.task
+        if (self.root / "manifest.json").exists():
+            store = open_store(self.root)
+            built = store.manifest.get("build_config")
+            if not built or store.num_runs >= built["runs"]:
+                return store
+            task_name = store.task       # an interrupted build: resume it with its own settings
+            fields = {f.name for f in dataclasses.fields(PopulationConfig)}
+            config = PopulationConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in built.items() if k in fields})
+        elif task_name is None:
+            raise ValueError(f"no checkpoint store at {self.root}: give --data.task NAME to build one "
+                             "there, or --data.root DIR of an existing store")
+        if not rank_zero:
+            return self._wait_for_store()
+        task = get_task(task_name, **self._task_kwargs())
+        config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
+                                            seed=self.hparams.build_seed)
+        print(f"Building the {task.name} checkpoint store at {self.root} "
+              f"({config.runs} runs x {config.epochs} epochs) ...", flush=True)
+        store = build_population(task, self.root, config, device=self.hparams.build_device)
+        if store is None:
+            raise RuntimeError(f"the store at {self.root} is built in shards and some are still missing; "
+                               "finish them with `gpt-params build-dataset ... --shard I/N` first")
+        return store
+
+    def _wait_for_store(self, timeout_s: float = 3600.0):
+        """Other ranks wait for rank 0's build (a finalized manifest that lists every run)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                store = open_store(self.root)
+                built = store.manifest.get("build_config")
+                if not built or store.num_runs >= built["runs"]:
+                    return store
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(2.0)
+        raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to build the store at {self.root}")
+
+    def _default_metric(self) -> str:
+        if self.task_name is not None:
+            try:
+                return get_task(self.task_name, **self._task_kwargs()).default_metric
+            except Exception:   # a user task that cannot be imported here: fall back to the store
+                pass
+        names = list(self.store.metric_names)
+        return next((m for m in names if m.startswith("val")), names[0])
+
+    def _make_info(self) -> dict:
+        """Everything the generator needs to be rebuilt from its checkpoint (plain JSON types)."""
+        store, metric = self.store, self.metric
+        values = store.metrics(np.arange(store.num_checkpoints))[metric]
+        values = values[np.isfinite(values)]
+        lower = bool(store.lower_is_better.get(metric, True))
+        init_idx = np.array([store.run_checkpoints(r)[0] for r in store.train_runs])
+        init_values = store.metrics(init_idx)[metric]
+        spec = store.manifest.get("permutation_spec")
+        return {
+            "store_root": str(self.root),
+            "task": self.task_name,
+            "metric": metric,
+            "lower_is_better": lower,
+            "metric_range": [float(values.min()), float(values.max())],
+            "best": float(values.min() if lower else values.max()),
+            "init_metric": float(np.nanmedian(init_values)),
+            "layer_shapes": {k: list(v) for k, v in store.layer_shapes.items()},
+            "stats": {k: [float(m), float(s)] for k, (m, s) in store.stats.items()},
+            "permutation_spec": spec,
+        }
+
+    # ----------------------------------------------------------- dataloaders
+    def _dataset(self, runs: np.ndarray, seed: int) -> PairDataset:
+        return PairDataset(self.store, runs=runs, metric=self.metric, init_prob=self.hparams.init_prob,
+                           ordered=self.hparams.ordered, permute=self.hparams.augment == "permute",
+                           seed=seed)
+
+    def setup(self, stage: str) -> None:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self.train_set = self._dataset(self.train_run_ids, self.hparams.seed + rank)
+        self.val_set = self._dataset(self.val_run_ids, 10_000 + self.hparams.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers)

@@ -1,0 +1,209 @@
+"""Diffusion over parameter tokens with diffusers' schedulers: training loss, samplers, guidance.
+
+- Training noise: ``DDPMScheduler`` (G.pt's schedule: 1000 steps, linear betas 1e-4..0.02).
+- Sampling: ``"ddpm"`` (ancestral, G.pt's sampler at steps=1000), ``"ddim"`` (eta 0, deterministic) and
+  ``"dpm++"`` (DPM-Solver++ 2M, deterministic), each with any number of steps. DDIM and DDPM use
+  ``timestep_spacing="trailing"`` so the first step starts at t = T-1 (pure noise) for every step count.
+  Clipping and thresholding are off everywhere: diffusers' DDIM clips predictions to [-1, 1] by default,
+  which corrupts normalized parameters.
+- Classifier-free guidance: the model sees the target metric dropped (null embedding) with probability
+  ``cond_drop_prob`` in training; at sampling ``guidance`` s gives ``uncond + s * (cond - uncond)`` from
+  one batched forward of 2N; ``guidance == 1`` is a single conditional forward (exactly unguided).
+- Padding slots (``mask`` False) are kept at zero: noise is masked in training and at every sampling step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import Tensor, nn
+
+from .dit import Prediction
+
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+PREDICTION_TYPES = {"x0": "sample", "epsilon": "epsilon", "v": "v_prediction"}  # ours -> diffusers'
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible), then moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def _metric(value, n: int, device: torch.device, what: str) -> Tensor:
+    """A float, ``[1]`` or ``[N]`` metric -> finite float32 ``[N]`` on ``device``; clear error otherwise."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten().to(device)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{what} must be a number or have {n} entries (one per prompt), got {t.numel()}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or inf: {t.tolist()[:8]}; pass finite metric values")
+    return t
+
+
+class Diffusion:
+    """Noise schedule, training loss and samplers for a denoiser with the ``ParameterDiT`` signature.
+
+    Args:
+        num_train_timesteps, beta_schedule, beta_start, beta_end: DDPM schedule (G.pt's by default).
+        prediction: what the model predicts ("x0", "epsilon", "v"); must match ``model.prediction``.
+        min_snr_gamma: min-SNR loss weighting (Hang et al. 2023) with this gamma; None = plain MSE.
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear", prediction: Prediction = "x0",
+                 min_snr_gamma: float | None = None, beta_start: float = 1e-4, beta_end: float = 0.02):
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {list(PREDICTION_TYPES)}, got {prediction!r}")
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {min_snr_gamma}")
+        self.prediction, self.min_snr_gamma = prediction, min_snr_gamma
+        self.schedule = dict(num_train_timesteps=int(num_train_timesteps), beta_schedule=beta_schedule,
+                             beta_start=float(beta_start), beta_end=float(beta_end),
+                             prediction_type=PREDICTION_TYPES[prediction])
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.train_scheduler = DDPMScheduler(**self.schedule, clip_sample=False)
+        self.alphas_cumprod = self.train_scheduler.alphas_cumprod  # [num_train_timesteps] float32 (CPU)
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments."""
+        s = self.schedule
+        return dict(num_train_timesteps=s["num_train_timesteps"], beta_schedule=s["beta_schedule"],
+                    prediction=self.prediction, min_snr_gamma=self.min_snr_gamma,
+                    beta_start=s["beta_start"], beta_end=s["beta_end"])
+
+    def _check_model(self, model: nn.Module) -> None:
+        got = getattr(model, "prediction", self.prediction)
+        if got != self.prediction:
+            raise ValueError(f"the model predicts {got!r} but the diffusion expects {self.prediction!r}; "
+                             f"build Diffusion(prediction={got!r})")
+
+    def make_scheduler(self, sampler: Sampler, steps: int):
+        """A fresh diffusers scheduler for ``sampler`` with ``steps`` inference steps set."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if steps > self.num_train_timesteps:
+            raise ValueError(f"steps={steps} exceeds the {self.num_train_timesteps} training timesteps")
+        if sampler == "ddpm":
+            sched = DDPMScheduler(**self.schedule, clip_sample=False, thresholding=False, timestep_spacing="trailing")
+        elif sampler == "ddim":
+            sched = DDIMScheduler(**self.schedule, clip_sample=False, thresholding=False, timestep_spacing="trailing")
+        else:
+            sched = DPMSolverMultistepScheduler(**self.schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                                thresholding=False)
+        sched.set_timesteps(steps)
+        return sched
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_loss(self, model: nn.Module, target_tokens: Tensor, start_tokens: Tensor, start_metric: Tensor,
+                      target_metric: Tensor, cond_drop_prob: float = 0.1, mask: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """Masked MSE between the model output and its target (x0, noise or velocity) at random timesteps.
+
+        ``target_tokens``/``start_tokens`` ``[N, T, C]``, metrics ``[N]`` (raw values), ``mask [T, C]``
+        bool of real entries (None = all). The target metric is dropped with probability ``cond_drop_prob``.
+        """
+        self._check_model(model)
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        x0 = target_tokens  # [N, T, C]
+        n, device = x0.shape[0], x0.device
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=gen_device).to(device)  # [N]
+        noise = _randn(tuple(x0.shape), generator, device).to(x0.dtype)  # [N, T, C]
+        maskf = torch.ones_like(x0[0]) if mask is None else mask.to(device=device, dtype=x0.dtype)  # [T, C]
+        noise = noise * maskf
+        x_t = self.train_scheduler.add_noise(x0, noise, t)  # [N, T, C]
+        drop = torch.rand(n, generator=generator, device=gen_device).to(device) < cond_drop_prob  # [N]
+        pred = model(x_t, t, start_tokens, target_metric, start_metric, drop_target=drop)  # [N, T, C]
+        if self.prediction == "x0":
+            target = x0
+        elif self.prediction == "epsilon":
+            target = noise
+        else:
+            target = self.train_scheduler.get_velocity(x0, noise, t)  # [N, T, C]
+        err = ((pred.float() - target.float()) ** 2 * maskf).sum(dim=(1, 2)) / maskf.sum()  # [N]
+        if self.min_snr_gamma is not None:
+            abar = self.alphas_cumprod.to(device)[t]  # [N]
+            snr = abar / (1 - abar)  # [N]
+            clipped = snr.clamp(max=self.min_snr_gamma)
+            weight = {"x0": clipped, "epsilon": clipped / snr, "v": clipped / (snr + 1)}[self.prediction]  # [N]
+            err = err * weight
+        return err.mean()
+
+    # ------------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_tokens(self, model: nn.Module, start_tokens: Tensor, start_metric: Tensor, target_metric: Tensor, *,
+                      sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
+                      generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
+        """Sample target tokens ``[N, T, C]`` for start tokens ``[N, T, C]`` and metrics ``[N]`` (raw values).
+
+        Runs on the model's device (inputs are moved there) with the model as given (``sample`` puts it
+        in eval mode). ``mask [T, C]`` keeps padding at zero. Deterministic for a given ``generator``.
+        """
+        self._check_model(model)
+        scheduler = self.make_scheduler(sampler, steps)
+        guidance = float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number (1.0 = off), got {guidance}")
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        start = start_tokens.to(device=device, dtype=dtype)  # [N, T, C]
+        n = start.shape[0]
+        start_metric = _metric(start_metric, n, device, "start_metric")  # [N]
+        target_metric = _metric(target_metric, n, device, "target_metric")  # [N]
+        maskf = torch.ones_like(start[0]) if mask is None else mask.to(device=device, dtype=dtype)  # [T, C]
+        x = _randn(tuple(start.shape), generator, device).to(dtype) * maskf * scheduler.init_noise_sigma  # [N, T, C]
+        if guidance != 1.0:  # conditional and unconditional halves in one batch of 2N
+            start2 = torch.cat([start, start])  # [2N, T, C]
+            sm2, tm2 = torch.cat([start_metric, start_metric]), torch.cat([target_metric, target_metric])  # [2N]
+            drop = torch.arange(2 * n, device=device) >= n  # [2N]
+        for t in scheduler.timesteps:
+            tt = t.to(device).expand(n)  # [N]
+            if guidance == 1.0:
+                out = model(x, tt, start, target_metric, start_metric)  # [N, T, C]
+            else:
+                both = model(torch.cat([x, x]), tt.repeat(2), start2, tm2, sm2, drop_target=drop)  # [2N, T, C]
+                cond, uncond = both.chunk(2)  # 2 x [N, T, C]
+                out = uncond + guidance * (cond - uncond)  # [N, T, C]
+            x = scheduler.step(out, t, x, generator=generator).prev_sample * maskf  # [N, T, C]
+        return x
+
+
+def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, target_metric, *,
+           sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
+           generator: torch.Generator | None = None, diffusion: Diffusion | None = None) -> Tensor:
+    """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
+
+    ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
+    eval mode under ``torch.no_grad`` on its own device (its training mode is restored afterwards);
+    ``diffusion`` defaults to ``Diffusion(prediction=model.prediction)``.
+    """
+    start_params = torch.as_tensor(start_params)
+    if start_params.dim() == 1:
+        start_params = start_params[None]  # [1, P]
+    if torch.is_floating_point(start_params) and not torch.isfinite(start_params).all():
+        bad = (~torch.isfinite(start_params)).any(dim=1).nonzero()[:, 0].tolist()
+        raise ValueError(f"start_params has NaN or inf in rows {bad[:8]}; pass finite parameter vectors")
+    device = next(model.parameters()).device
+    start_tokens = tokenizer.tokenize(start_params.to(device).float())  # [N, T, C]
+    n = start_tokens.shape[0]
+    start_metric, target_metric = _metric(start_metric, n, device, "start_metric"), _metric(
+        target_metric, n, device, "target_metric")  # [N]
+    diffusion = diffusion if diffusion is not None else Diffusion(prediction=getattr(model, "prediction", "x0"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
+                                             steps=steps, guidance=guidance, generator=generator,
+                                             mask=tokenizer.mask)  # [N, T, C]
+            return tokenizer.detokenize(tokens.float()).to(start_params.device)  # [N, P]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,224 @@
+"""ParameterDiT: a diffusion transformer over parameter tokens, in the style of DiT (Peebles & Xie 2023).
+
+Differences from an image DiT:
+- Input: per token the noisy target tokens and the start tokens, concatenated along channels
+  ``[x_t, start]`` (width 2C); G.pt concatenates them along the sequence instead, which doubles T and
+  quadruples attention cost for the same information.
+- Per-token linear projections in and out, indexed by the token's layer id (``token_layer_ids`` from the
+  tokenizer): ``projection="layer"`` shares one projection among all tokens of a layer id (in the
+  ``neuron`` layout all units of a hidden layer: the model is then equivariant to permutations of
+  hidden units, as there is no other position embedding); ``projection="position"`` gives every token
+  position its own projection (G.pt). With the ``chunk`` layout each token has its own layer id, so the
+  two coincide. Weights are ``[L, 2C, D]`` / ``[L, D, C]`` tensors used via einsum.
+- Conditioning: one vector = timestep embedding + target-metric embedding + start-metric embedding.
+  Metrics are normalized with ``metric_range=(lo, hi)`` to [0, 1], scaled to [0, 1000] (the timestep
+  range) and embedded with sinusoidal frequencies + an MLP. A learned null embedding replaces the
+  target-metric embedding where ``drop_target`` is True (classifier-free guidance).
+- Blocks: timm ``Attention`` (fused scaled-dot-product attention) and ``Mlp`` with adaLN-Zero; a final
+  adaLN layer; the output projection and every adaLN modulation are zero-initialized.
+- ``prediction`` says what the output means ("x0", "epsilon", "v"); ``residual=True`` (x0 only) returns
+  ``start + update`` with a zero-initialized update, so the untrained model returns the start tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.layers import Attention, Mlp
+from torch import Tensor, nn
+
+Prediction = Literal["x0", "epsilon", "v"]
+
+PRESETS: dict[str, dict[str, int]] = {  # DiT's S/B/L plus a small CPU model
+    "XS": dict(hidden_size=256, depth=4, num_heads=4),
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: ``x [N, T, D] * (1 + scale [N, D]) + shift [N, D]``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class ScalarEmbedder(nn.Module):
+    """A batch of scalars ``[N]`` -> ``[N, D]``: sinusoidal frequencies of ``value * scale``, then an MLP."""
+
+    def __init__(self, hidden_size: int, scale: float = 1.0, frequency_size: int = 256):
+        super().__init__()
+        self.scale, self.frequency_size = scale, frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, values: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device) / half)  # [F/2]
+        args = values.float()[:, None] * self.scale * freqs[None]  # [N, F/2]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [N, F]
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [N, D]
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: shift/scale/gate for attention and MLP from ``c``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [N, D]
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # [N, T, D]
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [N, T, D]
+        return x
+
+
+class TokenLinear(nn.Module):
+    """Linear map per token group: ``x [N, T, I] -> [N, T, O]`` with weight ``[L, I, O]`` chosen by ``ids [T]``."""
+
+    def __init__(self, ids: Tensor, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("ids", ids.long().clone(), persistent=False)
+        num = int(ids.max()) + 1
+        self.identity = torch.equal(ids.cpu(), torch.arange(len(ids)))  # per-position: no gather needed
+        self.weight = nn.Parameter(torch.empty(num, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(num, out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight if self.identity else self.weight[self.ids]  # [T, I, O]
+        b = self.bias if self.identity else self.bias[self.ids]  # [T, O]
+        return torch.einsum("nti,tio->nto", x, w) + b  # [N, T, O]
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + per-token projection back to token width."""
+
+    def __init__(self, hidden_size: int, ids: Tensor, token_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = TokenLinear(ids, hidden_size, token_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [N, D]
+        return self.linear(modulate(self.norm(x), shift, scale))  # [N, T, C]
+
+
+class ParameterDiT(nn.Module):
+    """Denoiser over parameter tokens conditioned on the start tokens, timestep and two metrics.
+
+    Args:
+        num_tokens, token_dim: T and C of the tokenizer.
+        token_layer_ids: ``[T]`` layer id per token (tokenizer.token_layer_ids); None = one per position.
+        hidden_size, depth, num_heads, mlp_ratio: transformer size (see ``PRESETS``).
+        prediction: meaning of the output ("x0" clean target, "epsilon" noise, "v" velocity).
+        residual: output ``start + update`` (x0 only); the untrained model returns the start.
+        metric_range: ``(lo, hi)`` mapped to [0, 1] before embedding (raw metric values go in).
+        projection: "layer" (projections shared by a layer id) or "position" (one per token).
+        token_mask: ``[T, C]`` bool (tokenizer.mask); outputs at padding are zero when given.
+    """
+
+    def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, prediction: Prediction = "x0",
+                 residual: bool = False, metric_range: tuple[float, float] = (0.0, 1.0),
+                 projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None):
+        super().__init__()
+        if prediction not in ("x0", "epsilon", "v"):
+            raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
+        if residual and prediction != "x0":
+            raise ValueError("residual=True (output = start + update) only makes sense with prediction='x0'")
+        if projection not in ("layer", "position"):
+            raise ValueError(f"projection must be 'layer' or 'position', got {projection!r}")
+        lo, hi = float(metric_range[0]), float(metric_range[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"metric_range must be finite (lo, hi) with hi > lo, got {metric_range}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        ids = torch.arange(num_tokens) if token_layer_ids is None else torch.as_tensor(token_layer_ids).long()
+        if ids.shape != (num_tokens,) or int(ids.min()) < 0:
+            raise ValueError(f"token_layer_ids must be [{num_tokens}] non-negative ids, got {list(ids.shape)}")
+        self.num_tokens, self.token_dim, self.prediction, self.residual = num_tokens, token_dim, prediction, residual
+        self.metric_range = (lo, hi)
+        self._config = dict(num_tokens=num_tokens, token_dim=token_dim, token_layer_ids=ids.tolist(),
+                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                            prediction=prediction, residual=residual, metric_range=[lo, hi], projection=projection,
+                            token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist())
+        proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
+        self.x_embedder = TokenLinear(proj_ids, 2 * token_dim, hidden_size)
+        self.t_embedder = ScalarEmbedder(hidden_size)
+        self.target_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
+        self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
+        self.null_target = nn.Parameter(torch.zeros(hidden_size))
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, proj_ids, token_dim)
+        mask = torch.ones(num_tokens, token_dim, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask)
+        if mask.shape != (num_tokens, token_dim):
+            raise ValueError(f"token_mask must be [{num_tokens}, {token_dim}], got {list(mask.shape)}")
+        self.register_buffer("token_mask", mask.bool(), persistent=False)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, num_tokens: int, token_dim: int, **kwargs) -> "ParameterDiT":
+        """``ParameterDiT.from_preset("S", T, C, token_layer_ids=..., ...)``; kwargs override the preset."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+        return cls(num_tokens, token_dim, **{**PRESETS[name], **kwargs})
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments: ``ParameterDiT(**model.config())`` rebuilds the architecture."""
+        return dict(self._config)
+
+    def initialize_weights(self) -> None:
+        """DiT init: xavier linears, N(0, 0.02) embedding MLPs, zero adaLN modulations and output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.weight  # [L, 2C, D]: xavier over one token's projection
+        bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+        nn.init.uniform_(w, -bound, bound)
+        nn.init.zeros_(self.x_embedder.bias)
+        for emb in (self.t_embedder, self.target_embedder, self.start_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.null_target, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def normalize_metric(self, metric: Tensor) -> Tensor:
+        """Raw metric values ``[N]`` -> ``(m - lo) / (hi - lo)`` (not clipped)."""
+        lo, hi = self.metric_range
+        return (metric.float() - lo) / (hi - lo)
+
+    def forward(self, x_t: Tensor, timesteps: Tensor, start: Tensor, target_metric: Tensor, start_metric: Tensor,
+                drop_target: Tensor | None = None) -> Tensor:
+        """Predict ``[N, T, C]`` (x0, epsilon or v per ``prediction``) from noisy tokens ``x_t [N, T, C]``,
+        ``timesteps [N]``, ``start [N, T, C]``, raw ``target_metric [N]`` and ``start_metric [N]``;
+        ``drop_target [N]`` bool swaps the target-metric embedding for the learned null embedding."""
+        if x_t.shape[1:] != (self.num_tokens, self.token_dim) or start.shape != x_t.shape:
+            raise ValueError(f"x_t and start must both be [N, {self.num_tokens}, {self.token_dim}], got "
+                             f"{list(x_t.shape)} and {list(start.shape)}")
+        n = x_t.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=x_t.device).expand(n)  # [N]
+        h = self.x_embedder(torch.cat([x_t, start], dim=-1))  # [N, T, D]
+        target = self.target_embedder(self.normalize_metric(target_metric.expand(n)))  # [N, D]
+        if drop_target is not None:
+            target = torch.where(drop_target.view(n, 1), self.null_target.to(target.dtype), target)  # [N, D]
+        c = self.t_embedder(timesteps) + target + self.start_embedder(self.normalize_metric(start_metric.expand(n)))
+        for block in self.blocks:
+            h = block(h, c)  # [N, T, D]
+        out = self.final_layer(h, c)  # [N, T, C]
+        if self.residual:
+            out = start + out  # [N, T, C]
+        return out * self.token_mask  # [N, T, C]

@@ -1,0 +1,230 @@
+"""A trained generator, ready to prompt: load a checkpoint, generate parameters, save them.
+
+``Generator.load(ckpt)`` reads a gpt-params Lightning checkpoint with ``weights_only=True`` (no
+unpickling of arbitrary objects), rebuilds tokenizer and denoiser from its hyperparameters and loads the
+EMA weights that ``EMAWeightAveraging`` stored as its ``state_dict``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt_params.diffusion import sample
+from gpt_params.module import CHECKPOINT_MARKER, GeneratorModule
+
+Sampler = Literal["ddpm", "ddim", "dpm++"]
+
+
+class Generator:
+    """The generator of a checkpoint: ``generate`` maps (start params, start metric, target metric) to
+    parameter vectors. ``metric``, ``lower_is_better`` and ``data_range`` describe the conditioning."""
+
+    def __init__(self, module: GeneratorModule) -> None:
+        module.eval()
+        self.module = module
+        self.model, self.tokenizer, self.diffusion = module.model, module.tokenizer, module.diffusion
+        info = module.hparams.data_info
+        self.info = info
+        self.metric: str = info["metric"]
+        self.lower_is_better: bool = bool(info["lower_is_better"])
+        self.data_range: tuple[float, float] = tuple(info["metric_range"])
+        self.best: float = float(info["best"])
+        self.init_metric: float = float(info["init_metric"])
+        self.task_name: Optional[str] = info.get("task")
+        self.store_root: Optional[str] = info.get("store_root")
+        self.layer_shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in info["layer_shapes"].items()}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, ckpt_path: str | Path, device: Optional[str | torch.device] = None) -> "Generator":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}: pass the .ckpt written by `gpt-params train` "
+                                    "(it prints its path; look under <default_root_dir>/.../checkpoints/)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{path} is not a gpt-params checkpoint (it cannot be read as a weights-only "
+                             f"torch checkpoint: {type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not hparams or CHECKPOINT_MARKER not in hparams or "state_dict" not in ckpt:
+            raise ValueError(f"{path} is not a gpt-params checkpoint (no gpt-params hyperparameters in it); "
+                             "pass a checkpoint written by `gpt-params train`")
+        accepted = inspect.signature(GeneratorModule.__init__).parameters   # LightningCLI adds its own keys
+        hparams = {k: v for k, v in hparams.items() if k in accepted and k != "self"}
+        hparams["compile"] = False
+        module = GeneratorModule(**hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        if device is not None:
+            module.to(device)
+        return cls(module)
+
+    def check_target(self, targets: Sequence[float], bounds: Optional[tuple[float, float]] = None) -> list[str]:
+        """Refuse targets outside the metric's valid ``bounds``; return warnings for those outside the
+        range seen in the data (the generator extrapolates there)."""
+        warnings = []
+        lo, hi = self.data_range
+        for t in targets:
+            if not math.isfinite(t):
+                raise ValueError(f"target {t} is not a finite number")
+            if bounds is not None and not (bounds[0] <= t <= bounds[1]):
+                raise ValueError(f"target {self.metric}={t} is outside its valid range "
+                                 f"[{bounds[0]}, {bounds[1]}]; choose a target inside it")
+            if not (lo <= t <= hi):
+                warnings.append(f"target {self.metric}={t} is outside the range seen in the data "
+                                f"[{lo:.4g}, {hi:.4g}]: the generator extrapolates there")
+        return warnings
+
+    @torch.no_grad()
+    def generate(self, start_params: torch.Tensor, start_metric: torch.Tensor, target_metric: torch.Tensor,
+                 *, sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
+                 generator: Optional[torch.Generator] = None, batch_size: int = 4096) -> torch.Tensor:
+        """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches."""
+        device = self.device
+        start_params = torch.as_tensor(start_params, dtype=torch.float32)
+        n = start_params.shape[0]
+        start_metric = torch.as_tensor(start_metric, dtype=torch.float32).reshape(-1).expand(n)
+        target_metric = torch.as_tensor(target_metric, dtype=torch.float32).reshape(-1).expand(n)
+        out = []
+        for i in range(0, n, batch_size):
+            sl = slice(i, i + batch_size)
+            out.append(sample(self.model, self.tokenizer, start_params[sl].to(device),
+                              start_metric[sl].to(device), target_metric[sl].to(device),
+                              sampler=sampler, steps=steps, guidance=guidance, generator=generator,
+                              diffusion=self.diffusion))
+        return torch.cat(out)
+
+
+def save_state_dict(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """Write a state_dict as safetensors (contiguous CPU tensors; metadata values as strings)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors state_dict (never a pickle)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: start parameters must be a .safetensors state_dict (pickles are not "
+                         "loaded); save one with safetensors.torch.save_file(model.state_dict(), path)")
+    return load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------ gpt-params prompt
+def _prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> None:
+    """Refuse an --out that is a file, already holds results (unless overwrite) or is not writable."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file; give a directory")
+    if out.is_dir() and ((out / marker).exists() or any(out.glob("*.safetensors"))) and not overwrite:
+        raise SystemExit(f"--out {out} already holds results; pass --overwrite to replace them "
+                         "or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"--out {out} is not writable ({err.strerror}); choose a directory you can write")
+
+
+def _prepare_report_dir(out: Path, overwrite: bool) -> None:
+    _prepare_out(out, overwrite, marker="report.json")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_prompt(args) -> int:
+    """The `gpt-params prompt` program (arguments: see gpt_params.cli._prompt_parser)."""
+    from checkpoints_dataset.params import state_dict_to_vector
+    from checkpoints_dataset.tasks import get_task
+
+    if args.num < 1:
+        raise SystemExit(f"--num must be at least 1 (got {args.num})")
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1 (got {args.steps})")
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite)
+    gen = Generator.load(args.ckpt, device=args.device)
+    task_name = args.task or gen.task_name
+    task = get_task(task_name) if task_name else None
+    if task is not None and task.num_params != sum(math.prod(s) for s in gen.layer_shapes.values()):
+        raise SystemExit(f"task {task.name} has {task.num_params} parameters but the generator makes "
+                         "networks of another architecture; give the task the generator was trained for")
+    bounds = task.metric_bounds.get(gen.metric) if task is not None else None
+    for w in gen.check_target(args.target, bounds):
+        print(f"warning: {w}", file=sys.stderr)
+
+    g = torch.Generator().manual_seed(args.seed)
+    n = len(args.target) * args.num
+    if args.start == "random":
+        if task is None:
+            raise SystemExit("--start random needs the task's model: give --task pkg.module:Class, "
+                             "or --start PATH to a .safetensors state_dict")
+        start = task.init_params(n, generator=g)                                   # [n, P]
+    else:
+        vec = state_dict_to_vector(load_state_dict(args.start), gen.layer_shapes)  # [P]
+        start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
+    if task is not None:
+        start_metric = task.evaluate(start)[gen.metric]
+    else:
+        start_metric = torch.full((n,), gen.init_metric)
+        print(f"note: no task to evaluate the start; its {gen.metric} is taken as the data's median "
+              f"at init ({gen.init_metric:.4g})", file=sys.stderr)
+    targets = torch.tensor(args.target, dtype=torch.float32).repeat_interleave(args.num)  # [n]
+    params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
+                          guidance=args.guidance, generator=g).cpu()                     # [n, P]
+    achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
+    if achieved is None:
+        print("note: no task given, so the generated networks are not evaluated "
+              "(pass --task pkg.module:Class to evaluate them)", file=sys.stderr)
+
+    records = []
+    for i in range(n):
+        name = f"target{i // args.num:02d}_{i % args.num:03d}.safetensors"
+        if task is not None:
+            sd = task.to_state_dict(params[i])
+        else:
+            from checkpoints_dataset.params import vector_to_tensors
+            sd = {k: v[0] for k, v in vector_to_tensors(params[i:i + 1], gen.layer_shapes).items()}
+        save_state_dict(out / name, sd, {"target": args.target[i // args.num], "metric": gen.metric})
+        rec = {"target": float(args.target[i // args.num]), "file": name}
+        if achieved is not None:
+            rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
+        records.append(rec)
+    _write_json_atomic(out / "results.json", {"metric": gen.metric, "records": records})
+    _print_table(gen.metric, records, args.num)
+    print(f"\n{n} networks written to {out} (results.json lists them)")
+    return 0
+
+
+def _print_table(metric: str, records: list[dict], num: int) -> None:
+    if "achieved" not in records[0]:
+        return
+    names = [metric] + [k for k in records[0]["achieved"] if k != metric and ("val" in k or "test" in k)]
+    print(f"\n{'target':>10} | " + " | ".join(f"{k:>18}" for k in names))
+    print("-" * (13 + 21 * len(names)))
+    for i in range(0, len(records), num):
+        group = records[i:i + num]
+        cells = []
+        for k in names:
+            vals = torch.tensor([r["achieved"][k] for r in group])
+            cells.append(f"{vals.mean():>9.4f} ± {vals.std(unbiased=False):<6.4f}")
+        print(f"{group[0]['target']:>10.4f} | " + " | ".join(cells))

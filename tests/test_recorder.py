@@ -1,0 +1,74 @@
+"""CheckpointRecorder: real (tiny, CPU) Lightning fits write a store; new fits add runs; resuming continues."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from checkpoints_dataset import CheckpointRecorder, PairDataset, open_store  # noqa: E402
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self, lr=0.05):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_error", (self.net(x).argmax(1) != y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _loader(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+def _fit(tmp_path, max_epochs, ckpt_path=None, callbacks=()):
+    rec = CheckpointRecorder(tmp_path / "store", metrics=["train_loss", "val_error"])
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[rec, *callbacks], enable_progress_bar=False,
+                         logger=False, enable_checkpointing=bool(callbacks), accelerator="cpu",
+                         enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    torch.manual_seed(max_epochs)
+    trainer.fit(TinyModule(), _loader(0), _loader(1), ckpt_path=ckpt_path)
+    return rec
+
+
+def test_fits_become_runs_and_resume_continues(tmp_path):
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path, 2, callbacks=[ckpt])
+    store = open_store(tmp_path / "store")
+    assert store.num_runs == 1 and store.num_checkpoints == 3  # init + 2 epochs
+    assert list(store.layer_shapes) == list(TinyModule().state_dict())  # names exactly the state_dict keys
+    first = store.metrics(store.run_checkpoints(0))
+    assert math.isnan(first["val_error"][0]) and math.isnan(first["train_loss"][0])  # initial: nothing logged
+    assert np.isfinite(first["train_loss"][1:]).all() and store.manifest["dropped"]["nonfinite_metrics"] == 0
+    assert store.permutation_spec is not None and store.permutation_spec.groups[0].axes[0][0] == "net.0.weight"
+    init = store.params(store.run_checkpoints(0)[:1])[0]
+    assert not np.allclose(init, store.params(store.run_checkpoints(0)[-1:])[0])  # training moved the params
+
+    _fit(tmp_path, 2)  # a new fit: a new run
+    assert open_store(tmp_path / "store").num_runs == 2
+
+    _fit(tmp_path, 4, ckpt_path=tmp_path / "ckpt" / "last.ckpt")  # resumed: continues run 0
+    store = open_store(tmp_path / "store")
+    assert store.num_runs == 2
+    steps = store.steps[store.run_checkpoints(0)]
+    assert steps.tolist() == [0, 4, 8, 12, 16]
+    assert np.isfinite(store.metrics(store.run_checkpoints(0))["val_error"][1:]).all()
+    pairs = PairDataset(store, runs=[0, 1], metric="val_error")
+    assert len(pairs) == 8 and pairs[3]["target"].shape == (store.num_params,)
