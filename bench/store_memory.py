@@ -45,6 +45,18 @@ def build(root: Path, gb: float, shard_mb: int = 256) -> None:
                     epochs=steps / 10.0, metrics={"loss": np.exp(-steps / 30.0)})
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (Linux, reset at exec, unlike ru_maxrss which a child
+    inherits from its parent's peak at fork), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def read(root: Path, batches: int, batch_size: int) -> None:
     """Runs in a fresh process: its ru_maxrss is the reader's alone."""
     store = open_store(root)
@@ -54,10 +66,10 @@ def read(root: Path, batches: int, batch_size: int) -> None:
     for _ in range(batches):
         ds.__getitems__(rng.integers(0, len(ds), batch_size))
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak_mb = _peak_rss_mb()
     size_gb = sum(f.stat().st_size for f in (root / "shards").glob("*.params.npy")) / 2**30
     print(f"store {size_gb:.2f} GB, {store.num_checkpoints} checkpoints of {store.num_params} params; sampled "
-          f"{batches} x {batch_size} permuted pairs in {seconds:.1f} s; reader peak RSS {peak_mb:.0f} MB")
+          f"{batches} x {batch_size} permuted pairs in {seconds:.1f} s; reader peak RSS (VmHWM) {peak_mb:.0f} MB")
 
 
 def main(argv=None) -> None:

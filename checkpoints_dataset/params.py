@@ -77,15 +77,15 @@ def tensors_to_vector(tensors: Mapping[str, Tensor], layer_shapes: Mapping[str, 
 def state_dict_to_vector(sd: Mapping[str, Tensor], layer_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Tensor:
     """One network's state_dict -> its parameter vector ``[P]`` (float32).
 
-    With ``layer_shapes`` the state_dict must hold exactly those float entries with those shapes
-    (KeyError / ValueError otherwise); without, the float entries of ``sd`` are taken in order.
+    With ``layer_shapes`` the state_dict must hold exactly those float entries with those shapes, in
+    any order (files such as safetensors sort their keys; KeyError / ValueError otherwise); without,
+    the float entries of ``sd`` are taken in order.
     """
     shapes = float_layer_shapes(sd) if layer_shapes is None else layer_shapes
     got = float_layer_shapes(sd)
-    if list(got) != list(shapes):
+    if set(got) != set(shapes):
         extra, missing = sorted(set(got) - set(shapes)), sorted(set(shapes) - set(got))
-        raise KeyError(f"state_dict does not match the layer shapes: missing {missing}, unexpected {extra}"
-                       + ("" if missing or extra else " (same names, different order)"))
+        raise KeyError(f"state_dict does not match the layer shapes: missing {missing}, unexpected {extra}")
     tensors = {name: sd[name].detach().float()[None] for name in shapes}  # name -> [1, *shape]
     return tensors_to_vector(tensors, shapes)[0]  # [P]
 

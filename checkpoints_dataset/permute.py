@@ -176,27 +176,24 @@ def _layer_axes(spec: PermutationSpec, perms: Sequence[Tensor], K: int, device) 
 def apply_permutations(params: Tensor, spec: PermutationSpec | Mapping, perms: Sequence[Tensor]) -> Tensor:
     """Apply given permutations (one LongTensor [K, size] or [size] per group) to ``params [K, P]``.
 
-    Vectorized over K: per permuted layer and axis one batched gather (advanced indexing with a [K, size]
-    index), no loop over rows; untouched layers are copied as they are.
+    Vectorized over K: per permuted layer and axis one ``torch.gather`` with the [K, size] index expanded
+    (a view) over the other dims; no loop over rows. Untouched layers are copied as they are.
     """
     spec = as_spec(spec)
     params = check_params(params, spec.num_params)  # [K, P]
     K = params.shape[0]
     by_layer = _layer_axes(spec, perms, K, params.device)
-    rows = torch.arange(K, device=params.device)[:, None]  # [K, 1]
-    out, offset = params.clone(), 0  # [K, P]
+    pieces, offset = [], 0
     for name, shape in spec.layer_shapes.items():
         n = math.prod(shape)
-        if name in by_layer:
-            t = params[:, offset:offset + n].reshape(K, *shape)  # [K, *shape]
-            for axis, block, perm in by_layer[name]:
-                t = t.movedim(axis + 1, 1)  # [K, size*block, *rest]
-                rest = t.shape[2:]
-                t = t.reshape(K, perm.shape[1], block, *rest)[rows, perm]  # [K, size, block, *rest]
-                t = t.reshape(K, -1, *rest).movedim(1, axis + 1)  # [K, *shape]
-            out[:, offset:offset + n] = t.reshape(K, n)
+        t = params[:, offset:offset + n]  # [K, n]
+        for axis, block, perm in by_layer.get(name, []):
+            pre, size = math.prod(shape[:axis]), perm.shape[1]
+            t = t.reshape(K, pre, size, n // (pre * size))  # [K, pre, size, block * post]
+            t = torch.gather(t, 2, perm[:, None, :, None].expand(t.shape))
+        pieces.append(t.reshape(K, n))
         offset += n
-    return out
+    return torch.cat(pieces, dim=1)  # [K, P]
 
 
 def permute_params(params: Tensor, spec: PermutationSpec | Mapping, generator: torch.Generator | None = None

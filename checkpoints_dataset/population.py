@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -137,15 +136,22 @@ def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, 
     """
     state["step"] += 1
     t = state["step"]
-    a = is_adam.to(torch.bool)[:, None]                                  # [R, 1]
-    lr, wd, mom = lr[:, None], weight_decay[:, None], momentum[:, None]  # [R, 1]
-    g = torch.where(a, grads, grads + wd * params)                      # [R, P] SGD: L2 in the gradient
-    p = params * torch.where(a, 1 - lr * wd, 1.0)                       # Adam: decoupled decay
-    m = state["m"].mul_(mom).add_(g * torch.where(a, 1 - mom, 1.0))     # [R, P]
+    a = is_adam.to(torch.bool)[:, None]                                   # [R, 1]
+    lr, wd, mom = lr[:, None], weight_decay[:, None], momentum[:, None]   # [R, 1]
+    zero, one = torch.zeros_like(lr), torch.ones_like(lr)
+    g = torch.addcmul(grads, torch.where(a, zero, wd), params)          # [R, P] SGD: L2 in the gradient
+    m = state["m"].mul_(mom).addcmul_(g, torch.where(a, 1 - mom, one))  # Adam: EMA; SGD: momentum buffer
     v = state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - mom ** t                                                  # [R, 1]
-    adam_dir = (m / bc1).div_((v / (1 - beta2 ** t)).sqrt_().add_(eps))  # [R, P]
-    return p.sub_(lr * torch.where(a, adam_dir, m))
+    bc2 = (1 - beta2 ** t) ** 0.5                    # m/bc1 / (sqrt(v)/bc2 + eps) = bc2/bc1 * m / (sqrt(v) + eps*bc2)
+    direction = v.sqrt().add_(eps * bc2)                                 # [R, P]
+    if bool(a.all()):
+        direction = torch.div(m, direction, out=direction)
+    elif bool(a.any()):
+        direction = torch.where(a, m / direction, m)
+    else:
+        direction = m
+    step_size = torch.where(a, lr * bc2 / (1 - mom ** t), lr)            # [R, 1] Adam: bias-corrected
+    return torch.addcmul(params * torch.where(a, 1 - lr * wd, one), direction, -step_size)  # decoupled decay
 
 
 # ---------------------------------------------------------------- the builder

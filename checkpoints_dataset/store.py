@@ -133,12 +133,13 @@ def _shard_paths(root: Path, name: str) -> tuple[Path, Path]:
     return root / "shards" / f"{name}.params.npy", root / "shards" / f"{name}.index.npz"
 
 
-def _per_run_stats(params: np.ndarray, run_ids: np.ndarray, layer_shapes, chunk: int = 4096) -> dict:
+def _per_run_stats(params: np.ndarray, run_ids: np.ndarray, layer_shapes, chunk_values: int = 2**22) -> dict:
     """Per run and layer: sum, sum of squares, count (float64), for normalization stats without rereading."""
     sizes = np.array([math.prod(s) for s in layer_shapes.values()])
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     runs, inverse = np.unique(run_ids, return_inverse=True)
     s, ss = np.zeros((len(runs), len(sizes))), np.zeros((len(runs), len(sizes)))
+    chunk = max(1, chunk_values // max(params.shape[1], 1))  # rows per float64 chunk (32 MB)
     if (sizes > 0).all():
         for lo in range(0, len(params), chunk):
             rows = params[lo:lo + chunk].astype(np.float64)  # [c, P]
@@ -171,13 +172,15 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     for k, v in cols.items():
         if v.shape != (n,):
             raise StoreError(f"shard {name!r}: {k} must have shape [{n}], got {list(v.shape)}")
-    stored = params.astype(manifest["dtype"])
+    stored = params.astype(manifest["dtype"], copy=False)
     ok_params = np.isfinite(stored).all(axis=1)
     mvals = np.stack([cols[f"metric/{m}"] for m in manifest["metric_names"]], 1) if manifest["metric_names"] else np.zeros((n, 0))
     nan_ok = np.zeros(n, bool) if nan_metrics_ok is None else np.asarray(nan_metrics_ok, bool)
     ok_metrics = (np.isfinite(mvals) | (np.isnan(mvals) & nan_ok[:, None])).all(axis=1)
     keep = ok_params & ok_metrics
-    stored, cols = np.ascontiguousarray(stored[keep]), {k: v[keep] for k, v in cols.items()}
+    if not keep.all():
+        stored, cols = stored[keep], {k: v[keep] for k, v in cols.items()}
+    stored = np.ascontiguousarray(stored)
     params_path, index_path = _shard_paths(root, name)
     _atomic_write(params_path, lambda f: np.save(f, stored))  # real file: written without a copy
     with open(params_path, "rb") as f:

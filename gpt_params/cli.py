@@ -62,6 +62,7 @@ def train(argv: list[str]) -> int:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.config.get("ckpt_path")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
     if not trainer.is_global_zero:
         return 0
     ckpt_dir = Path(trainer.checkpoint_callback.dirpath)
@@ -69,7 +70,7 @@ def train(argv: list[str]) -> int:
     if not last.exists():   # a stop between checkpoint events: save the state it ended in
         trainer.save_checkpoint(last)
     print(f"\nCheckpoint: {last}")
-    print(f"TensorBoard: tensorboard --logdir {Path(trainer.log_dir or trainer.default_root_dir)}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
     n_runs = cli.config.get("final_eval_runs", 32)
     if n_runs > 0 and data.task_name is not None:
         from checkpoints_dataset.tasks import get_task
@@ -81,7 +82,7 @@ def train(argv: list[str]) -> int:
         t0 = time.perf_counter()
         result, fig = prompt_alignment(gen, task, data.store, runs=data.store.test_runs[:n_runs],
                                        sampler="ddim", steps=20)
-        fig.savefig(Path(trainer.log_dir or trainer.default_root_dir) / "alignment.png", dpi=100)
+        fig.savefig(log_dir / "alignment.png", dpi=100)
         print(f"Prompt alignment on {len(result['per_network'])} held-out runs ({gen.metric}): "
               f"R^2 median {result['median']:.3f}, mean {result['mean']:.3f} "
               f"({time.perf_counter() - t0:.0f} s)")

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 from typing import Literal
 
 import torch
@@ -86,18 +88,23 @@ class Diffusion:
         """A fresh diffusers scheduler for ``sampler`` with ``steps`` inference steps set."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if isinstance(steps, bool) or not hasattr(steps, "__index__") or operator.index(steps) < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        steps = operator.index(steps)
         if steps > self.num_train_timesteps:
             raise ValueError(f"steps={steps} exceeds the {self.num_train_timesteps} training timesteps")
-        if sampler == "ddpm":
-            sched = DDPMScheduler(**self.schedule, clip_sample=False, thresholding=False, timestep_spacing="trailing")
-        elif sampler == "ddim":
-            sched = DDIMScheduler(**self.schedule, clip_sample=False, thresholding=False, timestep_spacing="trailing")
-        else:
-            sched = DPMSolverMultistepScheduler(**self.schedule, algorithm_type="dpmsolver++", solver_order=2,
-                                                thresholding=False)
-        sched.set_timesteps(steps)
+        with warnings.catch_warnings():  # diffusers' own numpy-2 DeprecationWarning, nothing of ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if sampler == "ddpm":
+                sched = DDPMScheduler(**self.schedule, clip_sample=False, thresholding=False,
+                                      timestep_spacing="trailing")
+            elif sampler == "ddim":
+                sched = DDIMScheduler(**self.schedule, clip_sample=False, thresholding=False,
+                                      timestep_spacing="trailing")
+            else:
+                sched = DPMSolverMultistepScheduler(**self.schedule, algorithm_type="dpmsolver++", solver_order=2,
+                                                    thresholding=False)
+            sched.set_timesteps(steps)
         return sched
 
     # ------------------------------------------------------------------------------------------ training
@@ -192,7 +199,7 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
         bad = (~torch.isfinite(start_params)).any(dim=1).nonzero()[:, 0].tolist()
         raise ValueError(f"start_params has NaN or inf in rows {bad[:8]}; pass finite parameter vectors")
     device = next(model.parameters()).device
-    start_tokens = tokenizer.tokenize(start_params.to(device).float())  # [N, T, C]
+    start_tokens = tokenizer.tokenize(start_params.to(device)).float()  # [N, T, C]
     n = start_tokens.shape[0]
     start_metric, target_metric = _metric(start_metric, n, device, "start_metric"), _metric(
         target_metric, n, device, "target_metric")  # [N]

@@ -31,7 +31,7 @@ import torch
 from matplotlib.figure import Figure
 
 from gpt_params import evaluate_plots as plots
-from gpt_params.evaluate_common import (as_tensor, at_least_as_good, best_value, generate, has_data, held_out_runs,
+from gpt_params.evaluate_common import (at_least_as_good, best_value, generate, has_data, held_out_runs,
                                         metric_of, run_endpoints, start_points, summary, to_json)
 from gpt_params.evaluate_space import diversity, landscape, novelty
 
@@ -74,8 +74,10 @@ def prompt_alignment(gen, task, store, runs: int | Sequence[int] = 32, num_promp
                    guidance=guidance, seed=seed)  # [R*M, P]
     achieved = metric_of(task, out, gen.metric, device=device).reshape(R, M)  # one batched scoring
     r2 = alignment_r2(prompted, achieved)
+    finite = r2[np.isfinite(r2)]
     result = {"metric": gen.metric, "num_networks": R, "num_prompts": M, "best_in_data": best,
-              **{k: v for k, v in summary(r2).items() if k in ("mean", "median")},
+              "mean": float(finite.mean()) if finite.size else math.nan,
+              "median": float(np.median(finite)) if finite.size else math.nan,
               "per_network": r2, "run_ids": run_ids, "start_metric": start_metric,
               "prompted": prompted, "achieved": achieved}
     return result, plots.alignment_figure(prompted, achieved, gen.data_range, gen.metric)
@@ -196,6 +198,45 @@ def recursive(gen, task, store=None, *, k: int = 5, num_inits: int = 8,
     return result, plots.recursive_figure({s: v[:, lab == s] for s in schemes}, best, gen.metric)
 
 
+def summary_lines(report: dict) -> list[str]:
+    """A few human-readable lines of a report (what ``gpt-params evaluate`` prints)."""
+    lines, m = [], report["config"]["metric"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}"
+    pa = report.get("prompt_alignment", {})
+    if "mean" in pa:
+        lines.append(f"Prompt alignment ({m}, {pa['num_networks']} networks x {pa['num_prompts']} prompts): "
+                     f"R^2 mean {fmt(pa['mean'])}, median {fmt(pa['median'])}")
+    os_ = report.get("one_step", {})
+    if "schemes" in os_:
+        per = ", ".join(f"{s} {fmt(v['one_step']['median'])}" for s, v in os_["schemes"].items())
+        lines.append(f"One step to {m}={fmt(os_['target'])} (median; training runs end at "
+                     f"{fmt(os_['median_final_training'])}): {per}")
+        for name, o in os_.get("optimizers", {}).items():
+            if isinstance(o, dict):
+                lines.append(f"  {name}: reaches the one-step level in {fmt(o['steps_to_match']['median'])} steps "
+                             f"(median; {100 * o['reached_fraction']:.0f}% within {o['max_steps']})")
+    rec = report.get("recursive", {})
+    if "schemes" in rec:
+        per = ", ".join(f"{s} {' > '.join(fmt(x) for x in v['median_after_each'])}" for s, v in rec["schemes"].items())
+        lines.append(f"Recursive prompting ({m}, median after each prompt): {per}")
+    nov = report.get("novelty", {})
+    if "verdict" in nov:
+        d = nov["distance"]
+        lines.append(f"Novelty: {nov['verdict']} ({100 * nov['near_copy_fraction']:.0f}% below the copy threshold; "
+                     f"median aligned distance generated {fmt(d['generated']['median'])}, held-out "
+                     f"{fmt(d['held_out_trained']['median'])}, noisy copies {fmt(d['training_plus_noise']['median'])})")
+    div = report.get("diversity", {})
+    if "pairwise_distance" in div:
+        d = div["pairwise_distance"]
+        lines.append(f"Diversity: pairwise aligned distance generated {fmt(d['generated']['median'])} vs trained "
+                     f"{fmt(d['trained']['median'])} (median)")
+    land = report.get("landscape", {})
+    if "generated_basins" in land:
+        lines.append(f"Landscape ({land['metric']}): {100 * land['generated_in_low_fraction']:.0f}% of generated "
+                     f"solutions in the low region, {land['generated_basins']} basin(s)")
+    return lines + [f"Note: {n}" for n in report.get("notes", [])]
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -263,5 +304,6 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
         report["seconds"][name] = time.perf_counter() - t0
     report["notes"] = list(notes)
     report = to_json(report)
+    report["summary"] = summary_lines(report)
     _write_json_atomic(out_dir / "report.json", report)
     return report

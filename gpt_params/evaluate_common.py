@@ -64,8 +64,13 @@ def at_least_as_good(values: np.ndarray, level, lower_is_better: bool) -> np.nda
 
 
 def has_data(task) -> bool:
-    """Whether the task has a data split (classification tasks do; cartpole does not)."""
-    return callable(getattr(task, "split", None))
+    """Whether the task has "train" and "test" data splits (classification tasks do; cartpole's ``split``
+    raises)."""
+    try:
+        task.split("train"), task.split("test")
+    except (AttributeError, NotImplementedError, ValueError, KeyError):
+        return False
+    return True
 
 
 def as_tensor(params) -> Tensor:

@@ -46,8 +46,9 @@ def one_step_figure(schemes: dict[str, dict], curves: dict[str, dict], data_best
     ax = fig.add_subplot(1, 2, 1)
     names = list(schemes)
     x = np.arange(len(names))
-    ax.bar(x - 0.2, [schemes[n]["init"]["median"] or np.nan for n in names], 0.4, label="init")
-    ax.bar(x + 0.2, [schemes[n]["one_step"]["median"] or np.nan for n in names], 0.4, label="one step")
+    med = lambda n, key: np.nan if schemes[n][key]["median"] is None else schemes[n][key]["median"]
+    ax.bar(x - 0.2, [med(n, "init") for n in names], 0.4, label="init")
+    ax.bar(x + 0.2, [med(n, "one_step") for n in names], 0.4, label="one step")
     ax.axhline(data_best, color="tab:green", ls="--", label="data best")
     if median_final is not None:
         ax.axhline(median_final, color="tab:gray", ls=":", label="median final (training runs)")

@@ -32,7 +32,7 @@ and plain CNNs (consecutive ``X.weight [out, in, ...]`` layers whose ``out`` mat
 chunk tokens; it never raises for an unusual architecture.
 
 Normalization: with ``stats = {name: (mean, std)}`` every entry of a layer is mapped to
-``(x - mean) / std`` on the way in and back on the way out.
+``(x - mean) / std`` on the way in and back on the way out (a layer with std 0 is only centred).
 """
 
 from __future__ import annotations
@@ -215,8 +215,11 @@ class ParameterTokenizer:
                                  f"unknown {unknown}")
             self.stats = {n: (float(stats[n][0]), float(stats[n][1])) for n in self.layer_shapes}
             for n, (m, s) in self.stats.items():
-                if not (math.isfinite(m) and math.isfinite(s) and s > 0):
-                    raise ValueError(f"stats of layer {n!r} must be finite with std > 0, got ({m}, {s})")
+                if not (math.isfinite(m) and math.isfinite(s) and s >= 0):
+                    raise ValueError(f"stats of layer {n!r} must be finite with std >= 0, got ({m}, {s})")
+                if s == 0:  # a constant layer (e.g. frozen): only centred
+                    self.stats[n] = (m, 1.0)
+                    s = 1.0
                 k = math.prod(self.layer_shapes[n])
                 mean[offsets[n]:offsets[n] + k], std[offsets[n]:offsets[n] + k] = m, s
         self._mean_tc, self._std_tc = mean[self.index], std[self.index]  # [T, C]

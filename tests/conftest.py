@@ -6,8 +6,8 @@ import torch
 
 
 def pytest_configure(config):
-    # two cores at most here; more threads only thrash
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # one thread: small ops gain nothing from more and thrash on a busy 2-core machine
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -92,6 +92,24 @@ def test_prompt_alignment_perfect_and_do_nothing(tmp_path, lower):
     assert max(stuck["per_network"]) <= 0
 
 
+def test_higher_is_better_task_without_data_runs_every_section(tmp_path):
+    task = BiasTask(lower=False)
+    store = _bias_store(tmp_path / "store", task)
+    gen = SetBias(store, lower=False)
+    report = evaluate_all(gen, tmp_path / "out", task=task, store=store, runs=4,
+                          options={"one_step": {"num_inits": 2}, "recursive": {"k": 2, "num_inits": 2},
+                                   "landscape": {"grid": 5, "num_networks": 3}})
+    best = gen.data_range[1]
+    assert report["prompt_alignment"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    for scheme in report["one_step"]["schemes"].values():  # one step lands on the data's best (the max)
+        assert scheme["one_step"]["median"] == pytest.approx(best, abs=1e-5)
+    assert "skipped" in report["one_step"]["optimizers"]
+    after = report["recursive"]["schemes"]["orthogonal"]["median_after_each"]
+    assert len(after) == 3 and after[1] == pytest.approx(best, abs=1e-5)
+    assert "wrong_iou" not in report["novelty"] and any("no data split" in n for n in report["notes"])
+    assert report["summary"] and (tmp_path / "out" / "landscape.png").exists()
+
+
 def test_weight_matching_recovers_a_known_permutation():
     task = get_task("digits_mlp")
     spec = task.permutation_spec
@@ -150,7 +168,7 @@ def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
     task, store = digits
     copier = Copier(store, trained_checkpoints(store, store.train_runs))
     writer = SummaryWriter(tmp_path / "tb")
-    small = {"one_step": {"num_inits": 2, "max_steps": 60, "num_evals": 8},
+    small = {"one_step": {"num_inits": 1, "max_steps": 16, "num_evals": 4},
              "recursive": {"k": 2, "num_inits": 2}, "landscape": {"grid": 6, "num_networks": 3},
              "novelty": {"num_networks": 3}, "diversity": {"num_networks": 3},
              "prompt_alignment": {"num_prompts": 5}}

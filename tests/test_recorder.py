@@ -72,3 +72,18 @@ def test_fits_become_runs_and_resume_continues(tmp_path):
     assert np.isfinite(store.metrics(store.run_checkpoints(0))["val_error"][1:]).all()
     pairs = PairDataset(store, runs=[0, 1], metric="val_error")
     assert len(pairs) == 8 and pairs[3]["target"].shape == (store.num_params,)
+
+
+def test_every_n_steps_and_include(tmp_path):
+    rec = CheckpointRecorder(tmp_path / "s", metrics=["train_loss"], every_n_epochs=None, every_n_steps=3,
+                             include=["net.2.*"])
+    trainer = pl.Trainer(max_epochs=2, callbacks=[rec], enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, accelerator="cpu", enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(TinyModule(), _loader(0))
+    store = open_store(tmp_path / "s")
+    assert list(store.layer_shapes) == ["net.2.weight", "net.2.bias"]
+    assert store.permutation_spec is None  # the hidden group also moves net.0.*, which is not recorded
+    # steps 3 (epoch 0, train_loss not logged yet: dropped) and 6 recorded after the initial checkpoint
+    assert store.steps.tolist() == [0, 6] and store.manifest["dropped"]["nonfinite_metrics"] == 1
+    assert store.epochs[1] == pytest.approx(1.5)

@@ -75,6 +75,7 @@ def test_cnn_with_batchnorm_round_trip_and_state_dicts():
     assert torch.equal(tok.from_state_dicts(sds), params)
 
 
+@pytest.mark.slow  # importing timm.models takes ~15 s on the shared cores
 def test_timm_subset_with_stats_within_tolerance():
     timm = pytest.importorskip("timm")
     sd = timm.create_model("resnet18", pretrained=False).state_dict()

@@ -1,0 +1,105 @@
+"""The batched CartPole against gymnasium's CartPole-v1, the cartpole task and its ES trainer."""
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from checkpoints_dataset.params import tensors_to_vector
+from checkpoints_dataset.population import PopulationConfig, draw_hparams
+from checkpoints_dataset.tasks import get_task
+from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, initial_states, rollout
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_task("cartpole")
+
+
+def gymnasium_episode(seed: int, policy):
+    """States (float64, after reset and after every step) and return of one real episode;
+    ``policy(obs [4] float32, t) -> action``."""
+    env = gymnasium.make("CartPole-v1")
+    obs, _ = env.reset(seed=seed)
+    states, total, t = [env.unwrapped.state.copy()], 0.0, 0
+    while True:
+        obs, reward, terminated, truncated, _ = env.step(int(policy(torch.from_numpy(obs), t)))
+        states.append(env.unwrapped.state.copy())
+        total, t = total + reward, t + 1
+        if terminated or truncated:
+            return np.stack(states), total
+
+
+def heuristic_policy(task, gain: float) -> torch.Tensor:
+    """A policy vector pushing towards the pole's lean (theta + gain * theta_dot): long episodes."""
+    shapes = task.layer_shapes
+    t = {name: torch.zeros(1, *shape) for name, shape in shapes.items()}
+    t["0.weight"][0, 0, 2], t["0.weight"][0, 0, 3] = 5.0, 5.0 * gain
+    t["2.weight"][0, 0, 0] = 1.0
+    t["4.weight"][0, 0, 0], t["4.weight"][0, 1, 0] = -1.0, 1.0
+    return tensors_to_vector(t, shapes)  # [1, P]
+
+
+@pytest.mark.parametrize("kind", ["random", "fixed"])
+def test_batched_steps_equal_gymnasium_bit_for_bit(kind):
+    seeds = list(range(7, 37))
+    table = torch.from_numpy(np.random.default_rng(0).integers(0, 2, size=(len(seeds), MAX_EPISODE_STEPS)))
+    gains = torch.linspace(0.0, 0.6, len(seeds))  # fixed feedback policies: push towards the lean
+
+    def policy(i, obs, t):  # obs [..., 4] float32 -> actions [...]
+        if kind == "random":
+            return table[i, t]
+        return (obs[..., 2] + gains[i] * obs[..., 3] > 0).long()
+
+    reference = [gymnasium_episode(s, lambda obs, t, i=i: policy(i, obs, t)) for i, s in enumerate(seeds)]
+    starts = torch.from_numpy(initial_states(seeds))  # [E, 4]
+    assert all(np.array_equal(starts[i].numpy(), states[0]) for i, (states, _) in enumerate(reference))
+    step = [0]
+
+    def act(obs, ids):  # one episode per "policy": rows of length 1
+        assert obs.dtype == torch.float32 and obs.shape == (len(ids), 1, 4)
+        step[0] += 1
+        return policy(ids[:, None], obs, step[0] - 1)  # [K'', 1]
+
+    trace = []
+    returns = rollout(act, torch.arange(len(seeds)), starts, trace=trace)
+    assert returns.tolist() == [total for _, total in reference]
+    if kind == "fixed":
+        assert MAX_EPISODE_STEPS in returns.tolist()
+    for i, (states, _) in enumerate(reference):
+        got = torch.stack([trace[t][i] for t in range(len(states) - 1)]).numpy()  # [steps, 4]
+        assert got.dtype == np.float64 and np.array_equal(got, states[1:])
+
+
+def test_evaluate_equals_gymnasium_evaluator(task):
+    params = torch.cat([heuristic_policy(task, 0.5), heuristic_policy(task, 0.05),
+                        task.init_params(2, torch.Generator().manual_seed(3)) * 2.0])  # [4, P]
+    batched = task.evaluate(params)
+    real = get_task("cartpole", evaluator="gymnasium").evaluate(params)
+    assert len(task.eval_seeds) >= 100
+    assert torch.equal(batched["return"], real["return"]) and torch.equal(batched["return_std"], real["return_std"])
+    assert batched["return"][0] == MAX_EPISODE_STEPS and batched["return"].min() < 100  # a real spread
+
+
+def test_population_training_improves_returns(task):
+    config = PopulationConfig(runs=4, epochs=6, num_checkpoints=5, seed=1)
+    hparams = [draw_hparams(config, r) for r in range(config.runs)]
+    result = task.train_population(hparams, config, "cpu")
+    R, C = 4, 5
+    assert result.params.shape == (R, C, task.num_params) and result.steps.tolist()[0] == 0
+    assert result.steps[-1] == config.epochs * task.generations_per_epoch
+    returns = result.metrics["return"]  # [R, C]
+    assert set(result.metrics) == set(task.metric_names) and returns.shape == (R, C)
+    assert ((returns >= 0) & (returns <= MAX_EPISODE_STEPS)).all()
+    assert all({"lr", "sigma", "es_population"} <= set(h) for h in hparams)
+    assert torch.equal(task.evaluate(result.params[:, -1])["return"], returns[:, -1])  # stored = re-scored
+    assert (returns[:, -1] > returns[:, 0]).sum() >= 3 and returns[:, -1].mean() > returns[:, 0].mean() + 50
+
+
+def test_bad_input_is_refused(task):
+    with pytest.raises(ValueError, match=f"{task.num_params}"):
+        task.evaluate(torch.zeros(2, task.num_params - 1))
+    with pytest.raises(ValueError, match="not a data task"):
+        task.split("train")
+    with pytest.raises(ValueError, match="evaluator"):
+        get_task("cartpole", evaluator="numpy")

@@ -1,0 +1,161 @@
+"""The gpt-params command line end to end on a tiny real store: train, resume, prompt, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoints_dataset import get_task
+from gpt_params.cli import CONFIG_DIR, main
+
+TINY_MODEL = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _train_args(store, root, steps=12, extra=()):
+    return ["train", "--data.root", str(store), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", str(steps), "--data.batch_size", "16", "--final_eval_runs", "2",
+            *TINY_MODEL, *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_digits_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert main(_train_args(tiny_digits_store, root)) == 0
+    ckpts = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert len(ckpts) == 1
+    return ckpts[0]
+
+
+def test_train_writes_last_ckpt_config_and_reports_alignment(trained, capsys):
+    version_dir = trained.parent.parent
+    assert (version_dir / "config.yaml").exists()          # the resolved config is saved with the run
+    assert (version_dir / "alignment.png").exists()
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 12
+    info = ckpt["hyper_parameters"]["data_info"]
+    assert info["metric"] == "val_error" and info["task"] == "digits_mlp"
+    assert set(info["stats"]) == set(info["layer_shapes"])
+
+
+def test_resume_from_last_ckpt_continues_the_step_count(trained, tiny_digits_store, tmp_path):
+    assert main(_train_args(tiny_digits_store, tmp_path, steps=16,
+                            extra=["--ckpt_path", str(trained), "--final_eval_runs", "0"])) == 0
+    new = next(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert torch.load(new, map_location="cpu", weights_only=True)["global_step"] == 16
+
+
+def test_prompt_writes_loadable_networks_and_results(trained, tmp_path, capsys):
+    out = tmp_path / "prompted"
+    assert main(["prompt", "--ckpt", str(trained), "--target", "0.2", "--target", "0.5", "--num", "2",
+                 "--out", str(out), "--steps", "3", "--seed", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "val_error" and len(results["records"]) == 4
+    assert [r["target"] for r in results["records"]] == [0.2, 0.2, 0.5, 0.5]
+    task = get_task("digits_mlp")
+    for rec in results["records"]:
+        model = task.build_model()
+        model.load_state_dict(load_file(str(out / rec["file"])), strict=True)
+        assert set(rec["achieved"]) >= {"val_error", "test_error"}
+    # the achieved metric printed is the real metric of the file's network
+    vec = task.init_params(1)[0] * 0
+    sd = load_file(str(out / results["records"][0]["file"]))
+    from checkpoints_dataset import state_dict_to_vector
+    vec = state_dict_to_vector(sd, task.layer_shapes)
+    assert task.evaluate(vec[None])["val_error"].item() == pytest.approx(results["records"][0]["achieved"]["val_error"])
+    assert "target" in capsys.readouterr().out
+
+
+def test_prompt_is_deterministic_for_a_seed(trained, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        main(["prompt", "--ckpt", str(trained), "--target", "0.3", "--num", "2", "--out", str(tmp_path / name),
+              "--steps", "2", "--seed", "5"])
+        runs.append(load_file(str(tmp_path / name / "target00_001.safetensors")))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("case", ["num0", "out_of_range", "existing_out", "not_gpt_params", "unwritable"])
+def test_prompt_refuses_bad_input(case, trained, tmp_path, capsys):
+    args = ["prompt", "--ckpt", str(trained), "--target", "0.3", "--num", "1", "--steps", "1",
+            "--out", str(tmp_path / "out")]
+    expect = {"num0": "--num", "out_of_range": "valid range", "existing_out": "--overwrite",
+              "not_gpt_params": "not a gpt-params checkpoint", "unwritable": "not writable"}[case]
+    if case == "num0":
+        args[args.index("--num") + 1] = "0"
+    elif case == "out_of_range":
+        args[args.index("--target") + 1] = "1.5"
+    elif case == "existing_out":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "results.json").write_text("{}")
+    elif case == "not_gpt_params":
+        other = tmp_path / "other.ckpt"
+        torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, other)
+        args[args.index("--ckpt") + 1] = str(other)
+    elif case == "unwritable":
+        if os.geteuid() == 0:
+            blocker = tmp_path / "file"
+            blocker.write_text("")
+            args[-1] = str(blocker / "sub")           # a path under a file cannot be created, even by root
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+            args[-1] = str(tmp_path / "ro" / "sub")
+    try:
+        rc = main(args)
+    except SystemExit as exit_:
+        rc, msg = exit_.code, str(exit_.code)
+    else:
+        msg = ""
+    assert rc not in (0, None)
+    assert expect in msg + capsys.readouterr().err
+    if case == "existing_out":
+        assert (tmp_path / "out" / "results.json").read_text() == "{}"   # nothing overwritten
+
+
+def test_unknown_config_key_is_refused(tiny_digits_store, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(_train_args(tiny_digits_store, tmp_path) + ["--model.no_such_option", "1"])
+    assert exit_.value.code != 0
+    assert "no_such_option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(CONFIG_DIR / config), "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "trainer:" in printed
+
+
+def test_help_explains_every_verb(capsys):
+    assert main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(v in usage for v in ("build-dataset", "train", "prompt", "evaluate"))
+    for verb in ("prompt", "evaluate"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--ckpt" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_see_different_pairs(tiny_digits_store, tmp_path):
+    """Lightning DDP with 2 gloo processes: each rank trains on its own pairs, one checkpoint results."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RECORD_BATCHES_DIR": str(tmp_path)}
+    args = _train_args(tiny_digits_store, tmp_path / "run", steps=4, extra=[
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.callbacks+=helpers.RecordBatches", "--final_eval_runs", "0"])
+    proc = subprocess.run([sys.executable, "-m", "gpt_params", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] and seen[1]
+    assert not set(seen[0]) & set(seen[1])                     # disjoint targets across ranks
+    assert len(list((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))) == 1
