@@ -10,6 +10,13 @@ A batch is fetched by ``__getitems__`` (which DataLoader uses with automatic bat
 memmap read for all starts and targets and one batched ``apply_permutations`` call. Randomness comes from
 the dataset's own numpy and torch generators, seeded from ``(seed, epoch, worker id)``: call
 ``set_epoch(e)`` each epoch; inside DataLoader workers each worker reseeds itself on first use.
+
+Where the chosen runs fit in an accelerator's memory, ``PairDataset(..., device="cuda")`` loads their
+parameters once as one ``[N, P]`` tensor there; ``get_batch`` then gathers and permutes whole batches on
+that device (no disk reads, no host-to-device copy of parameters), and ``PairBatches`` serves those
+batches to a ``DataLoader(..., batch_size=None)`` (no workers: the work is a few kernels per batch).
+Start positions are drawn on the host exactly as in the default path, so pairs follow the same
+distribution; with ``device="cpu"`` and the same seed both paths give identical batches.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .permute import apply_permutations, random_permutations
+from .permute import apply_permutations
 from .store import CheckpointStore, open_store
 
 
@@ -43,11 +50,14 @@ class PairDataset(Dataset):
         permute: apply permutation augmentation (needs the store's permutation spec).
         fields: "params" (full pairs) or "metrics" (metrics and steps only, no params read: quick checks).
         seed: base seed of the dataset's generators.
+        device: None (default): parameters are read from the memory-mapped store per batch. A device
+            ("cuda", "cpu", ...): the chosen runs' parameters are loaded once as one tensor there, and
+            batches are gathered and permuted on it (its own generator on that device).
     """
 
     def __init__(self, store: CheckpointStore | str, runs=None, metric: str | None = None, init_prob: float = 0.25,
                  ordered: bool = True, permute: bool = True, seed: int = 0,
-                 fields: Literal["params", "metrics"] = "params"):
+                 fields: Literal["params", "metrics"] = "params", device: str | torch.device | None = None):
         self.store = store if isinstance(store, CheckpointStore) else open_store(store)
         self.metric = metric or _default_metric(self.store)
         if self.metric not in self.store.metric_names:
@@ -70,8 +80,20 @@ class PairDataset(Dataset):
         self._run_start = np.repeat(np.cumsum(lens) - lens, lens)  # [N] position of the run's initial checkpoint
         self._pos = np.arange(len(self._order)) - self._run_start  # [N] position within the run
         self._metric = self.store._metrics[self.metric].astype(np.float32)
+        self.device = None if device is None else torch.device(device)
+        self._resident = None if self.device is None or fields != "params" else self._load_resident()
         self.seed, self.epoch, self._worker = seed, 0, None
         self._reseed(None)
+
+    def _load_resident(self) -> torch.Tensor:
+        """The chosen runs' parameters as one float32 tensor ``[N, P]`` on ``self.device`` (dataset order)."""
+        need = len(self._order) * self.store.num_params * 4
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                raise ValueError(f"the chosen runs' parameters take {need / 2**30:.2f} GiB but {self.device} has "
+                                 f"{free / 2**30:.2f} GiB free; use device=None (memory-mapped reads) or fewer runs")
+        return torch.from_numpy(self.store.params(self._order)).to(self.device)  # [N, P]
 
     def __len__(self) -> int:
         return len(self._order)
@@ -79,7 +101,8 @@ class PairDataset(Dataset):
     def _reseed(self, worker: int | None) -> None:
         ss = np.random.SeedSequence([self.seed, self.epoch] + ([] if worker is None else [worker]))
         self._rng = np.random.default_rng(ss)
-        self._torch_gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] >> 1))
+        seed = int(ss.generate_state(1, np.uint64)[0] >> 1)
+        self._torch_gen = torch.Generator(self.device or "cpu").manual_seed(seed)
         self._worker = worker
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,11 +128,12 @@ class PairDataset(Dataset):
             take_init &= pos > 0  # the init is "another" checkpoint only when the target is not the init
         return run_start + np.where(take_init, 0, other)
 
-    def __getitems__(self, indices) -> list[dict]:
+    def get_batch(self, indices) -> dict[str, torch.Tensor]:
+        """The pairs at dataset positions ``indices`` as one dict of batched tensors (on ``device`` when set)."""
         info = get_worker_info()
         if info is not None and self._worker != info.id:
             self._reseed(info.id)
-        positions = np.asarray(indices, np.int64)
+        positions = np.asarray(indices, np.int64).reshape(-1)
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"pair indices must be in [0, {len(self)})")
         start_pos = self.sample_starts(positions)
@@ -119,14 +143,26 @@ class PairDataset(Dataset):
                  "start_step": torch.from_numpy(self.store.steps[start]),
                  "target_step": torch.from_numpy(self.store.steps[target]),
                  "run_id": torch.from_numpy(self.store.run_ids[target])}
+        if self.device is not None:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.fields == "params":
             n = len(positions)
-            both = torch.from_numpy(self.store.params(np.concatenate([start, target])))  # [2n, P] one read
+            if self._resident is None:
+                both = torch.from_numpy(self.store.params(np.concatenate([start, target])))  # [2n, P] one read
+            else:
+                rows = torch.from_numpy(np.concatenate([start_pos, positions])).to(self.device, non_blocking=True)
+                both = self._resident[rows]  # [2n, P] one gather on the device
             if self.permute:
-                perms = random_permutations(n, self.spec, self._torch_gen)  # per group [n, size]
+                gen = self._torch_gen  # on the device: same draws as random_permutations for the CPU
+                perms = [torch.rand(n, g.size, generator=gen, device=gen.device).argsort(dim=1)
+                         for g in self.spec.groups]  # per group [n, size]
                 both = apply_permutations(both, self.spec, [torch.cat([p, p]) for p in perms])  # same on both
             batch["start"], batch["target"] = both[:n], both[n:]  # [n, P]
-        return [{k: v[i] for k, v in batch.items()} for i in range(len(positions))]
+        return batch
+
+    def __getitems__(self, indices) -> list[dict]:
+        batch = self.get_batch(indices)
+        return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["run_id"]))]
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
@@ -135,3 +171,29 @@ class PairDataset(Dataset):
     def collate(items: list[dict]) -> dict:
         """Stack a list of pair dicts into one dict of batched tensors (same as default_collate)."""
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class PairBatches(IterableDataset):
+    """Whole batches of a ``PairDataset`` for ``DataLoader(PairBatches(...), batch_size=None)``.
+
+    Each pass is a fresh random order of the dataset's positions (from the dataset's own generator)
+    cut into ``len(dataset) // (batch_size * num_replicas)`` batches of ``batch_size`` (the rest
+    dropped, like ``drop_last``); ``num_replicas`` ranks of a DDP job each give their dataset its own
+    seed and so see different pairs, with the same number of batches on every rank.
+    """
+
+    def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1):
+        if batch_size < 1 or num_replicas < 1:
+            raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}")
+        if len(dataset) < batch_size * num_replicas:
+            raise ValueError(f"{len(dataset)} pairs make no full batch of {batch_size} on {num_replicas} "
+                             "replica(s); lower the batch size or add runs")
+        self.dataset, self.batch_size, self.num_replicas = dataset, batch_size, num_replicas
+
+    def __len__(self) -> int:
+        return len(self.dataset) // (self.batch_size * self.num_replicas)
+
+    def __iter__(self):
+        order = self.dataset._rng.permutation(len(self.dataset))  # [N] positions
+        for b in range(len(self)):
+            yield self.dataset.get_batch(order[b * self.batch_size:(b + 1) * self.batch_size])

@@ -96,12 +96,15 @@ def _prompt_parser() -> argparse.ArgumentParser:
         description="Generate networks for target metrics from a trained generator, save each as a "
                     "safetensors state_dict, evaluate them (batched) and print target vs achieved.")
     p.add_argument("--ckpt", required=True, help="generator checkpoint (.ckpt from gpt-params train)")
-    p.add_argument("--target", type=float, action="append", required=True,
-                   help="target value of the conditioning metric; repeat for several")
+    p.add_argument("--target", type=float, action="append", default=None,
+                   help="target value of the conditioning metric; repeat for several (required unless the "
+                        "generator is unconditional, which ignores it with a note)")
     p.add_argument("--num", type=int, default=8, help="networks per target (default 8)")
     p.add_argument("--out", required=True, help="output directory for the .safetensors files and results.json")
-    p.add_argument("--start", default="random",
-                   help="'random' (fresh inits of the task's model) or a .safetensors state_dict")
+    p.add_argument("--start", default=None,
+                   help="'random' (fresh inits of the task's model), a .safetensors state_dict, or 'none'; "
+                        "default: random for generators trained with a start, none for start-free ones "
+                        "(which refuse any other)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1.0: off)")
@@ -125,8 +128,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
         prog="gpt-params evaluate",
         description="Evaluate a generator: prompt alignment, one step vs Adam/SGD, recursive prompting, "
                     "symmetry-aware novelty, diversity and the loss landscape. Writes DIR/report.json and "
-                    "one PNG per section.")
-    p.add_argument("--ckpt", required=True, help="generator checkpoint (.ckpt from gpt-params train)")
+                    "one PNG per section. With --compare NAME=CKPT ..., compares generators of several modes "
+                    "(alignment, one step, novelty, diversity) in one table: DIR/modes.md and DIR/modes.json.")
+    p.add_argument("--ckpt", default=None, help="generator checkpoint (.ckpt from gpt-params train)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="NAME=CKPT",
+                   help="compare these generators (e.g. params=a.ckpt pdiff=b.ckpt) instead of one --ckpt")
     p.add_argument("--out", required=True, help="output directory for report.json and the plots")
     p.add_argument("--runs", type=int, default=32, help="held-out runs to prompt from (capped, with a note)")
     p.add_argument("--store", default=None, help="checkpoint store (default: the checkpoint's)")
@@ -149,6 +155,10 @@ def evaluate(argv: list[str]) -> int:
     args = _evaluate_parser().parse_args(argv)
     if args.runs < 1 or args.steps < 1:
         raise SystemExit("--runs and --steps must be at least 1")
+    if (args.ckpt is None) == (args.compare is None):
+        raise SystemExit("give either --ckpt CKPT (one generator) or --compare NAME=CKPT ... (several)")
+    if args.compare is not None:
+        return _evaluate_compare(args)
     out = Path(args.out)
     _prepare_report_dir(out, args.overwrite)
     gen = Generator.load(args.ckpt, device=args.device)
@@ -174,6 +184,39 @@ def evaluate(argv: list[str]) -> int:
     for line in report.get("summary", []):
         print(line)
     print(f"\nReport: {out / 'report.json'}")
+    return 0
+
+
+def _evaluate_compare(args) -> int:
+    """`gpt-params evaluate --compare NAME=CKPT ...`: one table over the modes (gpt_params.evaluate_modes)."""
+    from checkpoints_dataset.store import open_store
+    from checkpoints_dataset.tasks import get_task
+    from gpt_params.evaluate_modes import compare_modes
+    from gpt_params.prompting import Generator, _prepare_out
+
+    ckpts = {}
+    for item in args.compare:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--compare takes NAME=CKPT pairs, got {item!r}")
+        if name in ckpts:
+            raise SystemExit(f"--compare names {name!r} twice; give each generator its own name")
+        ckpts[name] = path
+    out = Path(args.out)
+    _prepare_out(out, args.overwrite, marker="modes.json")
+    store_root = args.store or Generator.load(next(iter(ckpts.values()))).store_root
+    if store_root is None or not Path(store_root).exists():
+        raise SystemExit(f"the checkpoint's store {store_root} is not there; pass --store DIR")
+    store = open_store(store_root)
+    task_name = args.task or store.task
+    if task_name is None:
+        raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
+    report = compare_modes(ckpts, get_task(task_name), store, out, runs=args.runs, sampler=args.sampler,
+                           steps=args.steps, guidance=args.guidance, device=args.device)
+    print(report["markdown"])
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"\nTable: {out / 'modes.md'} (and modes.json)")
     return 0
 
 

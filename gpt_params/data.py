@@ -15,9 +15,10 @@ from typing import Literal, Optional
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
-from checkpoints_dataset.pairs import PairDataset
+from checkpoints_dataset.pairs import PairBatches, PairDataset
 from checkpoints_dataset.store import open_store
 from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.population import PopulationConfig, build_population
@@ -45,6 +46,10 @@ class ParameterDataModule(pl.LightningDataModule):
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
         seed: seed of pair sampling and augmentation (each rank adds its rank).
+        pair_device: "cpu": training pairs are read from the memory-mapped store per batch (in
+            ``num_workers`` processes). A device such as "cuda": the training runs' parameters are loaded
+            once onto it and whole batches are sampled and permuted there (no workers; needs the store's
+            training runs to fit in its memory). "cuda" means the trainer's own device.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
         seed: int = 0,
+        pair_device: str = "cpu",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -160,17 +166,34 @@ class ParameterDataModule(pl.LightningDataModule):
         }
 
     # ----------------------------------------------------------- dataloaders
-    def _dataset(self, runs: np.ndarray, seed: int) -> PairDataset:
+    def _dataset(self, runs: np.ndarray, seed: int, device=None) -> PairDataset:
         return PairDataset(self.store, runs=runs, metric=self.metric, init_prob=self.hparams.init_prob,
                            ordered=self.hparams.ordered, permute=self.hparams.augment == "permute",
-                           seed=seed)
+                           seed=seed, device=device)
+
+    def _pair_device(self) -> Optional[torch.device]:
+        """None for memory-mapped reads ("cpu"), else the device the training pairs live on."""
+        name = self.hparams.pair_device
+        if name == "cpu":
+            return None
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None and self.trainer is not None:
+            root = self.trainer.strategy.root_device  # this rank's GPU under DDP
+            device = root if root.type == "cuda" else device
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--data.pair_device {name!r} needs CUDA, which is not available here; "
+                             "use --data.pair_device cpu")
+        return device
 
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        self.train_set = self._dataset(self.train_run_ids, self.hparams.seed + rank)
+        self.train_set = self._dataset(self.train_run_ids, self.hparams.seed + rank, self._pair_device())
         self.val_set = self._dataset(self.val_run_ids, 10_000 + self.hparams.seed)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_set.device is not None:   # whole batches drawn on the device, no workers
+            replicas = self.trainer.world_size if self.trainer is not None else 1
+            return DataLoader(PairBatches(self.train_set, self.hparams.batch_size, replicas), batch_size=None)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)

@@ -185,12 +185,16 @@ class Diffusion:
 
 def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, target_metric, *,
            sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
-           generator: torch.Generator | None = None, diffusion: Diffusion | None = None) -> Tensor:
+           generator: torch.Generator | None = None, diffusion: Diffusion | None = None,
+           autoencoder: nn.Module | None = None) -> Tensor:
     """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
 
     ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
     eval mode under ``torch.no_grad`` on its own device (its training mode is restored afterwards);
     ``diffusion`` defaults to ``Diffusion(prediction=model.prediction)``.
+    Latent space: with an ``autoencoder`` (``ParameterAutoencoder``) the model denoises latent tokens;
+    the start is encoded and the sample decoded at the end. A start-free model
+    (``model.start_input == "none"``) gets zero start tokens; ``start_params`` then only gives N.
     """
     start_params = torch.as_tensor(start_params)
     if start_params.dim() == 1:
@@ -199,18 +203,29 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
         bad = (~torch.isfinite(start_params)).any(dim=1).nonzero()[:, 0].tolist()
         raise ValueError(f"start_params has NaN or inf in rows {bad[:8]}; pass finite parameter vectors")
     device = next(model.parameters()).device
-    start_tokens = tokenizer.tokenize(start_params.to(device)).float()  # [N, T, C]
-    n = start_tokens.shape[0]
+    n = start_params.shape[0]
+    start_free = getattr(model, "start_input", "checkpoint") == "none"
     start_metric, target_metric = _metric(start_metric, n, device, "start_metric"), _metric(
         target_metric, n, device, "target_metric")  # [N]
     diffusion = diffusion if diffusion is not None else Diffusion(prediction=getattr(model, "prediction", "x0"))
-    was_training = model.training
-    model.eval()
+    modules = [m for m in (model, autoencoder) if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
         with torch.no_grad():
+            if start_free:  # [N, T, C] or [N, T, d] zeros: the model ignores them
+                start_tokens = torch.zeros(n, model.num_tokens, model.token_dim, device=device)
+            else:
+                start_tokens = tokenizer.tokenize(start_params.to(device)).float()  # [N, T, C]
+                if autoencoder is not None:
+                    start_tokens = autoencoder.encode(start_tokens)  # [N, T, d]
             tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
                                              steps=steps, guidance=guidance, generator=generator,
-                                             mask=tokenizer.mask)  # [N, T, C]
+                                             mask=None if autoencoder is not None else tokenizer.mask)
+            if autoencoder is not None:
+                tokens = autoencoder.decode(tokens)  # [N, T, d] -> [N, T, C]
             return tokenizer.detokenize(tokens.float()).to(start_params.device)  # [N, P]
     finally:
-        model.train(was_training)
+        for m, mode in zip(modules, was_training):
+            m.train(mode)

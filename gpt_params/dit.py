@@ -10,6 +10,10 @@ Differences from an image DiT:
   hidden units, as there is no other position embedding); ``projection="position"`` gives every token
   position its own projection (G.pt). With the ``chunk`` layout each token has its own layer id, so the
   two coincide. Weights are ``[L, 2C, D]`` / ``[L, D, C]`` tensors used via einsum.
+- Start-free and unconditional variants: ``start_input="none"`` drops the start tokens from the input
+  projection (width C instead of 2C) and the start-metric embedding (the ``start`` argument of
+  ``forward`` is then ignored and may be None); ``condition="none"`` drops the target-metric embedding
+  and the null embedding (p-diff's unconditional model; ``target_metric``/``drop_target`` are ignored).
 - Conditioning: one vector = timestep embedding + target-metric embedding + start-metric embedding.
   Metrics are normalized with ``metric_range=(lo, hi)`` to [0, 1], scaled to [0, 1000] (the timestep
   range) and embedded with sinusoidal frequencies + an MLP. A learned null embedding replaces the
@@ -122,12 +126,16 @@ class ParameterDiT(nn.Module):
         metric_range: ``(lo, hi)`` mapped to [0, 1] before embedding (raw metric values go in).
         projection: "layer" (projections shared by a layer id) or "position" (one per token).
         token_mask: ``[T, C]`` bool (tokenizer.mask); outputs at padding are zero when given.
+        start_input: "checkpoint" (start tokens and start metric are inputs) or "none" (start-free).
+        condition: "target" (conditioned on the target metric) or "none" (unconditional).
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, prediction: Prediction = "x0",
                  residual: bool = False, metric_range: tuple[float, float] = (0.0, 1.0),
-                 projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None):
+                 projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None,
+                 start_input: Literal["checkpoint", "none"] = "checkpoint",
+                 condition: Literal["target", "none"] = "target"):
         super().__init__()
         if prediction not in ("x0", "epsilon", "v"):
             raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
@@ -135,6 +143,12 @@ class ParameterDiT(nn.Module):
             raise ValueError("residual=True (output = start + update) only makes sense with prediction='x0'")
         if projection not in ("layer", "position"):
             raise ValueError(f"projection must be 'layer' or 'position', got {projection!r}")
+        if start_input not in ("checkpoint", "none"):
+            raise ValueError(f"start_input must be 'checkpoint' or 'none', got {start_input!r}")
+        if condition not in ("target", "none"):
+            raise ValueError(f"condition must be 'target' or 'none', got {condition!r}")
+        if residual and start_input == "none":
+            raise ValueError("residual=True (output = start + update) needs a start: use start_input='checkpoint'")
         lo, hi = float(metric_range[0]), float(metric_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"metric_range must be finite (lo, hi) with hi > lo, got {metric_range}")
@@ -145,16 +159,21 @@ class ParameterDiT(nn.Module):
             raise ValueError(f"token_layer_ids must be [{num_tokens}] non-negative ids, got {list(ids.shape)}")
         self.num_tokens, self.token_dim, self.prediction, self.residual = num_tokens, token_dim, prediction, residual
         self.metric_range = (lo, hi)
+        self.start_input, self.condition = start_input, condition
         self._config = dict(num_tokens=num_tokens, token_dim=token_dim, token_layer_ids=ids.tolist(),
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                             prediction=prediction, residual=residual, metric_range=[lo, hi], projection=projection,
-                            token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist())
+                            token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist(),
+                            start_input=start_input, condition=condition)
         proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
-        self.x_embedder = TokenLinear(proj_ids, 2 * token_dim, hidden_size)
+        uses_start = start_input == "checkpoint"
+        self.x_embedder = TokenLinear(proj_ids, (2 if uses_start else 1) * token_dim, hidden_size)
         self.t_embedder = ScalarEmbedder(hidden_size)
-        self.target_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
-        self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
-        self.null_target = nn.Parameter(torch.zeros(hidden_size))
+        if condition == "target":
+            self.target_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
+            self.null_target = nn.Parameter(torch.zeros(hidden_size))
+        if uses_start:
+            self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, proj_ids, token_dim)
         mask = torch.ones(num_tokens, token_dim, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask)
@@ -180,14 +199,16 @@ class ParameterDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        w = self.x_embedder.weight  # [L, 2C, D]: xavier over one token's projection
+        w = self.x_embedder.weight  # [L, 2C or C, D]: xavier over one token's projection
         bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
         nn.init.uniform_(w, -bound, bound)
         nn.init.zeros_(self.x_embedder.bias)
-        for emb in (self.t_embedder, self.target_embedder, self.start_embedder):
-            nn.init.normal_(emb.mlp[0].weight, std=0.02)
-            nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.null_target, std=0.02)
+        for name in ("t_embedder", "target_embedder", "start_embedder"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name).mlp[0].weight, std=0.02)
+                nn.init.normal_(getattr(self, name).mlp[2].weight, std=0.02)
+        if self.condition == "target":
+            nn.init.normal_(self.null_target, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -201,21 +222,28 @@ class ParameterDiT(nn.Module):
         lo, hi = self.metric_range
         return (metric.float() - lo) / (hi - lo)
 
-    def forward(self, x_t: Tensor, timesteps: Tensor, start: Tensor, target_metric: Tensor, start_metric: Tensor,
-                drop_target: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, timesteps: Tensor, start: Tensor | None, target_metric: Tensor | None,
+                start_metric: Tensor | None, drop_target: Tensor | None = None) -> Tensor:
         """Predict ``[N, T, C]`` (x0, epsilon or v per ``prediction``) from noisy tokens ``x_t [N, T, C]``,
         ``timesteps [N]``, ``start [N, T, C]``, raw ``target_metric [N]`` and ``start_metric [N]``;
-        ``drop_target [N]`` bool swaps the target-metric embedding for the learned null embedding."""
-        if x_t.shape[1:] != (self.num_tokens, self.token_dim) or start.shape != x_t.shape:
+        ``drop_target [N]`` bool swaps the target-metric embedding for the learned null embedding.
+        A start-free model ignores ``start``/``start_metric``, an unconditional one ``target_metric``."""
+        uses_start = self.start_input == "checkpoint"
+        if x_t.shape[1:] != (self.num_tokens, self.token_dim) or (uses_start and (start is None or start.shape != x_t.shape)):
+            got = None if start is None else list(start.shape)
             raise ValueError(f"x_t and start must both be [N, {self.num_tokens}, {self.token_dim}], got "
-                             f"{list(x_t.shape)} and {list(start.shape)}")
+                             f"{list(x_t.shape)} and {got}")
         n = x_t.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x_t.device).expand(n)  # [N]
-        h = self.x_embedder(torch.cat([x_t, start], dim=-1))  # [N, T, D]
-        target = self.target_embedder(self.normalize_metric(target_metric.expand(n)))  # [N, D]
-        if drop_target is not None:
-            target = torch.where(drop_target.view(n, 1), self.null_target.to(target.dtype), target)  # [N, D]
-        c = self.t_embedder(timesteps) + target + self.start_embedder(self.normalize_metric(start_metric.expand(n)))
+        h = self.x_embedder(torch.cat([x_t, start], dim=-1) if uses_start else x_t)  # [N, T, D]
+        c = self.t_embedder(timesteps)  # [N, D]
+        if self.condition == "target":
+            target = self.target_embedder(self.normalize_metric(target_metric.expand(n)))  # [N, D]
+            if drop_target is not None:
+                target = torch.where(drop_target.view(n, 1), self.null_target.to(target.dtype), target)  # [N, D]
+            c = c + target
+        if uses_start:
+            c = c + self.start_embedder(self.normalize_metric(start_metric.expand(n)))  # [N, D]
         for block in self.blocks:
             h = block(h, c)  # [N, T, D]
         out = self.final_layer(h, c)  # [N, T, C]

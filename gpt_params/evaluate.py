@@ -13,7 +13,10 @@ and writes ``report.json`` plus one PNG per section):
 4.-6. ``novelty``, ``diversity``, ``landscape`` (weight-space sections, in ``evaluate_space``).
 
 The generator is duck-typed (see ``evaluate_common``); higher-is-better metrics (cartpole return) work
-throughout. Every generated network is scored in batched ``task.evaluate`` calls, never one by one.
+throughout. Start-free generators (``gen.uses_start`` False) ignore the starts they are given: prompt
+alignment then conditions on the prompts only (the held-out inits still set each network's prompt range)
+and one step is "generate for the best metric"; unconditional ones (``gen.conditional`` False) ignore the
+prompts (their alignment measures the absence of control). Both are noted in the report. Every generated network is scored in batched ``task.evaluate`` calls, never one by one.
 """
 
 from __future__ import annotations
@@ -59,11 +62,20 @@ def alignment_r2(prompted: np.ndarray, achieved: np.ndarray) -> np.ndarray:
         return np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), np.nan)
 
 
+def _mode_notes(gen, section: str, notes: list[str]) -> None:
+    """Say when the generator ignores the start (start-free) or the target (unconditional)."""
+    if not getattr(gen, "uses_start", True):
+        notes.append(f"{section}: start-free generator: the starts are ignored (conditioned on the prompts only)")
+    if not getattr(gen, "conditional", True):
+        notes.append(f"{section}: unconditional generator: the prompts are ignored")
+
+
 def prompt_alignment(gen, task, store, runs: int | Sequence[int] = 32, num_prompts: int = 20, *,
                      sampler: str = "ddim", steps: int = 50, guidance: float = 1.0, seed: int = 0,
                      device=None, notes: list[str] | None = None) -> tuple[dict, Figure]:
     """G.pt's prompt alignment over ``runs`` held-out runs (an int: the first of ``store.test_runs``)."""
     notes = [] if notes is None else notes
+    _mode_notes(gen, "prompt_alignment", notes)
     run_ids = held_out_runs(store, runs, notes)
     start, start_metric = start_points(task, store, run_ids, gen.metric, device=device)  # [R, P], [R]
     best = best_value(gen)
@@ -134,6 +146,7 @@ def one_step(gen, task, store=None, *, num_inits: int = 8,
     ``max_steps`` steps: the steps and wall time each network needs to reach its own one-step metric
     ("not reached" within the cap is reported as None, with the reached fraction)."""
     notes = [] if notes is None else notes
+    _mode_notes(gen, "one_step", notes)
     optimizers = DEFAULT_OPTIMIZERS if optimizers is None else optimizers
     lower, best = gen.lower_is_better, best_value(gen)
     inits, seeds, labels = _random_inits(task, schemes, num_inits, seed)

@@ -5,6 +5,19 @@ conditioning metric and its range) arrives in ``data_info`` from the data module
 and is saved with ``save_hyperparameters()``, so a checkpoint alone rebuilds model and tokenizer.
 The EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (see configs/): it stores the
 averaged weights as the checkpoint's ``state_dict``, which is what prompting loads.
+
+Modes (README "Latent diffusion and start-free generation"):
+- ``space="params"`` (default): the DiT denoises normalized parameter tokens ``[N, T, C]``.
+- ``space="latent"`` (p-diff): one module, two phases over one optimizer. Steps ``[0, autoencoder_steps)``
+  train a ``ParameterAutoencoder`` (MSE with p-diff's noise augmentation; the DiT gets no gradient);
+  from then on the autoencoder is frozen and the DiT denoises its latents ``[N, T, latent_dim]``. Each
+  part has its own parameter groups and its own warmup + cosine schedule (the DiT's restarts at the
+  switch); AdamW skips parameters without gradients, so the inactive part stays untouched. At the
+  switch the EMA copy of the autoencoder is set to the frozen weights, so the EMA generator decodes with
+  the autoencoder its latents came from. With DDP use ``--trainer.strategy ddp_find_unused_parameters_true``
+  (each phase leaves the other part without gradients).
+- ``start="none"``: start-free (no start tokens, no start metric); ``condition="none"``: unconditional
+  (no target metric), p-diff's setting when both are "none".
 """
 from __future__ import annotations
 
@@ -14,6 +27,9 @@ from typing import Any, Literal, Optional
 import pytorch_lightning as pl
 import torch
 
+from pytorch_lightning.utilities import rank_zero_info
+
+from gpt_params.autoencoder import ParameterAutoencoder
 from gpt_params.diffusion import Diffusion
 from gpt_params.dit import ParameterDiT
 from gpt_params.tokenizer import ParameterTokenizer
@@ -46,6 +62,15 @@ class GeneratorModule(pl.LightningModule):
         warmup_steps: linear warmup steps before the cosine decay.
         min_lr_ratio: the cosine decays to lr * min_lr_ratio.
         compile: wrap the denoiser in torch.compile.
+        space: where the diffusion runs: normalized parameter tokens ("params") or an autoencoder's
+            latent tokens ("latent", p-diff).
+        start: condition on a start checkpoint and its metric ("checkpoint", G.pt) or not ("none").
+        condition: condition on the target metric ("target") or nothing ("none", unconditional).
+        autoencoder_steps: latent space: the first steps train the autoencoder, the rest the DiT.
+        latent_dim: latent space: width d of a latent token (one latent token per parameter token).
+        autoencoder_hidden_size, autoencoder_depth, autoencoder_heads: encoder/decoder width and blocks.
+        autoencoder_lr: peak learning rate of the autoencoder phase.
+        input_noise, latent_noise: p-diff's noise augmentation of the autoencoder (normalized units).
     """
 
     def __init__(
@@ -68,6 +93,17 @@ class GeneratorModule(pl.LightningModule):
         warmup_steps: int = 200,
         min_lr_ratio: float = 0.05,
         compile: bool = False,
+        space: Literal["params", "latent"] = "params",
+        start: Literal["checkpoint", "none"] = "checkpoint",
+        condition: Literal["target", "none"] = "target",
+        autoencoder_steps: int = 2000,
+        latent_dim: int = 96,
+        autoencoder_hidden_size: int = 128,
+        autoencoder_depth: int = 1,
+        autoencoder_heads: int = 4,
+        autoencoder_lr: float = 3e-3,
+        input_noise: float = 1e-3,
+        latent_noise: float = 0.1,
     ) -> None:
         super().__init__()
         if data_info is None:
@@ -75,6 +111,12 @@ class GeneratorModule(pl.LightningModule):
                 "GeneratorModule needs data_info (layer shapes, stats, metric) from the data module; "
                 "`gpt-params train` links it from --data, in Python pass ParameterDataModule(...).info"
             )
+        for name, value, choices in (("space", space, ("params", "latent")), ("start", start, ("checkpoint", "none")),
+                                     ("condition", condition, ("target", "none"))):
+            if value not in choices:
+                raise ValueError(f"--model.{name} must be one of {list(choices)}, got {value!r}")
+        if space == "latent" and autoencoder_steps < 1:
+            raise ValueError(f"--model.autoencoder_steps must be >= 1 in latent space, got {autoencoder_steps}")
         self.save_hyperparameters()
         self.hparams[CHECKPOINT_MARKER] = CHECKPOINT_FORMAT
         self.tokenizer = ParameterTokenizer(
@@ -83,56 +125,136 @@ class GeneratorModule(pl.LightningModule):
         )
         overrides = {k: v for k, v in dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads).items()
                      if v is not None}
+        tok = self.tokenizer
+        self.autoencoder = None
+        if space == "latent":
+            self.autoencoder = ParameterAutoencoder(
+                tok.num_tokens, tok.token_dim, tok.token_layer_ids, latent_dim=latent_dim,
+                hidden_size=autoencoder_hidden_size, depth=autoencoder_depth, num_heads=autoencoder_heads,
+                input_noise=input_noise, latent_noise=latent_noise, token_mask=tok.mask)
         self.model = ParameterDiT.from_preset(
-            size, num_tokens=self.tokenizer.num_tokens, token_dim=self.tokenizer.token_dim,
-            token_layer_ids=self.tokenizer.token_layer_ids, prediction=prediction, residual=residual,
+            size, num_tokens=tok.num_tokens, token_dim=latent_dim if space == "latent" else tok.token_dim,
+            token_layer_ids=tok.token_layer_ids, prediction=prediction, residual=residual,
             metric_range=tuple(data_info["metric_range"]), projection=projection,
-            token_mask=self.tokenizer.mask, **overrides,
+            token_mask=None if space == "latent" else tok.mask, start_input=start, condition=condition,
+            **overrides,
         )
         self.diffusion = Diffusion(prediction=prediction, min_snr_gamma=min_snr_gamma)
         self.register_buffer("token_mask", self.tokenizer.mask.clone(), persistent=False)
         self._forward_model = torch.compile(self.model) if compile else self.model
 
     # ------------------------------------------------------------------ steps
-    def _common_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        start = self.tokenizer.tokenize(batch["start"])       # [N, T, C]
+    def autoencoder_phase(self) -> bool:
+        """Whether the current step trains the autoencoder (latent space, first autoencoder_steps)."""
+        return self.autoencoder is not None and self.global_step < self.hparams.autoencoder_steps
+
+    def _autoencoder_step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int) -> torch.Tensor:
         target = self.tokenizer.tokenize(batch["target"])     # [N, T, C]
+        loss = self.autoencoder.reconstruction_loss(target)
+        self.log(f"{stage}/ae_loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 sync_dist=stage != "train", batch_size=target.shape[0])
+        if stage == "val" and batch_idx == 0:
+            self._log_reconstruction_gap(batch["target"])
+        return loss
+
+    def _log_reconstruction_gap(self, params: torch.Tensor) -> None:
+        """val/ae_<metric>_gap: mean |metric(reconstructed) - metric(original)| on the first val batch."""
+        task_name = self.hparams.data_info.get("task")
+        if task_name is None:
+            return
+        from checkpoints_dataset.tasks import get_task
+        from gpt_params.autoencoder import reconstruction_quality
+
+        metric = self.hparams.data_info["metric"]
+        try:
+            task = get_task(task_name)
+        except Exception:  # a user task that cannot be imported here: no task-metric report
+            return
+        q = reconstruction_quality(self.autoencoder, self.tokenizer, task, params, [metric], device=self.device)
+        self.log(f"val/ae_{metric}_gap", q["metrics"][metric]["abs_diff_mean"], on_epoch=True, sync_dist=True)
+
+    def _encode(self, params: torch.Tensor) -> torch.Tensor:
+        """Parameter vectors [N, P] -> the tokens the DiT works on: [N, T, C] or frozen latents [N, T, d]."""
+        tokens = self.tokenizer.tokenize(params)              # [N, T, C]
+        if self.autoencoder is None:
+            return tokens
+        with torch.no_grad():
+            return self.autoencoder.encode(tokens)            # [N, T, d]
+
+    def _common_step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int = 0) -> torch.Tensor:
+        if self.autoencoder_phase():
+            return self._autoencoder_step(batch, stage, batch_idx)
+        target = self._encode(batch["target"])                # [N, T, C] or [N, T, d]
+        start = self._encode(batch["start"]) if self.hparams.start == "checkpoint" else torch.zeros_like(target)
         loss = self.diffusion.training_loss(
             self._forward_model, target, start, batch["start_metric"], batch["target_metric"],
             cond_drop_prob=self.hparams.cond_drop_prob if stage == "train" else 0.0,
-            mask=self.token_mask,
+            mask=None if self.autoencoder is not None else self.token_mask,
         )
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  sync_dist=stage != "train", batch_size=start.shape[0])
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
+        return self._common_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "val")
+        return self._common_step(batch, "val", batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.autoencoder is not None and self.global_step == self.hparams.autoencoder_steps:
+            self._freeze_autoencoder()
+
+    def _freeze_autoencoder(self) -> None:
+        """At the switch to the DiT phase: the EMA copies of the autoencoder (Lightning's WeightAveraging
+        callbacks) take the frozen weights, so the EMA DiT is trained on and decoded by the same one."""
+        from pytorch_lightning.callbacks import WeightAveraging
+
+        for cb in self.trainer.callbacks if self.trainer is not None else []:
+            averaged = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
+            if averaged is not None:
+                with torch.no_grad():
+                    for mine, avg in zip(self.autoencoder.parameters(), averaged.module.autoencoder.parameters()):
+                        avg.copy_(mine.to(avg.device))
+        rank_zero_info(f"autoencoder frozen after {self.global_step} steps; training the DiT on its latents")
 
     # ------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         # nanoGPT's rule: decay matrices (linear and embedding weights), never biases, norms or the
         # zero-initialised adaLN/null vectors, whose pull towards zero would only fight the signal.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-        )
+        def groups(module: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:
+            params = [p for p in module.parameters() if p.requires_grad]
+            return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
+                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, max(total // 10, 1))
         floor = self.hparams.min_lr_ratio
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        def warmup_cosine(begin: int, end: int, warmup_steps: int):
+            """Warmup + cosine over steps [begin, end) (0 before ``begin``; the floor after ``end``, where the
+            autoencoder's parameters get no gradient any more)."""
+            length = max(end - begin, 1)
+            warmup = min(warmup_steps, max(length // 10, 1))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            def schedule(step: int) -> float:
+                step -= begin
+                if step < 0:
+                    return 0.0
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = min((step - warmup) / max(length - warmup, 1), 1.0)
+                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return schedule
+
+        switch = self.hparams.autoencoder_steps if self.autoencoder is not None else 0
+        if switch >= total:
+            raise ValueError(f"--model.autoencoder_steps {switch} leaves no steps for the DiT (the run has {total}); "
+                             "raise --trainer.max_steps or lower --model.autoencoder_steps")
+        param_groups = groups(self.model, self.hparams.lr, self.hparams.weight_decay)
+        lambdas = [warmup_cosine(switch, total, self.hparams.warmup_steps)] * 2
+        if self.autoencoder is not None:
+            param_groups += groups(self.autoencoder, self.hparams.autoencoder_lr, 0.0)
+            lambdas += [warmup_cosine(0, switch, self.hparams.warmup_steps)] * 2
+        optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -3,6 +3,10 @@
 ``Generator.load(ckpt)`` reads a gpt-params Lightning checkpoint with ``weights_only=True`` (no
 unpickling of arbitrary objects), rebuilds tokenizer and denoiser from its hyperparameters and loads the
 EMA weights that ``EMAWeightAveraging`` stored as its ``state_dict``.
+
+Every mode generates parameter vectors: a latent-space generator decodes its samples with its
+autoencoder; a start-free one (``uses_start`` False) ignores the start it is given (``None`` is fine);
+an unconditional one (``conditional`` False) ignores the target metric.
 """
 from __future__ import annotations
 
@@ -25,12 +29,17 @@ Sampler = Literal["ddpm", "ddim", "dpm++"]
 
 class Generator:
     """The generator of a checkpoint: ``generate`` maps (start params, start metric, target metric) to
-    parameter vectors. ``metric``, ``lower_is_better`` and ``data_range`` describe the conditioning."""
+    parameter vectors. ``metric``, ``lower_is_better`` and ``data_range`` describe the conditioning;
+    ``space`` ("params"/"latent"), ``uses_start`` and ``conditional`` the mode."""
 
     def __init__(self, module: GeneratorModule) -> None:
         module.eval()
         self.module = module
         self.model, self.tokenizer, self.diffusion = module.model, module.tokenizer, module.diffusion
+        self.autoencoder = getattr(module, "autoencoder", None)
+        self.space: str = module.hparams.get("space", "params")
+        self.uses_start: bool = module.hparams.get("start", "checkpoint") == "checkpoint"
+        self.conditional: bool = module.hparams.get("condition", "target") == "target"
         info = module.hparams.data_info
         self.info = info
         self.metric: str = info["metric"]
@@ -87,11 +96,19 @@ class Generator:
         return warnings
 
     @torch.no_grad()
-    def generate(self, start_params: torch.Tensor, start_metric: torch.Tensor, target_metric: torch.Tensor,
+    def generate(self, start_params: Optional[torch.Tensor], start_metric, target_metric,
                  *, sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
                  generator: Optional[torch.Generator] = None, batch_size: int = 4096) -> torch.Tensor:
-        """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches."""
+        """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
+        A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
+        given start; an unconditional one ignores ``target_metric`` (it still sets N)."""
         device = self.device
+        if start_params is None:
+            if self.uses_start:
+                raise ValueError("this generator was trained with start checkpoints: pass start_params [N, P]")
+            n = torch.as_tensor(target_metric).reshape(-1).shape[0]
+            start_params = torch.zeros(n, self.tokenizer.num_params)
+            start_metric = 0.0 if start_metric is None else start_metric
         start_params = torch.as_tensor(start_params, dtype=torch.float32)
         n = start_params.shape[0]
         start_metric = torch.as_tensor(start_metric, dtype=torch.float32).reshape(-1).expand(n)
@@ -102,7 +119,7 @@ class Generator:
             out.append(sample(self.model, self.tokenizer, start_params[sl].to(device),
                               start_metric[sl].to(device), target_metric[sl].to(device),
                               sampler=sampler, steps=steps, guidance=guidance, generator=generator,
-                              diffusion=self.diffusion))
+                              diffusion=self.diffusion, autoencoder=self.autoencoder))
         return torch.cat(out)
 
 
@@ -168,27 +185,33 @@ def run_prompt(args) -> int:
     if task is not None and task.num_params != sum(math.prod(s) for s in gen.layer_shapes.values()):
         raise SystemExit(f"task {task.name} has {task.num_params} parameters but the generator makes "
                          "networks of another architecture; give the task the generator was trained for")
+    start_arg, target_values = _check_mode_arguments(gen, args)
     bounds = task.metric_bounds.get(gen.metric) if task is not None else None
-    for w in gen.check_target(args.target, bounds):
-        print(f"warning: {w}", file=sys.stderr)
+    if gen.conditional:
+        for w in gen.check_target(target_values, bounds):
+            print(f"warning: {w}", file=sys.stderr)
 
     g = torch.Generator().manual_seed(args.seed)
-    n = len(args.target) * args.num
-    if args.start == "random":
+    n = len(target_values) * args.num
+    if start_arg == "none":
+        start = None
+    elif start_arg == "random":
         if task is None:
             raise SystemExit("--start random needs the task's model: give --task pkg.module:Class, "
                              "or --start PATH to a .safetensors state_dict")
         start = task.init_params(n, generator=g)                                   # [n, P]
     else:
-        vec = state_dict_to_vector(load_state_dict(args.start), gen.layer_shapes)  # [P]
+        vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
         start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
-    if task is not None:
+    if start is None:
+        start_metric = None
+    elif task is not None:
         start_metric = task.evaluate(start)[gen.metric]
     else:
         start_metric = torch.full((n,), gen.init_metric)
         print(f"note: no task to evaluate the start; its {gen.metric} is taken as the data's median "
               f"at init ({gen.init_metric:.4g})", file=sys.stderr)
-    targets = torch.tensor(args.target, dtype=torch.float32).repeat_interleave(args.num)  # [n]
+    targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
     params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
                           guidance=args.guidance, generator=g).cpu()                     # [n, P]
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
@@ -198,14 +221,16 @@ def run_prompt(args) -> int:
 
     records = []
     for i in range(n):
-        name = f"target{i // args.num:02d}_{i % args.num:03d}.safetensors"
+        target = target_values[i // args.num]
+        name = (f"target{i // args.num:02d}_{i % args.num:03d}.safetensors" if target is not None
+                else f"sample_{i:03d}.safetensors")
         if task is not None:
             sd = task.to_state_dict(params[i])
         else:
             from checkpoints_dataset.params import vector_to_tensors
             sd = {k: v[0] for k, v in vector_to_tensors(params[i:i + 1], gen.layer_shapes).items()}
-        save_state_dict(out / name, sd, {"target": args.target[i // args.num], "metric": gen.metric})
-        rec = {"target": float(args.target[i // args.num]), "file": name}
+        save_state_dict(out / name, sd, {"target": target, "metric": gen.metric})
+        rec = {"target": None if target is None else float(target), "file": name}
         if achieved is not None:
             rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
         records.append(rec)
@@ -213,6 +238,38 @@ def run_prompt(args) -> int:
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0
+
+
+def _check_mode_arguments(gen: Generator, args) -> tuple[str, list[Optional[float]]]:
+    """--start and --target against the generator's mode -> (start: "none" | "random" | PATH, targets).
+
+    Start-free generators take no start (``--start`` defaults to none for them, a given one is refused);
+    generators with a start default to random inits and refuse ``--start none``. Conditional generators
+    need ``--target``; unconditional ones ignore it with a note (each value then only names a group of
+    ``--num`` networks; without any, ``--num`` networks are made with target None)."""
+    start = args.start
+    if not gen.uses_start:
+        if start not in (None, "none"):
+            raise SystemExit(f"this generator is start-free (trained with --model.start none): it takes no start "
+                             f"checkpoint; drop --start {start} (or pass --start none)")
+        start = "none"
+    elif start == "none":
+        raise SystemExit("this generator was trained with start checkpoints (--model.start checkpoint): give "
+                         "--start random (fresh inits, the default) or --start PATH to a .safetensors state_dict")
+    else:
+        start = start or "random"
+    targets = list(args.target or [])
+    if gen.conditional and not targets:
+        raise SystemExit(f"--target is required: this generator is conditioned on {gen.metric} "
+                         "(e.g. --target 0.05; repeat for several)")
+    if not gen.conditional:
+        if targets:
+            print(f"note: this generator is unconditional (trained with --model.condition none): --target "
+                  f"{' '.join(map(str, targets))} is ignored; each value only names a group of --num networks",
+                  file=sys.stderr)
+        else:
+            targets = [None]
+    return start, targets
 
 
 def _print_table(metric: str, records: list[dict], num: int) -> None:
@@ -227,4 +284,5 @@ def _print_table(metric: str, records: list[dict], num: int) -> None:
         for k in names:
             vals = torch.tensor([r["achieved"][k] for r in group])
             cells.append(f"{vals.mean():>9.4f} ± {vals.std(unbiased=False):<6.4f}")
-        print(f"{group[0]['target']:>10.4f} | " + " | ".join(cells))
+        label = "-" if group[0]["target"] is None else f"{group[0]['target']:.4f}"
+        print(f"{label:>10} | " + " | ".join(cells))

@@ -74,15 +74,16 @@ def test_batched_steps_equal_gymnasium_bit_for_bit(kind):
 def test_evaluate_equals_gymnasium_evaluator(task):
     params = torch.cat([heuristic_policy(task, 0.5), heuristic_policy(task, 0.05),
                         task.init_params(2, torch.Generator().manual_seed(3)) * 2.0])  # [4, P]
-    batched = task.evaluate(params)
-    real = get_task("cartpole", evaluator="gymnasium").evaluate(params)
-    assert len(task.eval_seeds) >= 100
+    seeds = task.eval_seeds[:40]  # a part of the documented seeds keeps the real env quick
+    batched = get_task("cartpole", eval_seeds=seeds).evaluate(params)
+    real = get_task("cartpole", eval_seeds=seeds, evaluator="gymnasium").evaluate(params)
+    assert len(task.eval_seeds) >= 100 and len(set(task.eval_seeds)) == len(task.eval_seeds)
     assert torch.equal(batched["return"], real["return"]) and torch.equal(batched["return_std"], real["return_std"])
     assert batched["return"][0] == MAX_EPISODE_STEPS and batched["return"].min() < 100  # a real spread
 
 
 def test_population_training_improves_returns(task):
-    config = PopulationConfig(runs=4, epochs=6, num_checkpoints=5, seed=1)
+    config = PopulationConfig(runs=4, epochs=5, num_checkpoints=5, seed=1)
     hparams = [draw_hparams(config, r) for r in range(config.runs)]
     result = task.train_population(hparams, config, "cpu")
     R, C = 4, 5
@@ -93,7 +94,7 @@ def test_population_training_improves_returns(task):
     assert ((returns >= 0) & (returns <= MAX_EPISODE_STEPS)).all()
     assert all({"lr", "sigma", "es_population"} <= set(h) for h in hparams)
     assert torch.equal(task.evaluate(result.params[:, -1])["return"], returns[:, -1])  # stored = re-scored
-    assert (returns[:, -1] > returns[:, 0]).sum() >= 3 and returns[:, -1].mean() > returns[:, 0].mean() + 50
+    assert (returns[:, -1] > returns[:, 0]).all() and returns[:, -1].mean() > returns[:, 0].mean() + 30
 
 
 def test_bad_input_is_refused(task):

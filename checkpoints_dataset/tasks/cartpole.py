@@ -91,7 +91,7 @@ def cartpole_step(state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX_EPISODE_STEPS,
-            trace: list[Tensor] | None = None, min_fill: float = 0.75) -> Tensor:
+            trace: list[Tensor] | None = None, min_fill: float = 0.9) -> Tensor:
     """Run B episodes to their end and return their undiscounted returns ``[B]`` float64.
 
     ``owner [B]`` (non-decreasing) is the policy of each episode, ``init_states [B, 4]`` float64 their
@@ -153,30 +153,38 @@ class CartPolePolicy(nn.Sequential):
                          nn.Linear(hidden, 2))
 
 
-def stacked_mlp_logits(model: nn.Sequential, params: dict[str, Tensor], obs: Tensor) -> Tensor:
-    """Logits ``[K, L, out]`` of K stacked copies of a Sequential MLP (``params``: name -> ``[K, *shape]``)
-    on ``obs [K, L, in]``: one ``bmm`` per Linear over the stacked weights, other layers as they are
-    (the same as ``vmap(functional_call(model, ...))`` with a fraction of its per-call overhead)."""
-    h = obs
+def stack_layers(model: nn.Sequential, params: dict[str, Tensor]) -> list:
+    """K stacked copies of a Sequential MLP (``params``: name -> ``[K, *shape]``) as a list of layers for
+    ``stacked_forward``: ``(W^T [K, in, out] contiguous, b [K, 1, out])`` per Linear, other modules as is."""
+    layers = []
     for name, layer in model.named_children():
         if isinstance(layer, nn.Linear):
-            h = torch.bmm(h, params[f"{name}.weight"].transpose(1, 2)).add_(params[f"{name}.bias"][:, None, :])
+            layers.append((params[f"{name}.weight"].transpose(1, 2).contiguous(), params[f"{name}.bias"][:, None, :]))
         else:
-            h = layer(h)
+            layers.append(layer)
+    return layers
+
+
+def stacked_forward(layers: list, obs: Tensor) -> Tensor:
+    """Outputs ``[K, L, out]`` of ``stack_layers``' K networks on ``obs [K, L, in]`` (one ``bmm`` per Linear;
+    equal to ``vmap(functional_call(model, ...))`` with a fraction of its overhead)."""
+    h = obs
+    for layer in layers:
+        h = torch.bmm(h, layer[0]).add_(layer[1]) if isinstance(layer, tuple) else layer(h)
     return h
 
 
 def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
     """An ``ActFn`` for ``rollout``: the greedy actions (argmax of the logits) of K stacked policies
-    (``params``: name -> ``[K, *shape]``); re-selects the rows of unfinished policies only when they change."""
-    cache: dict[str, object] = {"ids": None, "params": None}
+    (``params``: name -> ``[K, *shape]``); gathers the rows' weights only when the packing changes."""
+    cache: dict[str, object] = {"ids": None, "layers": None}
 
     def act(obs: Tensor, policy_ids: Tensor) -> Tensor:
         if cache["ids"] is None or cache["ids"].shape != policy_ids.shape or not torch.equal(cache["ids"], policy_ids):
             cache["ids"] = policy_ids
-            cache["params"] = {k: v.index_select(0, policy_ids) for k, v in params.items()}
+            cache["layers"] = stack_layers(model, {k: v.index_select(0, policy_ids) for k, v in params.items()})
         with torch.no_grad():
-            return stacked_mlp_logits(model, cache["params"], obs).argmax(-1)  # [K', L]
+            return stacked_forward(cache["layers"], obs).argmax(-1)  # [K'', L]
     return act
 
 

@@ -1,0 +1,56 @@
+"""Train one generator per mode on a tiny CPU budget and compare them in one table (issue 8).
+
+    python bench/compare_modes.py --store data/digits_mlp --out runs/bench_modes
+
+Modes: params+start (G.pt-style, the default), latent+start, and p-diff (latent, start-free,
+unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-time cap), then
+``gpt_params.evaluate_modes.compare_modes`` writes OUT/compare/modes.md and modes.json.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from checkpoints_dataset import get_task, open_store
+from gpt_params.cli import main
+from gpt_params.evaluate_modes import compare_modes
+
+MODES = {
+    "params+start": [],
+    "latent+start": ["--model.space", "latent"],
+    "p-diff (latent, no start, uncond.)": ["--model.space", "latent", "--model.start", "none",
+                                           "--model.condition", "none"],
+}
+
+
+def run(store: str, out: str, steps: int, max_time: str, runs: int) -> None:
+    torch.set_num_threads(1)
+    config = Path(__file__).with_name("modes_digits.yaml")
+    ckpts = {}
+    for i, (name, extra) in enumerate(MODES.items()):
+        root = Path(out) / f"mode{i}"
+        last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+        if not last:
+            assert main(["train", "--config", str(config), "--data.root", store, "--trainer.default_root_dir",
+                         str(root), "--trainer.max_steps", str(steps), "--trainer.max_time", max_time,
+                         "--final_eval_runs", "0", *extra]) == 0
+            last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+        ckpts[name] = last[-1]
+    s = open_store(store)
+    report = compare_modes(ckpts, get_task(s.task), s, Path(out) / "compare", runs=runs, steps=20)
+    print(report["markdown"])
+    for note in report["notes"]:
+        print("note:", note)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", default="data/digits_mlp")
+    p.add_argument("--out", default="runs/bench_modes")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--max_time", default="00:00:03:00")
+    p.add_argument("--runs", type=int, default=16)
+    a = p.parse_args()
+    run(a.store, a.out, a.steps, a.max_time, a.runs)

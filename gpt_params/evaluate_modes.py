@@ -1,0 +1,125 @@
+"""Mode comparison: G.pt-style (params space, start checkpoint) vs latent (p-diff-style) generators.
+
+``compare_modes({"params+start": ckpt_a, "pdiff": ckpt_b, ...}, task, store)`` loads each generator, runs
+the same four sections of the evaluation suite on the same held-out runs and seeds (prompt alignment,
+one step, novelty, diversity) and writes one table: ``out_dir/modes.md`` (markdown) and
+``out_dir/modes.json`` (the table's rows plus each mode's full section results). One step here is the
+generated networks' metric only (no Adam/SGD curves: ``gpt-params evaluate --ckpt`` measures those).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+
+from gpt_params.evaluate import one_step, prompt_alignment
+from gpt_params.evaluate_common import held_out_runs, to_json
+from gpt_params.evaluate_space import diversity, novelty
+
+COLUMNS = ("mode", "space", "start", "condition", "alignment R2 (median)", "one step (median)",
+           "novel (1 - near-copy fraction)", "aligned dist. to nearest train (gen / held-out)",
+           "pairwise dist. (gen / trained)", "pairwise agreement (gen / trained)")
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def _row(name: str, gen, res: dict) -> dict:
+    """One table row from a mode's section results (JSON-able)."""
+    pa, os_, nov, div = res["prompt_alignment"], res["one_step"], res["novelty"], res["diversity"]
+    first_scheme = next(iter(os_["schemes"].values()))
+    agree = div.get("pairwise_agreement", {})
+    return {
+        "mode": name, "space": gen.space, "start": "checkpoint" if gen.uses_start else "none",
+        "condition": "target" if gen.conditional else "none",
+        "alignment_median": pa["median"], "alignment_mean": pa["mean"],
+        "one_step_median": first_scheme["one_step"]["median"], "one_step_target": os_["target"],
+        "novel_fraction": 1.0 - nov["near_copy_fraction"], "novelty_verdict": nov["verdict"],
+        "nearest_distance_generated": nov["distance"]["generated"]["median"],
+        "nearest_distance_held_out": nov["distance"]["held_out_trained"]["median"],
+        "pairwise_distance_generated": div["pairwise_distance"]["generated"]["median"],
+        "pairwise_distance_trained": div["pairwise_distance"]["trained"]["median"],
+        "pairwise_agreement_generated": agree.get("generated", {}).get("median"),
+        "pairwise_agreement_trained": agree.get("trained", {}).get("median"),
+    }
+
+
+def markdown_table(rows: list[dict], metric: str) -> str:
+    """The comparison as a markdown table (one line per mode)."""
+    head = [c.replace("one step", f"one step {metric}") for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["mode"], r["space"], r["start"], r["condition"], _fmt(r["alignment_median"]),
+                 _fmt(r["one_step_median"]), _fmt(r["novel_fraction"], 2),
+                 f"{_fmt(r['nearest_distance_generated'])} / {_fmt(r['nearest_distance_held_out'])}",
+                 f"{_fmt(r['pairwise_distance_generated'])} / {_fmt(r['pairwise_distance_trained'])}",
+                 f"{_fmt(r['pairwise_agreement_generated'])} / {_fmt(r['pairwise_agreement_trained'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | Path | None = None, *,
+                  runs: int = 16, num_prompts: int = 10, num_inits: int = 8, num_networks: int = 8,
+                  sampler: str = "ddim", steps: int = 20, guidance: float = 1.0, seed: int = 0,
+                  device=None) -> dict:
+    """Evaluate each generator ``ckpts[name]`` on the same held-out runs and seeds; write
+    ``out_dir/modes.md`` and ``out_dir/modes.json`` when ``out_dir`` is given; return
+    ``{"rows": [...], "markdown": str, "results": {name: sections}, "notes": [...], "config": {...}}``.
+
+    ``runs``: held-out runs for prompt alignment (``num_prompts`` each); ``num_inits``: default-scheme
+    inits for one step; ``num_networks``: generated networks for novelty and for diversity.
+    """
+    from gpt_params.prompting import Generator
+
+    if not ckpts:
+        raise ValueError("compare_modes needs at least one NAME=CKPT generator")
+    notes: list[str] = []
+    run_ids = held_out_runs(store, runs, notes)
+    common = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, device=device)
+    rows, results, seconds, metric = [], {}, {}, None
+    for name, path in ckpts.items():
+        gen = Generator.load(path, device=device)
+        if dict(store.layer_shapes) != gen.layer_shapes:
+            raise ValueError(f"mode {name!r}: {path} generates another architecture than the store's networks")
+        if metric is not None and gen.metric != metric:
+            raise ValueError(f"mode {name!r} is conditioned on {gen.metric!r}, the others on {metric!r}: "
+                             "compare generators of one conditioning metric")
+        metric = gen.metric
+        mode_notes: list[str] = []
+        t0 = time.perf_counter()
+        res = {}
+        for section, call in (
+                ("prompt_alignment", lambda: prompt_alignment(gen, task, store, run_ids, num_prompts,
+                                                              notes=mode_notes, **common)),
+                ("one_step", lambda: one_step(gen, task, store, num_inits=num_inits, schemes=("default",),
+                                              optimizers={}, notes=mode_notes, **common)),
+                ("novelty", lambda: novelty(gen, task, store, run_ids, num_networks=num_networks,
+                                            notes=mode_notes, **common)),
+                ("diversity", lambda: diversity(gen, task, store, run_ids, num_networks=num_networks,
+                                                notes=mode_notes, **common))):
+            result, fig = call()
+            plt.close(fig)
+            res[section] = to_json(result)
+        seconds[name] = time.perf_counter() - t0
+        notes += [f"{name}: {n}" for n in dict.fromkeys(mode_notes)]
+        results[name] = res
+        rows.append(_row(name, gen, res))
+    table = markdown_table(rows, metric)
+    report = {"rows": rows, "markdown": table, "results": results, "notes": notes, "seconds": seconds,
+              "config": {"task": task.name, "store": str(store.root), "metric": metric,
+                         "runs": len(run_ids), "num_prompts": num_prompts, "num_inits": num_inits,
+                         "num_networks": num_networks, "ckpts": {k: str(v) for k, v in ckpts.items()}, **common,
+                         "device": None if device is None else str(device)}}
+    report = to_json(report)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "modes.md").write_text(table + "\n\n" + "\n".join(f"- note: {n}" for n in notes) + "\n")
+        (out / "modes.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+    return report

@@ -1,0 +1,75 @@
+"""Device-resident pair sampling: same pairs as the memory-mapped path, whole batches, the DataModule option."""
+import numpy as np
+import pytest
+import torch
+
+from checkpoints_dataset import open_store
+from checkpoints_dataset.pairs import PairBatches, PairDataset
+from checkpoints_dataset.permute import apply_permutations, weight_matching
+
+
+def _check_contract(store, batch):
+    """Start earlier than target (or both the init) in the same run; one permutation on both."""
+    s, t = batch["start_step"].cpu(), batch["target_step"].cpu()
+    assert ((s < t) | (t == 0)).all()
+    spec = store.permutation_spec
+    for i in range(0, len(s), 5):
+        rows = store.run_checkpoints(int(batch["run_id"][i]))
+        raw_t = torch.from_numpy(store.params(rows[store.steps[rows] == int(t[i])]))[0]
+        raw_s = torch.from_numpy(store.params(rows[store.steps[rows] == int(s[i])]))[0]
+        target, start = batch["target"][i].cpu(), batch["start"][i].cpu()
+        perms = [p[None] for p in weight_matching(raw_t, target, spec, restarts=3)]
+        assert torch.allclose(apply_permutations(target[None], spec, perms)[0], raw_t)
+        assert torch.allclose(apply_permutations(start[None], spec, perms)[0], raw_s)
+
+
+def test_resident_path_gives_the_same_pairs_as_the_memmap_path(tiny_digits_store):
+    store = open_store(tiny_digits_store)
+    mapped = PairDataset(store, seed=4)
+    resident = PairDataset(store, seed=4, device="cpu")
+    assert resident._resident.shape == (len(resident), store.num_params)
+    idx = np.random.default_rng(0).integers(0, len(mapped), 48)
+    a, b = mapped.get_batch(idx), resident.get_batch(idx)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _check_contract(store, b)
+    items = resident.__getitems__(idx[:3])  # the per-item view still works (DataLoader automatic batching)
+    assert len(items) == 3 and items[0]["start"].shape == (store.num_params,)
+
+
+def test_pair_batches_cover_each_target_once_per_pass(tiny_digits_store):
+    store = open_store(tiny_digits_store)
+    ds = PairDataset(store, seed=0, device="cpu")
+    batches = PairBatches(ds, batch_size=16, num_replicas=2)
+    assert len(batches) == len(ds) // 32
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    seen = [(int(r), int(t)) for b in loader for r, t in zip(b["run_id"], b["target_step"])]
+    assert len(seen) == len(batches) * 16 and len(set(seen)) == len(seen)  # distinct targets in one pass
+    first = next(iter(loader))
+    assert first["start"].shape == (16, store.num_params) and first["target_metric"].shape == (16,)
+    with pytest.raises(ValueError, match="no full batch"):
+        PairBatches(ds, batch_size=len(ds) + 1)
+
+
+def test_datamodule_pair_device(tiny_digits_store):
+    from gpt_params.data import ParameterDataModule
+
+    dm = ParameterDataModule(root=str(tiny_digits_store), batch_size=8, pair_device="cpu:0")
+    dm.setup("fit")
+    assert dm.train_set.device == torch.device("cpu:0")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["start"].shape == (8, dm.store.num_params) and batch["start_metric"].shape == (8,)
+    default = ParameterDataModule(root=str(tiny_digits_store), batch_size=8)
+    default.setup("fit")
+    assert default.train_set.device is None and default.train_dataloader().batch_size == 8
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pair_device"):
+            ParameterDataModule(root=str(tiny_digits_store), pair_device="cuda").setup("fit")
+
+
+@pytest.mark.gpu
+def test_cuda_resident_pairs(tiny_digits_store):
+    store = open_store(tiny_digits_store)
+    ds = PairDataset(store, seed=1, device="cuda")
+    batch = next(iter(PairBatches(ds, batch_size=32)))
+    assert all(v.is_cuda for v in batch.values())
+    _check_contract(store, batch)
