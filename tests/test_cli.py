@@ -159,3 +159,25 @@ def test_ddp_two_cpu_processes_see_different_pairs(tiny_digits_store, tmp_path):
     assert seen[0] and seen[1]
     assert not set(seen[0]) & set(seen[1])                     # disjoint targets across ranks
     assert len(list((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_last_ckpt_that_resumes(tiny_digits_store, tmp_path):
+    import signal
+    import time
+
+    args = _train_args(tiny_digits_store, tmp_path / "run", steps=100000, extra=["--final_eval_runs", "0"])
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_params", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((tmp_path / "run").glob("lightning_logs/version_0/hparams.yaml")):
+        time.sleep(0.5)
+    time.sleep(5)                                            # let it take some steps
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    last = list((tmp_path / "run").glob("lightning_logs/version_0/checkpoints/last.ckpt"))
+    assert last, out[-3000:]
+    step = torch.load(last[0], map_location="cpu", weights_only=True)["global_step"]
+    assert step > 0
+    assert main(_train_args(tiny_digits_store, tmp_path / "resumed", steps=step + 2,
+                            extra=["--ckpt_path", str(last[0]), "--final_eval_runs", "0"])) == 0
