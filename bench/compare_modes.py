@@ -49,7 +49,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default="data/digits_mlp")
     p.add_argument("--out", default="runs/bench_modes")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--max_time", default="00:00:03:00")
     p.add_argument("--runs", type=int, default=16)
     a = p.parse_args()

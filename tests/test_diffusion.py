@@ -8,13 +8,6 @@ from checkpoints_dataset.params import float_layer_shapes
 from gpt_params import Diffusion, ParameterDiT, ParameterTokenizer, sample
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def make_tokenizer():
     shapes = float_layer_shapes(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)))
@@ -59,7 +52,6 @@ def train_pair(tok, model, diffusion, start, target, steps, device="cpu"):
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.set_num_threads(1)
     tok = make_tokenizer()
     g = torch.Generator().manual_seed(0)
     start, target = torch.randn(1, tok.num_params, generator=g), torch.randn(1, tok.num_params, generator=g)

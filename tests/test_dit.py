@@ -6,13 +6,6 @@ import torch
 from gpt_params import PRESETS, ParameterDiT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 T, C = 6, 5
 IDS = torch.tensor([0, 0, 0, 1, 1, 2])  # two hidden layers' units and an extra token

@@ -16,14 +16,6 @@ from checkpoints_dataset.population import (checkpoint_schedule, draw_hparams, i
 TINY = dict(runs=6, epochs=1, seed=3, group_size=2, num_checkpoints=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -16,14 +16,6 @@ from checkpoints_dataset.tasks import ClassificationTask, Task
 from checkpoints_dataset.tasks.fashion import FashionTask, download_fashion_mnist, read_idx
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensor ops: one thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _bn_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),

@@ -13,14 +13,6 @@ from checkpoints_dataset.permute import apply_permutations, infer_permutation_sp
 from gpt_params import ParameterTokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids thrashing."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def mlp(sizes, batchnorm=False):
     layers = []
