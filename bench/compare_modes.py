@@ -25,7 +25,7 @@ MODES = {
 }
 
 
-def run(store: str, out: str, steps: int, max_time: str, runs: int) -> None:
+def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: int) -> None:
     torch.set_num_threads(1)
     config = Path(__file__).with_name("modes_digits.yaml")
     ckpts = {}
@@ -33,8 +33,10 @@ def run(store: str, out: str, steps: int, max_time: str, runs: int) -> None:
         root = Path(out) / f"mode{i}"
         last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
         if not last:
+            total = steps + (ae_steps if "latent" in extra else 0)   # the same DiT steps for every mode
             assert main(["train", "--config", str(config), "--data.root", store, "--trainer.default_root_dir",
-                         str(root), "--trainer.max_steps", str(steps), "--trainer.max_time", max_time,
+                         str(root), "--trainer.max_steps", str(total), "--model.autoencoder_steps", str(ae_steps),
+                         "--trainer.max_time", max_time,
                          "--final_eval_runs", "0", *extra]) == 0
             last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
         ckpts[name] = last[-1]
@@ -49,8 +51,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default="data/digits_mlp")
     p.add_argument("--out", default="runs/bench_modes")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--max_time", default="00:00:03:00")
+    p.add_argument("--steps", type=int, default=150, help="DiT steps of every mode")
+    p.add_argument("--ae_steps", type=int, default=80, help="autoencoder steps of the latent modes")
+    p.add_argument("--max_time", default="00:00:06:00")
     p.add_argument("--runs", type=int, default=16)
     a = p.parse_args()
-    run(a.store, a.out, a.steps, a.max_time, a.runs)
+    run(a.store, a.out, a.steps, a.ae_steps, a.max_time, a.runs)

@@ -86,15 +86,7 @@ class ParameterPrompter(pl.Callback):
         from gpt_params.prompting import Generator
 
         self._gen = Generator.load(self.ckpt)
-        shapes = float_layer_shapes(pl_module)
-        if shapes != self._gen.layer_shapes:
-            missing = [k for k in self._gen.layer_shapes if k not in shapes]
-            extra = [k for k in shapes if k not in self._gen.layer_shapes]
-            wrong = [k for k in shapes if k in self._gen.layer_shapes and shapes[k] != self._gen.layer_shapes[k]]
-            raise ValueError(
-                f"ParameterPrompter: the model's parameters differ from the generator's ({self.ckpt}): "
-                f"missing {missing[:5]}, unexpected {extra[:5]}, other shapes {wrong[:5]}; use a generator "
-                "trained on checkpoints of this architecture (names are state_dict keys)")
+        self._prefix = self._find_prefix(float_layer_shapes(pl_module))
         if self._gen.task_name is not None and self.metric_fn is None:
             try:
                 self._task = get_task(self._gen.task_name)
@@ -104,6 +96,22 @@ class ParameterPrompter(pl.Callback):
         if not lo <= self.target <= hi:
             rank_zero_info(f"ParameterPrompter: target {self.target} is outside the data's range "
                            f"[{lo:.4g}, {hi:.4g}]; the generator extrapolates there")
+
+    def _find_prefix(self, shapes: dict) -> str:
+        """The prefix under which the module holds the generator's network (``""``, ``"net."``, ...)."""
+        want = self._gen.layer_shapes
+        first = next(iter(want))
+        for key in shapes:
+            if key.endswith(first):
+                prefix = key[: len(key) - len(first)]
+                if all(shapes.get(prefix + k) == v for k, v in want.items()):
+                    return prefix
+        names = list(shapes)
+        raise ValueError(
+            f"ParameterPrompter: the model's parameters differ from the generator's ({self.ckpt}): it needs "
+            f"{len(want)} entries named like {list(want)[:3]} with shapes {list(want.values())[:3]} (under any "
+            f"prefix), the model has {names[:3]}...; use a generator trained on checkpoints of this "
+            "architecture (names are state_dict keys)")
 
     def _metric(self, pl_module: pl.LightningModule, vec: torch.Tensor) -> Optional[float]:
         if self.metric_fn is not None:
@@ -115,9 +123,10 @@ class ParameterPrompter(pl.Callback):
     @torch.no_grad()
     def prompt(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         """Generate parameters for the target from the model's current ones and load them."""
-        gen = self._gen
+        gen, prefix = self._gen, self._prefix
         state = pl_module.state_dict()
-        vec = state_dict_to_vector(state, gen.layer_shapes).float()             # [P]
+        net_state = {k: state[prefix + k] for k in gen.layer_shapes}
+        vec = state_dict_to_vector(net_state, gen.layer_shapes).float()         # [P]
         before = self._metric(pl_module, vec)
         start_metric = before if before is not None else gen.init_metric
         g = torch.Generator().manual_seed(self.seed + len(self.history))
@@ -126,7 +135,7 @@ class ParameterPrompter(pl.Callback):
         offset = 0
         for name, shape in gen.layer_shapes.items():                          # write back in place
             n = int(torch.tensor(shape).prod()) if shape else 1
-            state[name].copy_(new[offset:offset + n].view(shape))
+            state[prefix + name].copy_(new[offset:offset + n].view(shape))
             offset += n
         after = self._metric(pl_module, new)
         record = {"epoch": trainer.current_epoch, "target": self.target, "before": before, "after": after}

@@ -178,6 +178,7 @@ class GeneratorModule(pl.LightningModule):
         tokens = self.tokenizer.tokenize(params)              # [N, T, C]
         if self.autoencoder is None:
             return tokens
+        self.autoencoder.eval()   # frozen: running latent statistics, never updated again
         with torch.no_grad():
             return self.autoencoder.encode(tokens)            # [N, T, d]
 
@@ -213,9 +214,7 @@ class GeneratorModule(pl.LightningModule):
         for cb in self.trainer.callbacks if self.trainer is not None else []:
             averaged = getattr(cb, "_average_model", None) if isinstance(cb, WeightAveraging) else None
             if averaged is not None:
-                with torch.no_grad():
-                    for mine, avg in zip(self.autoencoder.parameters(), averaged.module.autoencoder.parameters()):
-                        avg.copy_(mine.to(avg.device))
+                averaged.module.autoencoder.load_state_dict(self.autoencoder.state_dict())  # params + buffers
         rank_zero_info(f"autoencoder frozen after {self.global_step} steps; training the DiT on its latents")
 
     # ------------------------------------------------------------- optimizer

@@ -29,3 +29,26 @@ def tiny_digits_store(tmp_path_factory):
     config = PopulationConfig(runs=24, epochs=2, seed=0, group_size=24, num_checkpoints=8)
     build_population(get_task("digits_mlp"), root, config, progress=False)
     return root
+
+
+TINY_MODEL = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def train_args(store, root, steps=12, extra=()):
+    """`gpt-params train` arguments for a tiny model on a tiny store."""
+    return ["train", "--data.root", str(store), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", str(steps), "--data.batch_size", "16", "--final_eval_runs", "2",
+            *TINY_MODEL, *QUIET, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_ckpt(tiny_digits_store, tmp_path_factory):
+    """A generator trained for 12 steps on the tiny store through `gpt-params train` (its last.ckpt)."""
+    from gpt_params.cli import main
+
+    root = tmp_path_factory.mktemp("run")
+    assert main(train_args(tiny_digits_store, root)) == 0
+    ckpts = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert len(ckpts) == 1
+    return ckpts[0]

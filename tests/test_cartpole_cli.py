@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gpt_params.cli import main
-from test_cli import QUIET, TINY_MODEL
+from conftest import QUIET, TINY_MODEL
 
 
 @pytest.fixture(scope="module")

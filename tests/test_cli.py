@@ -14,23 +14,12 @@ from safetensors.torch import load_file
 from checkpoints_dataset import get_task
 from gpt_params.cli import CONFIG_DIR, main
 
-TINY_MODEL = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2"]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-def _train_args(store, root, steps=12, extra=()):
-    return ["train", "--data.root", str(store), "--trainer.default_root_dir", str(root),
-            "--trainer.max_steps", str(steps), "--data.batch_size", "16", "--final_eval_runs", "2",
-            *TINY_MODEL, *QUIET, *extra]
+from conftest import QUIET, TINY_MODEL, train_args as _train_args
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_digits_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    assert main(_train_args(tiny_digits_store, root)) == 0
-    ckpts = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
-    assert len(ckpts) == 1
-    return ckpts[0]
+def trained(tiny_generator_ckpt):
+    return tiny_generator_ckpt
 
 
 def test_train_writes_last_ckpt_config_and_reports_alignment(trained, capsys):

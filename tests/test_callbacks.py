@@ -1,0 +1,73 @@
+"""AlignmentMonitor in a real fit, and ParameterPrompter in another project's Lightning training."""
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from checkpoints_dataset import get_task, state_dict_to_vector
+from gpt_params import AlignmentMonitor, GeneratorModule, ParameterDataModule, ParameterPrompter
+
+
+class DigitsClassifier(pl.LightningModule):
+    """Another project's module holding its network as ``net`` (state_dict keys ``net.0.weight``, ...)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(module, callbacks, tmp_path):
+    x, y = get_task("digits_mlp").split("train")
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    return trainer
+
+
+def test_prompter_replaces_parameters_and_logs_before_after(tiny_generator_ckpt, tmp_path):
+    task = get_task("digits_mlp")
+    module = DigitsClassifier(task.build_model())
+    before = state_dict_to_vector(module.net.state_dict(), task.layer_shapes).clone()
+    prompter = ParameterPrompter(str(tiny_generator_ckpt), target=0.3, steps=2)
+    _fit(module, [prompter], tmp_path)
+    (record,) = prompter.history
+    assert 0 <= record["before"] <= 1 and 0 <= record["after"] <= 1
+    assert record["before"] == pytest.approx(task.evaluate(before[None])["val_error"].item())
+    after = state_dict_to_vector(module.net.state_dict(), task.layer_shapes)
+    assert not torch.allclose(before, after)
+
+
+def test_prompter_refuses_another_architecture(tiny_generator_ckpt, tmp_path):
+    other = DigitsClassifier(torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)))
+    with pytest.raises(ValueError, match="differ from the generator"):
+        _fit(other, [ParameterPrompter(str(tiny_generator_ckpt), target=0.3)], tmp_path)
+
+
+def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
+    model = GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2)
+    logger = pl.loggers.TensorBoardLogger(tmp_path)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[AlignmentMonitor(every_n_epochs=1, runs=2, num_prompts=3, steps=2)])
+    trainer.fit(model, datamodule=data)
+    assert "val/alignment" in trainer.callback_metrics
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert "alignment/prompted_vs_achieved" in events.Tags()["images"]
+    assert "val/alignment" in events.Tags()["scalars"]
