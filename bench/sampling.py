@@ -19,6 +19,7 @@ alignment - DDPM's).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -50,8 +51,14 @@ def train_small(steps: int, workdir: Path) -> Path:
             str(workdir / "run"), "--trainer.max_steps", str(steps), "--data.batch_size", "32",
             "--model.hidden_size", "128", "--model.depth", "2", "--model.num_heads", "4",
             "--model.warmup_steps", "50", "--model.lr", "1e-3", "--final_eval_runs", "0",
+            "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "50",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    if cli_main(argv) != 0:
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns about this script's own arguments
+    try:
+        code = cli_main(argv)
+    finally:
+        sys.argv = saved
+    if code != 0:
         raise SystemExit("training the small generator failed")
     return next((workdir / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
 
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=None, help="held-out runs prompted (CPU: 4, CUDA: 32)")
     p.add_argument("--prompts", type=int, default=None, help="targets per run (CPU: 5, CUDA: 20)")
-    p.add_argument("--train-steps", type=int, default=600, help="steps of the in-script generator")
+    p.add_argument("--train-steps", type=int, default=300, help="steps of the in-script generator")
     p.add_argument("--networks", type=int, default=None, help="networks per throughput batch (CPU: 256, CUDA: 32768)")
     p.add_argument("--tolerance", type=float, default=0.02, help="alignment a few-step setting may lose to DDPM")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -71,7 +71,11 @@ class PairDataset(Dataset):
             raise ValueError("the store has no permutation spec; pass permute=False (or rebuild the store with a spec)")
         self.init_prob, self.ordered, self.permute, self.fields = init_prob, ordered, permute, fields
         runs = self.store.train_runs if runs is None else np.asarray(runs, np.int64).reshape(-1)
-        per_run = [self.store.run_checkpoints(r) for r in runs]
+        metric_all = self.store._metrics[self.metric]
+        # checkpoints without a finite metric cannot condition a pair (the recorder's initial checkpoint
+        # before any metric was logged): a run starts at its first checkpoint with a finite metric
+        per_run = [c[np.isfinite(metric_all[c])] for c in (self.store.run_checkpoints(r) for r in runs)]
+        per_run = [c for c in per_run if len(c)]
         if not per_run or not sum(len(c) for c in per_run):
             raise ValueError("no checkpoints in the chosen runs; check `runs` and the store")
         self._order = np.concatenate(per_run)  # dataset position -> store checkpoint index (runs, steps sorted)

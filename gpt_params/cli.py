@@ -245,6 +245,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             return evaluate(rest)
         from checkpoints_dataset.__main__ import main as build_main
         return build_main(rest) or 0
+    except SystemExit as exit_:                # argparse and our checks: a message means bad input
+        if not isinstance(exit_.code, str):
+            raise
+        print(f"gpt-params {verb}: error: {exit_.code}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, KeyError) as err:   # bad input: one clear line, no traceback
         if os.environ.get("GPT_PARAMS_DEBUG"):
             raise

@@ -75,7 +75,7 @@ class ParameterDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root).expanduser().resolve()
         self.store = self._open_or_build()
-        self.task_name = self.store.task or task
+        self.task_name = self._resolve_task(task)
         metric = metric or self._default_metric()
         if metric not in self.store.metric_names:
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
@@ -98,7 +98,7 @@ class ParameterDataModule(pl.LightningDataModule):
         if (self.root / "manifest.json").exists():
             store = open_store(self.root)
             built = store.manifest.get("build_config")
-            if not built or store.num_runs >= built["runs"]:
+            if "runs" not in (built or {}) or store.num_runs >= built["runs"]:
                 return store
             task_name = store.task       # an interrupted build: resume it with its own settings
             fields = {f.name for f in dataclasses.fields(PopulationConfig)}
@@ -127,12 +127,25 @@ class ParameterDataModule(pl.LightningDataModule):
             try:
                 store = open_store(self.root)
                 built = store.manifest.get("build_config")
-                if not built or store.num_runs >= built["runs"]:
+                if "runs" not in (built or {}) or store.num_runs >= built["runs"]:
                     return store
             except (FileNotFoundError, ValueError):
                 pass
             time.sleep(2.0)
         raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to build the store at {self.root}")
+
+    def _resolve_task(self, given: Optional[str]) -> Optional[str]:
+        """The store's own task; for a store recorded by another project (no task in its manifest), the
+        given task if it builds this architecture (else None: networks are not evaluated)."""
+        if self.store.task is not None or given is None:
+            return self.store.task
+        shapes = get_task(given, **self._task_kwargs()).layer_shapes
+        if {k: tuple(v) for k, v in shapes.items()} == dict(self.store.layer_shapes):
+            return given
+        print(f"note: the store at {self.root} was recorded by another project and --data.task {given} does "
+              "not build its architecture; generated networks will not be evaluated (pass --data.task "
+              "pkg.module:Class to evaluate them)", flush=True)
+        return None
 
     def _default_metric(self) -> str:
         if self.task_name is not None:
@@ -149,8 +162,13 @@ class ParameterDataModule(pl.LightningDataModule):
         values = store.metrics(np.arange(store.num_checkpoints))[metric]
         values = values[np.isfinite(values)]
         lower = bool(store.lower_is_better.get(metric, True))
-        init_idx = np.array([store.run_checkpoints(r)[0] for r in store.train_runs])
-        init_values = store.metrics(init_idx)[metric]
+        all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
+        init_values = []
+        for r in store.train_runs:            # each run's first checkpoint with a finite metric
+            idx = store.run_checkpoints(r)
+            finite = idx[np.isfinite(all_values[idx])]
+            if len(finite):
+                init_values.append(all_values[finite[0]])
         spec = store.manifest.get("permutation_spec")
         return {
             "store_root": str(self.root),
