@@ -22,6 +22,18 @@ TINY_AE = ["--model.space", "latent", "--model.latent_dim", "8", "--model.autoen
            "--model.autoencoder_heads", "2"]
 
 
+def _refused(args: list[str], capsys) -> str:
+    """Run a command that must be refused; return its message (SystemExit text or stderr)."""
+    try:
+        rc = main(args)
+    except SystemExit as exit_:
+        rc, msg = exit_.code, str(exit_.code)
+    else:
+        msg = ""
+    assert rc not in (0, None)
+    return msg + capsys.readouterr().err
+
+
 def _train(store, root, steps: int, extra: list[str]):
     assert main(["train", "--data.root", str(store), "--trainer.default_root_dir", str(root),
                  "--trainer.max_steps", str(steps), *TINY, *extra]) == 0
@@ -106,21 +118,19 @@ def test_latent_pdiff_trains_and_prompts_without_start_or_target(pdiff_ckpt, tmp
 
 
 @pytest.mark.parametrize("start", ["random", "some.safetensors"])
-def test_start_free_model_refuses_a_start(start, start_free_ckpt, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        main(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--start", start,
-              "--out", str(tmp_path / "o"), "--steps", "1"])
-    assert "start-free" in str(exit_.value.code)
+def test_start_free_model_refuses_a_start(start, start_free_ckpt, tmp_path, capsys):
+    assert "start-free" in _refused(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--start", start,
+                                     "--out", str(tmp_path / "o"), "--steps", "1"], capsys)
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
-def test_start_free_conditional_model_prompts_and_needs_a_target(start_free_ckpt, tmp_path):
+def test_start_free_conditional_model_prompts_and_needs_a_target(start_free_ckpt, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--num", "2", "--out", str(out),
                  "--steps", "2"]) == 0
     assert [r["target"] for r in json.loads((out / "results.json").read_text())["records"]] == [0.3, 0.3]
-    with pytest.raises(SystemExit) as exit_:
-        main(["prompt", "--ckpt", str(start_free_ckpt), "--out", str(tmp_path / "x"), "--steps", "1"])
-    assert "--target is required" in str(exit_.value.code)
+    assert "--target is required" in _refused(["prompt", "--ckpt", str(start_free_ckpt), "--out", str(tmp_path / "x"),
+                                               "--steps", "1"], capsys)
 
 
 def test_compare_modes_writes_one_table(pdiff_ckpt, start_free_ckpt, tiny_digits_store, tmp_path, capsys):

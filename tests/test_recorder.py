@@ -71,7 +71,10 @@ def test_fits_become_runs_and_resume_continues(tmp_path):
     assert steps.tolist() == [0, 4, 8, 12, 16]
     assert np.isfinite(store.metrics(store.run_checkpoints(0))["val_error"][1:]).all()
     pairs = PairDataset(store, runs=[0, 1], metric="val_error")
-    assert len(pairs) == 8 and pairs[3]["target"].shape == (store.num_params,)
+    # the NaN-metric initial checkpoints of both runs never condition a pair
+    assert len(pairs) == 8 - 2 and pairs[3]["target"].shape == (store.num_params,)
+    batch = pairs.get_batch(np.arange(len(pairs)))
+    assert torch.isfinite(batch["start_metric"]).all() and torch.isfinite(batch["target_metric"]).all()
 
 
 def test_every_n_steps_and_include(tmp_path):
