@@ -92,7 +92,8 @@ def main(argv=None) -> None:
     train_rate = steps * batch_size / (time.perf_counter() - t0)
 
     print(f"device {device}, preset {size}, batch {batch_size}, {precision} step, "
-          f"{len(mapped.train_set)} training pairs of {mapped.store.num_params} params, threads {torch.get_num_threads()}")
+          f"{len(mapped.train_set)} training pairs of {mapped.store.num_params} params, "
+          f"threads {torch.get_num_threads()}")
     print(f"loader, memory-mapped ({workers} workers): {mapped_rate:10,.0f} pairs/s")
     print(f"loader, resident on {resident_device:>5}:        {resident_rate:10,.0f} pairs/s")
     print(f"training step consumes:             {train_rate:10,.0f} pairs/s")

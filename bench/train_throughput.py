@@ -23,7 +23,9 @@ against fp32 eager.
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -49,7 +51,9 @@ def bench_store(path: str | None, runs: int = 48, epochs: int = 3) -> Path:
             raise SystemExit(f"no checkpoint store at {path}: build one with "
                              f"`gpt-params build-dataset --task digits_mlp --out {path}` or omit --store")
         return Path(path)
-    root = Path(tempfile.mkdtemp(prefix="bench_store_")) / "digits_mlp"
+    tmp = tempfile.mkdtemp(prefix="bench_store_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # removed when the benchmark exits
+    root = Path(tmp) / "digits_mlp"
     config = PopulationConfig(runs=runs, epochs=epochs, group_size=runs, num_checkpoints=8)
     build_population(get_task("digits_mlp"), root, config, progress=False)
     return root
