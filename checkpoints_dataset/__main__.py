@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=PopulationConfig.batch_size)
     p.add_argument("--optimizers", default="adam,sgd", help="comma-separated subset of adam,sgd")
     p.add_argument("--data-dir", default=None, help="data directory of the task (Fashion-MNIST IDX files)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage dtype of the parameters (float16 halves disk and memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
 
     try:
         store = build_population(task, args.out, config, device=args.device, shard=args.shard,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, dtype=args.dtype)
     except StoreError as e:
         parser.error(str(e))
     if store is None:

@@ -166,8 +166,9 @@ def build_config(task: "Task", config: PopulationConfig) -> dict:
 
 
 def build_population(task: "Task", out: str | Path, config: PopulationConfig, device: str | torch.device = "cpu",
-                     shard: tuple[int, int] = (0, 1), progress: bool = True):
-    """Build (or resume) this shard's groups of runs into the store at ``out``.
+                     shard: tuple[int, int] = (0, 1), progress: bool = True, dtype: str = "float32"):
+    """Build (or resume) this shard's groups of runs into the store at ``out`` (parameters stored as
+    ``dtype``: "float32", or "float16" for half the disk and memory).
 
     Returns the opened store once every group of every shard is present (the store is then finalized),
     else None (other shards still have groups to build).
@@ -183,7 +184,7 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     out = Path(out)
     store.create_store(out, task=task.name, layer_shapes=task.layer_shapes, metric_names=list(task.metric_names),
                        lower_is_better=dict(task.lower_is_better), permutation_spec=_spec_json(task),
-                       build_config=build_config(task, config))
+                       build_config=build_config(task, config), dtype=dtype)
     num_groups = math.ceil(config.runs / config.group_size)
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]

@@ -89,7 +89,7 @@ class ParameterPrompter(pl.Callback):
         self._prefix = self._find_prefix(float_layer_shapes(pl_module))
         if self._gen.task_name is not None and self.metric_fn is None:
             try:
-                self._task = get_task(self._gen.task_name)
+                self._task = self._gen.make_task()
             except Exception:
                 self._task = None
         lo, hi = self._gen.data_range
@@ -155,7 +155,8 @@ class ParameterPrompter(pl.Callback):
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at == "fit_start":
+        # a fit resumed from a Lightning checkpoint keeps the weights it restored
+        if self.at == "fit_start" and trainer.ckpt_path is None:
             self.prompt(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

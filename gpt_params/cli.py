@@ -61,7 +61,7 @@ def train(argv: list[str]) -> int:
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.config.get("ckpt_path")
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
     if not trainer.is_global_zero:
         return 0
@@ -90,6 +90,13 @@ def train(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------- prompt
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="where the task's data files are (Fashion-MNIST; default: as at training)")
+    p.add_argument("--evaluator", choices=["batched", "gymnasium"], default=None,
+                   help="cartpole: score policies with the batched torch CartPole (default) or gymnasium's")
+
+
 def _prompt_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpt-params prompt",
@@ -113,6 +120,7 @@ def _prompt_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task to build and evaluate the networks (default: the "
                    "checkpoint's); 'pkg.module:Class' for a store recorded by another project")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    _add_task_options(p)
     return p
 
 
@@ -143,24 +151,24 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--tensorboard", default=None, help="also log the figures to this TensorBoard log dir")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    _add_task_options(p)
     return p
 
 
 def evaluate(argv: list[str]) -> int:
     from checkpoints_dataset.store import open_store
-    from checkpoints_dataset.tasks import get_task
     from gpt_params.evaluate import evaluate_all
     from gpt_params.prompting import Generator, _prepare_report_dir
 
     args = _evaluate_parser().parse_args(argv)
     if args.runs < 1 or args.steps < 1:
         raise SystemExit("--runs and --steps must be at least 1")
+    if args.guidance < 0:
+        raise SystemExit(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
     if (args.ckpt is None) == (args.compare is None):
         raise SystemExit("give either --ckpt CKPT (one generator) or --compare NAME=CKPT ... (several)")
     if args.compare is not None:
         return _evaluate_compare(args)
-    out = Path(args.out)
-    _prepare_report_dir(out, args.overwrite)
     gen = Generator.load(args.ckpt, device=args.device)
     store_root = args.store or gen.store_root
     if store_root is None or not Path(store_root).exists():
@@ -169,10 +177,11 @@ def evaluate(argv: list[str]) -> int:
     if dict(store.layer_shapes) != gen.layer_shapes:
         raise SystemExit(f"the store at {store_root} holds another architecture than the generator's; "
                          "pass the --store it was trained on")
-    task_name = args.task or store.task or gen.task_name
-    if task_name is None:
+    task = gen.make_task(args.task or store.task, data_dir=args.data_dir, evaluator=args.evaluator)
+    if task is None:
         raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
-    task = get_task(task_name)
+    out = Path(args.out)
+    _prepare_report_dir(out, args.overwrite)
     writer = None
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -211,7 +220,8 @@ def _evaluate_compare(args) -> int:
     task_name = args.task or store.task
     if task_name is None:
         raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
-    report = compare_modes(ckpts, get_task(task_name), store, out, runs=args.runs, sampler=args.sampler,
+    options = {k: v for k, v in dict(data_dir=args.data_dir, evaluator=args.evaluator).items() if v is not None}
+    report = compare_modes(ckpts, get_task(task_name, **options), store, out, runs=args.runs, sampler=args.sampler,
                            steps=args.steps, guidance=args.guidance, device=args.device)
     print(report["markdown"])
     for note in report["notes"]:

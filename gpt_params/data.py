@@ -83,6 +83,10 @@ class ParameterDataModule(pl.LightningDataModule):
         self.metric = metric
         test = set(int(r) for r in self.store.test_runs)
         train = np.array([r for r in self.store.train_runs if int(r) not in test])
+        if len(train) < 2:
+            raise ValueError(f"the store at {self.root} has {self.store.num_runs} runs, {len(test)} of them held "
+                             "out for testing: training needs at least 2 more (one for validation); build or "
+                             "record more runs (at least 7)")
         n_val = min(val_runs, max(len(train) // 5, 1))
         self.val_run_ids, self.train_run_ids = train[-n_val:], train[:-n_val]
         self.info = self._make_info()
@@ -159,20 +163,21 @@ class ParameterDataModule(pl.LightningDataModule):
     def _make_info(self) -> dict:
         """Everything the generator needs to be rebuilt from its checkpoint (plain JSON types)."""
         store, metric = self.store, self.metric
-        values = store.metrics(np.arange(store.num_checkpoints))[metric]
-        values = values[np.isfinite(values)]
-        lower = bool(store.lower_is_better.get(metric, True))
         all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
-        init_values = []
-        for r in store.train_runs:            # each run's first checkpoint with a finite metric
+        values, init_values = [], []
+        for r in np.concatenate([self.train_run_ids, self.val_run_ids]):   # never the held-out test runs
             idx = store.run_checkpoints(r)
-            finite = idx[np.isfinite(all_values[idx])]
+            finite = all_values[idx][np.isfinite(all_values[idx])]
+            values.append(finite)
             if len(finite):
-                init_values.append(all_values[finite[0]])
+                init_values.append(finite[0])    # the run's first checkpoint with a finite metric
+        values = np.concatenate(values)
+        lower = bool(store.lower_is_better.get(metric, True))
         spec = store.manifest.get("permutation_spec")
         return {
             "store_root": str(self.root),
             "task": self.task_name,
+            "task_kwargs": self._task_kwargs() if self.task_name is not None else {},
             "metric": metric,
             "lower_is_better": lower,
             "metric_range": [float(values.min()), float(values.max())],

@@ -277,7 +277,7 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
     if task is None:
         if not getattr(gen, "task_name", None):
             raise ValueError("the generator names no task: pass task=get_task(name)")
-        task = get_task(gen.task_name)
+        task = gen.make_task() if hasattr(gen, "make_task") else get_task(gen.task_name)
     if store is None or isinstance(store, (str, os.PathLike)):
         root = store if store is not None else getattr(gen, "store_root", None)
         if not root:

@@ -167,7 +167,7 @@ class GeneratorModule(pl.LightningModule):
 
         metric = self.hparams.data_info["metric"]
         try:
-            task = get_task(task_name)
+            task = get_task(task_name, **(self.hparams.data_info.get("task_kwargs") or {}))
         except Exception:  # a user task that cannot be imported here: no task-metric report
             return
         q = reconstruction_quality(self.autoencoder, self.tokenizer, task, params, [metric], device=self.device)

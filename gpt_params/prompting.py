@@ -64,8 +64,9 @@ class Generator:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"{path} is not a gpt-params checkpoint (it cannot be read as a weights-only "
-                             f"torch checkpoint: {type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+            raise ValueError(f"{path} is not a gpt-params checkpoint: it cannot be read as a weights-only torch "
+                             "checkpoint (files from others are never unpickled); pass a checkpoint written by "
+                             "`gpt-params train`") from err
         hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         if not hparams or CHECKPOINT_MARKER not in hparams or "state_dict" not in ckpt:
             raise ValueError(f"{path} is not a gpt-params checkpoint (no gpt-params hyperparameters in it); "
@@ -78,6 +79,26 @@ class Generator:
         if device is not None:
             module.to(device)
         return cls(module)
+
+    def make_task(self, name: Optional[str] = None, **options):
+        """The task that builds and scores this generator's networks: ``name`` or the one it was trained
+        on, with the task options saved at training (``data_dir``) updated by the non-None ``options``
+        (e.g. ``evaluator="gymnasium"`` for cartpole). None when neither is known. Refuses a task whose
+        architecture (layer names and shapes) differs from the generator's."""
+        from checkpoints_dataset.tasks import get_task
+
+        name = name or self.task_name
+        if name is None:
+            return None
+        kwargs = dict(self.info.get("task_kwargs") or {}) if name == self.task_name else {}
+        kwargs.update({k: v for k, v in options.items() if v is not None})
+        task = get_task(name, **kwargs)
+        shapes = {k: tuple(v) for k, v in task.layer_shapes.items()}
+        if shapes != self.layer_shapes:
+            raise ValueError(f"task {task.name} builds another architecture than the generator's "
+                             f"({len(shapes)} entries, {task.num_params} params vs {len(self.layer_shapes)} "
+                             "entries); give the task the generator was trained for")
+        return task
 
     def check_target(self, targets: Sequence[float], bounds: Optional[tuple[float, float]] = None) -> list[str]:
         """Refuse targets outside the metric's valid ``bounds``; return warnings for those outside the
@@ -171,21 +192,19 @@ def _write_json_atomic(path: Path, obj) -> None:
 def run_prompt(args) -> int:
     """The `gpt-params prompt` program (arguments: see gpt_params.cli._prompt_parser)."""
     from checkpoints_dataset.params import state_dict_to_vector
-    from checkpoints_dataset.tasks import get_task
 
     if args.num < 1:
         raise SystemExit(f"--num must be at least 1 (got {args.num})")
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1 (got {args.steps})")
+    if args.guidance < 0:
+        raise SystemExit(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
+    gen = Generator.load(args.ckpt, device=args.device)
+    task = gen.make_task(args.task, data_dir=getattr(args, "data_dir", None),
+                         evaluator=getattr(args, "evaluator", None))
+    start_arg, target_values = _check_mode_arguments(gen, args)
     out = Path(args.out)
     _prepare_out(out, args.overwrite)
-    gen = Generator.load(args.ckpt, device=args.device)
-    task_name = args.task or gen.task_name
-    task = get_task(task_name) if task_name else None
-    if task is not None and task.num_params != sum(math.prod(s) for s in gen.layer_shapes.values()):
-        raise SystemExit(f"task {task.name} has {task.num_params} parameters but the generator makes "
-                         "networks of another architecture; give the task the generator was trained for")
-    start_arg, target_values = _check_mode_arguments(gen, args)
     bounds = task.metric_bounds.get(gen.metric) if task is not None else None
     if gen.conditional:
         for w in gen.check_target(target_values, bounds):

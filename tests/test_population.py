@@ -179,3 +179,10 @@ def test_batchnorm_statistics_recomputed_at_checkpoints(tmp_path):
     expected = torch.cat([v.flatten().float() for v in model.state_dict().values() if v.is_floating_point()])
     torch.testing.assert_close(vec, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(task.to_state_dict(vec)["1.running_var"], torch.ones(16))
+
+
+def test_float16_store_through_the_cli(tmp_path):
+    assert main(["--task", "digits_mlp", "--runs", "6", "--epochs", "1", "--checkpoints", "3", "--group-size", "6",
+                 "--dtype", "float16", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    store = open_store(tmp_path / "s")
+    assert store.manifest["dtype"] == "float16" and store.params([0, 1]).dtype == np.float32
