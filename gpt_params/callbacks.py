@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Literal, Optional
 
-import matplotlib.pyplot as plt
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
@@ -52,7 +51,6 @@ class AlignmentMonitor(pl.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("alignment/prompted_vs_achieved", fig, global_step=trainer.global_step)
-        plt.close(fig)
         return float(result["median"])
 
 

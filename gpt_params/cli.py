@@ -21,7 +21,7 @@ from pytorch_lightning.cli import LightningCLI
 from gpt_params.data import ParameterDataModule
 from gpt_params.module import GeneratorModule
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # a link to the repository's configs/, a folder in wheels
 DEFAULT_CONFIG = CONFIG_DIR / "digits_mlp.yaml"
 VERBS = ("build-dataset", "train", "prompt", "evaluate")
 
@@ -41,6 +41,13 @@ class LastOnException(OnExceptionCheckpoint):
 
 
 class GeneratorCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """bf16 autocast on GPUs that support it, unless --trainer.precision says otherwise."""
+        trainer = self.config.trainer
+        if (trainer.precision is None and str(trainer.accelerator) in ("auto", "gpu", "cuda")
+                and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            trainer.precision = "bf16-mixed"
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data", "model.data_info", compute_fn=lambda data: data.info,
                               apply_on="instantiate")

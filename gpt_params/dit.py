@@ -88,16 +88,28 @@ class TokenLinear(nn.Module):
 
     def __init__(self, ids: Tensor, in_features: int, out_features: int):
         super().__init__()
-        self.register_buffer("ids", ids.long().clone(), persistent=False)
+        ids = ids.long().cpu()
+        self.register_buffer("ids", ids.clone(), persistent=False)
         num = int(ids.max()) + 1
-        self.identity = torch.equal(ids.cpu(), torch.arange(len(ids)))  # per-position: no gather needed
+        self.identity = torch.equal(ids, torch.arange(len(ids)))  # per-position: one batched matmul
+        # shared ids: one matmul per id over its tokens, never a gathered [T, I, O] weight copy (a
+        # 1M-parameter target would need gigabytes for it)
+        self.groups = [int(i) for i in torch.unique(ids)]
+        for i in self.groups:
+            self.register_buffer(f"_pos{i}", torch.nonzero(ids == i).flatten(), persistent=False)
         self.weight = nn.Parameter(torch.empty(num, in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(num, out_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.identity else self.weight[self.ids]  # [T, I, O]
-        b = self.bias if self.identity else self.bias[self.ids]  # [T, O]
-        return torch.einsum("nti,tio->nto", x, w) + b  # [N, T, O]
+        if self.identity:
+            return torch.einsum("nti,tio->nto", x, self.weight) + self.bias  # [N, T, O]
+        if len(self.groups) == 1:
+            return x @ self.weight[self.groups[0]] + self.bias[self.groups[0]]  # [N, T, O]
+        out = x.new_empty(*x.shape[:2], self.weight.shape[2])  # [N, T, O]
+        for i in self.groups:
+            pos = getattr(self, f"_pos{i}")
+            out[:, pos] = x[:, pos] @ self.weight[i] + self.bias[i]  # [N, t_i, O]
+        return out
 
 
 class FinalLayer(nn.Module):

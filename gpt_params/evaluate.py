@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from gpt_params import evaluate_plots as plots
 from gpt_params.evaluate_common import (at_least_as_good, best_value, generate, has_data, held_out_runs,
@@ -261,7 +262,8 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: str = "ddim", steps: int = 50,
                  guidance: float = 1.0, device=None, tb_logger=None, sections: Sequence[Section] = SECTIONS,
-                 seed: int = 0, global_step: int = 0, options: dict[str, dict] | None = None) -> dict:
+                 seed: int = 0, global_step: int = 0, options: dict[str, dict] | None = None,
+                 progress: bool = True) -> dict:
     """Run the chosen sections and write ``out_dir/report.json`` (atomically; keys: every section, plus
     ``config``, ``notes``, ``seconds``) and ``out_dir/<section>.png``; figures also go to TensorBoard when
     ``tb_logger`` is a SummaryWriter (or a Lightning logger with ``.experiment``). ``task`` / ``store``
@@ -304,10 +306,13 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
                          "runs": len(run_ids), "sampler": sampler, "steps": steps, "guidance": guidance,
                          "seed": seed, "sections": list(sections), "options": options},
               "notes": notes, "seconds": {}}
+    todo = [name for name in SECTIONS if name in sections]
+    bar = tqdm(todo, desc="evaluate", unit="section", disable=not progress)
     for name in SECTIONS:
         if name not in sections:
             report[name] = {"skipped": "not requested"}
-            continue
+    for name in bar:
+        bar.set_postfix_str(name)
         t0 = time.perf_counter()
         result, fig = calls[name]()
         report[name] = to_json(result)

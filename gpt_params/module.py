@@ -202,6 +202,15 @@ class GeneratorModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val", batch_idx)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (--ckpt_path) onto a store of another architecture fails here, with the fix."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
+        mine = self.hparams.data_info
+        if saved.get("layer_shapes") not in (None, mine["layer_shapes"]):
+            raise ValueError("the checkpoint was trained on networks of another architecture than the store at "
+                             f"{mine.get('store_root')} holds; resume with the --data.root it was trained on "
+                             f"({saved.get('store_root')})")
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.autoencoder is not None and self.global_step == self.hparams.autoencoder_steps:
             self._freeze_autoencoder()

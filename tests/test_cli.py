@@ -170,3 +170,13 @@ def test_ctrl_c_leaves_a_last_ckpt_that_resumes(tiny_digits_store, tmp_path):
     assert step > 0
     assert main(_train_args(tiny_digits_store, tmp_path / "resumed", steps=step + 2,
                             extra=["--ckpt_path", str(last[0]), "--final_eval_runs", "0"])) == 0
+
+
+def test_resume_onto_a_store_of_another_architecture_is_refused(trained, tmp_path, capsys):
+    from checkpoints_dataset import PopulationConfig, build_population
+
+    other = tmp_path / "cartpole"
+    build_population(get_task("cartpole"), other, PopulationConfig(runs=8, epochs=1, group_size=8,
+                                                                   num_checkpoints=3), progress=False)
+    rc = main(_train_args(other, tmp_path / "run", steps=14, extra=["--ckpt_path", str(trained)]))
+    assert rc == 2 and "another architecture" in capsys.readouterr().err
