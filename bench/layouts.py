@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--sampler-steps", type=int, default=20)
     p.add_argument("--variants", nargs="+", default=["neuron", "chunk64", "residual"], choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="more `gpt-params train` options for every variant (e.g. --model.hidden_size 128)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -48,7 +50,8 @@ def main() -> None:
             t0 = time.perf_counter()
             cli(["train", "--data.root", args.store, "--trainer.default_root_dir", str(root),
                  "--trainer.max_steps", str(args.steps), "--trainer.max_time", "00:01:00:00",
-                 "--final_eval_runs", "0", "--trainer.enable_progress_bar", "false", *VARIANTS[name]])
+                 "--final_eval_runs", "0", "--trainer.enable_progress_bar", "false", *args.extra,
+                 *VARIANTS[name]])
             train_s = time.perf_counter() - t0
             gen = Generator.load(next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt")))
             store = open_store(args.store)

@@ -6,10 +6,28 @@ from typing import Callable, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
+
+
+class GeneratorEMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` whose updates start after ``start_fraction`` of ``max_steps``
+    (the same config then suits a 12-step test and a 100k-step run). Prompting uses these weights: the
+    checkpoint's ``state_dict`` holds the average, and it is copied into the model when training ends."""
+
+    def __init__(self, decay: float = 0.995, start_fraction: float = 0.1, **kwargs) -> None:
+        super().__init__(decay=decay, **kwargs)
+        if not 0.0 <= start_fraction < 1.0:
+            raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
+        self.start_fraction = start_fraction
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.max_steps and trainer.max_steps > 0:
+            self.update_starting_at_step = int(self.start_fraction * trainer.max_steps)
 
 
 class AlignmentMonitor(pl.Callback):

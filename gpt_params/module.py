@@ -202,6 +202,19 @@ class GeneratorModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val", batch_idx)
 
+    def on_fit_start(self) -> None:
+        """Refuse an EMA that would never update: Lightning copies the average into the model at the end
+        of training, so an EMA starting after the last step would hand back the untrained weights."""
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        max_steps = self.trainer.max_steps
+        for cb in self.trainer.callbacks:
+            start = getattr(cb, "update_starting_at_step", None)
+            if isinstance(cb, EMAWeightAveraging) and start is not None and 0 < max_steps <= start:
+                raise ValueError(f"EMAWeightAveraging starts at step {start} but training stops at step "
+                                 f"{max_steps}: lower its update_starting_at_step (config trainer.callbacks) or "
+                                 "raise --trainer.max_steps")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming (--ckpt_path) onto a store of another architecture fails here, with the fix."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
