@@ -189,7 +189,8 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
     bar = tqdm(total=len(todo), unit="group", disable=not progress,
-               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done")
+               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
     for g in todo:
         run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
         hparams = [draw_hparams(config, r) for r in run_ids]

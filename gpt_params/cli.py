@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -61,11 +62,13 @@ def train(argv: list[str]) -> int:
     """Train a generator; prints the checkpoint, the TensorBoard command and the prompt alignment."""
     parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.exists() else {}
     parser_kwargs["description"] = "Train a gpt-params generator (LightningCLI; see configs/)."
-    cli = GeneratorCLI(
-        GeneratorModule, ParameterDataModule, run=False, args=argv,
-        parser_kwargs=parser_kwargs, save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), LastOnException()]},
-    )
+    with warnings.catch_warnings():   # our argv comes from the dispatcher, not LightningCLI's sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = GeneratorCLI(
+            GeneratorModule, ParameterDataModule, run=False, args=argv,
+            parser_kwargs=parser_kwargs, save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), LastOnException()]},
+        )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.config.get("ckpt_path")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
