@@ -76,6 +76,11 @@ class ParameterPrompter(pl.Callback):
     """Replace a model's parameters with generated ones for a target metric (G.pt as a learned
     optimizer: one jump instead of many gradient steps), at fit start and/or every n epochs.
 
+    The model must hold every entry of the generator's network with the same names and shapes, at the top
+    level or under one prefix (a LightningModule keeping it as ``self.net`` has ``net.0.weight``, ...);
+    other entries (a loss module, a second head) are left as they are. A model without them is refused
+    at setup. A fit resumed from a Lightning checkpoint keeps the weights it restored.
+
     Args:
         ckpt: a gpt-params generator checkpoint trained on checkpoints of this model's architecture.
         target: the target value of the generator's conditioning metric.
