@@ -52,3 +52,11 @@ def tiny_generator_ckpt(tiny_digits_store, tmp_path_factory):
     ckpts = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     assert len(ckpts) == 1
     return ckpts[0]
+
+
+def refused(args: list[str], capsys) -> str:
+    """Run a gpt-params command that must be refused: it returns non-zero; its message (stderr)."""
+    from gpt_params.cli import main
+
+    assert main(args) not in (0, None)
+    return capsys.readouterr().err

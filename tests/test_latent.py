@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints_dataset import get_task, open_store
+from conftest import refused
 from gpt_params.autoencoder import ParameterAutoencoder, reconstruction_quality
 from gpt_params.cli import main
 from gpt_params.dit import ParameterDiT
@@ -22,16 +23,6 @@ TINY_AE = ["--model.space", "latent", "--model.latent_dim", "8", "--model.autoen
            "--model.autoencoder_heads", "2"]
 
 
-def _refused(args: list[str], capsys) -> str:
-    """Run a command that must be refused; return its message (SystemExit text or stderr)."""
-    try:
-        rc = main(args)
-    except SystemExit as exit_:
-        rc, msg = exit_.code, str(exit_.code)
-    else:
-        msg = ""
-    assert rc not in (0, None)
-    return msg + capsys.readouterr().err
 
 
 def _train(store, root, steps: int, extra: list[str]):
@@ -119,7 +110,7 @@ def test_latent_pdiff_trains_and_prompts_without_start_or_target(pdiff_ckpt, tmp
 
 @pytest.mark.parametrize("start", ["random", "some.safetensors"])
 def test_start_free_model_refuses_a_start(start, start_free_ckpt, tmp_path, capsys):
-    assert "start-free" in _refused(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--start", start,
+    assert "start-free" in refused(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--start", start,
                                      "--out", str(tmp_path / "o"), "--steps", "1"], capsys)
     assert not (tmp_path / "o" / "results.json").exists()
 
@@ -129,7 +120,7 @@ def test_start_free_conditional_model_prompts_and_needs_a_target(start_free_ckpt
     assert main(["prompt", "--ckpt", str(start_free_ckpt), "--target", "0.3", "--num", "2", "--out", str(out),
                  "--steps", "2"]) == 0
     assert [r["target"] for r in json.loads((out / "results.json").read_text())["records"]] == [0.3, 0.3]
-    assert "--target is required" in _refused(["prompt", "--ckpt", str(start_free_ckpt), "--out", str(tmp_path / "x"),
+    assert "--target is required" in refused(["prompt", "--ckpt", str(start_free_ckpt), "--out", str(tmp_path / "x"),
                                                "--steps", "1"], capsys)
 
 
