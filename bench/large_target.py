@@ -23,7 +23,6 @@ from pathlib import Path
 
 import timm
 import torch
-from torch import nn
 
 from checkpoints_dataset.params import float_layer_shapes
 from gpt_params.diffusion import Diffusion, sample

@@ -225,7 +225,7 @@ def weight_matching(reference: Tensor, other: Tensor, spec: PermutationSpec | Ma
     spec = as_spec(spec)
     ref = check_params(reference, spec.num_params, what="reference")[0].double()
     oth = check_params(other, spec.num_params, what="other")[0].double()
-    offs, ref_t, oth_t, off = {}, {}, {}, 0
+    ref_t, oth_t, off = {}, {}, 0
     for name, shape in spec.layer_shapes.items():
         n = math.prod(shape)
         ref_t[name], oth_t[name] = ref[off:off + n].reshape(shape), oth[off:off + n].reshape(shape)

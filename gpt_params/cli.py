@@ -7,7 +7,6 @@ runs the embedded default: configs/digits_mlp.yaml (the store is built when miss
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from checkpoints_dataset import get_task
 from gpt_params.cli import CONFIG_DIR, main
 
-from conftest import QUIET, TINY_MODEL, refused, train_args as _train_args
+from conftest import refused, train_args as _train_args
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,6 @@ class ClassificationTask(Task):
         from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
 
         device = torch.device(device)
-        R = len(hparams)
         x_train, y_train = (t.to(device) for t in self.split("train"))
         batch = min(config.batch_size, len(y_train))
         steps_per_epoch = len(y_train) // batch
