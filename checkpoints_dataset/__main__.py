@@ -23,16 +23,18 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m checkpoints_dataset build",
+def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Train many runs of a task at once and save their checkpoints "
                                             "into a store (resumable; shardable with --shard I/N).")
     p.add_argument("--task", default="digits_mlp",
                    help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or 'pkg.module:TaskClass'")
     p.add_argument("--out", required=True, help="store directory (created; an existing build resumes)")
-    p.add_argument("--runs", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=256, help="training runs, each with its own seed and "
+                   "hyperparameters (default 256)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole build: the same seed gives the same "
+                   "runs, interrupted or not (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="build part I of N (groups g with g %% N == I)")
     p.add_argument("--group-size", type=int, default=PopulationConfig.group_size, help="runs trained together")
@@ -46,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["build"]:
         argv = argv[1:]
-    parser = build_parser()
+    parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
     kwargs = {"data_dir": args.data_dir} if args.data_dir is not None else {}
     try:

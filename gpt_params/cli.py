@@ -263,7 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if verb == "evaluate":
             return evaluate(rest)
         from checkpoints_dataset.__main__ import main as build_main
-        return build_main(rest) or 0
+        return build_main(rest, prog="gpt-params build-dataset") or 0
     except SystemExit as exit_:                # argparse and our checks: a message means bad input
         if not isinstance(exit_.code, str):
             raise
