@@ -74,8 +74,14 @@ def _atomic_write(path: Path, write, *, exclusive: bool = False) -> bool:
     return True
 
 
-def _json_bytes(obj) -> bytes:
-    return json.dumps(obj, indent=1, allow_nan=True).encode()
+def _json_bytes(obj, allow_nan: bool = True) -> bytes:
+    return json.dumps(obj, indent=1, allow_nan=allow_nan).encode()
+
+
+def write_json_atomic(path, obj, *, allow_nan: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, rename): readers see the old file
+    or the new one, never a half-written one."""
+    _atomic_write(Path(path), lambda f: f.write(_json_bytes(obj, allow_nan)))
 
 
 # ----------------------------------------------------------------------------- manifest

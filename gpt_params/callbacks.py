@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
+from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector, vector_to_tensors
 
 
 class GeneratorEMA(EMAWeightAveraging):
@@ -153,11 +153,8 @@ class ParameterPrompter(pl.Callback):
         g = torch.Generator().manual_seed(self.seed + len(self.history))
         new = gen.generate(vec[None], torch.tensor([start_metric]), torch.tensor([self.target]),
                            sampler=self.sampler, steps=self.steps, guidance=self.guidance, generator=g)[0].cpu()
-        offset = 0
-        for name, shape in gen.layer_shapes.items():                          # write back in place
-            n = int(torch.tensor(shape).prod()) if shape else 1
-            state[prefix + name].copy_(new[offset:offset + n].view(shape))
-            offset += n
+        for name, t in vector_to_tensors(new[None], gen.layer_shapes).items():   # write back in place
+            state[prefix + name].copy_(t[0])
         after = self._metric(pl_module, new)
         record = {"epoch": trainer.current_epoch, "target": self.target, "before": before, "after": after}
         self.history.append(record)

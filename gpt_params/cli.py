@@ -164,8 +164,25 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate(argv: list[str]) -> int:
+def _store_and_task(gen, args):
+    """The store to evaluate on (--store, else the generator's) and its task, both checked against the
+    generator's architecture."""
     from checkpoints_dataset.store import open_store
+
+    store_root = args.store or gen.store_root
+    if store_root is None or not Path(store_root).exists():
+        raise SystemExit(f"the checkpoint's store {store_root} is not there; pass --store DIR")
+    store = open_store(store_root)
+    if dict(store.layer_shapes) != gen.layer_shapes:
+        raise SystemExit(f"the store at {store_root} holds another architecture than the generator's; "
+                         "pass the --store it was trained on")
+    task = gen.make_task(args.task or store.task, data_dir=args.data_dir, evaluator=args.evaluator)
+    if task is None:
+        raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
+    return store, task
+
+
+def evaluate(argv: list[str]) -> int:
     from gpt_params.evaluate import evaluate_all
     from gpt_params.prompting import Generator, _prepare_report_dir
 
@@ -179,16 +196,7 @@ def evaluate(argv: list[str]) -> int:
     if args.compare is not None:
         return _evaluate_compare(args)
     gen = Generator.load(args.ckpt, device=args.device)
-    store_root = args.store or gen.store_root
-    if store_root is None or not Path(store_root).exists():
-        raise SystemExit(f"the checkpoint's store {store_root} is not there; pass --store DIR")
-    store = open_store(store_root)
-    if dict(store.layer_shapes) != gen.layer_shapes:
-        raise SystemExit(f"the store at {store_root} holds another architecture than the generator's; "
-                         "pass the --store it was trained on")
-    task = gen.make_task(args.task or store.task, data_dir=args.data_dir, evaluator=args.evaluator)
-    if task is None:
-        raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
+    store, task = _store_and_task(gen, args)
     out = Path(args.out)
     _prepare_report_dir(out, args.overwrite)
     writer = None
@@ -207,8 +215,6 @@ def evaluate(argv: list[str]) -> int:
 
 def _evaluate_compare(args) -> int:
     """`gpt-params evaluate --compare NAME=CKPT ...`: one table over the modes (gpt_params.evaluate_modes)."""
-    from checkpoints_dataset.store import open_store
-    from checkpoints_dataset.tasks import get_task
     from gpt_params.evaluate_modes import compare_modes
     from gpt_params.prompting import Generator, _prepare_out
 
@@ -222,15 +228,8 @@ def _evaluate_compare(args) -> int:
         ckpts[name] = path
     out = Path(args.out)
     _prepare_out(out, args.overwrite, marker="modes.json")
-    store_root = args.store or Generator.load(next(iter(ckpts.values()))).store_root
-    if store_root is None or not Path(store_root).exists():
-        raise SystemExit(f"the checkpoint's store {store_root} is not there; pass --store DIR")
-    store = open_store(store_root)
-    task_name = args.task or store.task
-    if task_name is None:
-        raise SystemExit("this store has no task (recorded by another project): pass --task pkg.module:Class")
-    options = {k: v for k, v in dict(data_dir=args.data_dir, evaluator=args.evaluator).items() if v is not None}
-    report = compare_modes(ckpts, get_task(task_name, **options), store, out, runs=args.runs, sampler=args.sampler,
+    store, task = _store_and_task(Generator.load(next(iter(ckpts.values()))), args)
+    report = compare_modes(ckpts, task, store, out, runs=args.runs, sampler=args.sampler,
                            steps=args.steps, guidance=args.guidance, device=args.device)
     print(report["markdown"])
     for note in report["notes"]:

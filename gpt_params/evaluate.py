@@ -21,7 +21,6 @@ prompts (their alignment measures the absence of control). Both are noted in the
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from checkpoints_dataset.store import write_json_atomic
 from gpt_params import evaluate_plots as plots
 from gpt_params.evaluate_common import (at_least_as_good, best_value, generate, has_data, held_out_runs,
                                         metric_of, run_endpoints, start_points, summary, to_json)
@@ -251,15 +251,6 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [f"Note: {n}" for n in report.get("notes", [])]
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: str = "ddim", steps: int = 50,
                  guidance: float = 1.0, device=None, tb_logger=None, sections: Sequence[Section] = SECTIONS,
                  seed: int = 0, global_step: int = 0, options: dict[str, dict] | None = None,
@@ -323,5 +314,5 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
     report["notes"] = list(notes)
     report = to_json(report)
     report["summary"] = summary_lines(report)
-    _write_json_atomic(out_dir / "report.json", report)
+    write_json_atomic(out_dir / "report.json", report, allow_nan=False)
     return report

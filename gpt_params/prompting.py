@@ -11,9 +11,7 @@ an unconditional one (``conditional`` False) ignores the target metric.
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -180,18 +178,10 @@ def _prepare_report_dir(out: Path, overwrite: bool) -> None:
     _prepare_out(out, overwrite, marker="report.json")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_prompt(args) -> int:
     """The `gpt-params prompt` program (arguments: see gpt_params.cli._prompt_parser)."""
     from checkpoints_dataset.params import state_dict_to_vector
+    from checkpoints_dataset.store import write_json_atomic
 
     if args.num < 1:
         raise SystemExit(f"--num must be at least 1 (got {args.num})")
@@ -253,7 +243,7 @@ def run_prompt(args) -> int:
         if achieved is not None:
             rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
         records.append(rec)
-    _write_json_atomic(out / "results.json", {"metric": gen.metric, "records": records})
+    write_json_atomic(out / "results.json", {"metric": gen.metric, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0
