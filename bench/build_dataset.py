@@ -5,9 +5,10 @@ evaluation included. Loop: the same runs (same init, hyperparameters, batch orde
 trained one after another as a plain ``nn.Module`` with ``torch.optim`` and scored with the plain model at
 each checkpoint; only the first ``--loop-runs`` runs are timed, to keep the benchmark short. Both report
 model-steps per second (optimizer steps summed over runs; by default only the init and last
-checkpoints are scored, see --checkpoints); the LAST line printed is the ratio, e.g. ``17.3x``.
+checkpoints are scored, see --checkpoints); ``--rounds`` rounds each time the loop side just before and just
+after the vectorized build, and the LAST line printed is the median ratio, e.g. ``17.3x``.
 
-    python bench/build_dataset.py [--task digits_mlp] [--runs 256] [--epochs 20] [--device cpu]
+    python bench/build_dataset.py [--task digits_mlp] [--runs 256] [--epochs 20] [--device cpu] [--threads N]
 """
 from __future__ import annotations
 
@@ -67,8 +68,11 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoints", type=int, default=2,
                    help="checkpoints per run, each scored on every split on both sides (default 2: init and last, "
                         "so the ratio measures training; scoring costs the same FLOPs either way)")
-    p.add_argument("--loop-runs", type=int, default=6, help="runs timed on the loop side (half before, half after)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides")
+    p.add_argument("--loop-runs", type=int, default=8, help="runs timed on the loop side per round (half before, "
+                   "half after the vectorized build)")
+    p.add_argument("--rounds", type=int, default=3, help="measurement rounds; the last line is the median ratio")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch CPU threads for both sides (default: torch's default, all cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -79,32 +83,32 @@ def main(argv=None) -> None:
     task.train_population(hparams[:2], PopulationConfig(runs=2, epochs=1, num_checkpoints=2), device)  # warm-up
     plain_run(task, hparams[0], PopulationConfig(runs=1, epochs=1, num_checkpoints=2), device)
 
-    def time_loop(runs):  # -> (steps, seconds)
+    def timed(fn):  # -> seconds
         t0 = time.perf_counter()
-        steps = sum(plain_run(task, h, config, device) for h in runs)
+        out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return steps, time.perf_counter() - t0
+        return out, time.perf_counter() - t0
 
-    half = max(1, args.loop_runs // 2)  # loop runs timed before and after the vectorized build (load drift)
-    before = time_loop(hparams[:half])
-    t0 = time.perf_counter()
-    result = task.train_population(hparams, config, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    vec_time = time.perf_counter() - t0
-    vec_rate = args.runs * int(result.steps[-1]) / vec_time
-    after = time_loop(hparams[half:args.loop_runs]) if args.loop_runs > half else (0, 0.0)
-    loop_steps, loop_time = before[0] + after[0], before[1] + after[1]
-    loop_rate = loop_steps / loop_time
-
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()} threads, "
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, "
           f"device={device}, torch {torch.__version__}")
-    print(f"task {task.name}: {args.runs} runs x {args.epochs} epochs = {int(result.steps[-1])} steps/run, "
-          f"{len(result.steps)} checkpoints/run (evaluation included on both sides)")
-    print(f"vectorized: {args.runs} runs in {vec_time:.1f} s = {vec_rate:,.0f} model-steps/s")
-    print(f"loop      : {max(args.loop_runs, half)} runs in {loop_time:.1f} s = {loop_rate:,.0f} model-steps/s")
-    print(f"{vec_rate / loop_rate:.1f}x")
+    print(f"task {task.name}: {args.runs} runs x {args.epochs} epochs, {args.checkpoints} checkpoints/run scored on "
+          f"both sides; loop side: {args.loop_runs} of the same runs per round, half before and half after")
+    half = max(1, args.loop_runs // 2)
+    ratios = []
+    for i in range(args.rounds):  # the loop side brackets the vectorized build: load drift hits both sides
+        loop_runs = hparams[(i * args.loop_runs) % args.runs:][:args.loop_runs] or hparams[:args.loop_runs]
+        before = timed(lambda: sum(plain_run(task, h, config, device) for h in loop_runs[:half]))
+        result, vec_time = timed(lambda: task.train_population(hparams, config, device))
+        after = timed(lambda: sum(plain_run(task, h, config, device) for h in loop_runs[half:]))
+        vec_rate = args.runs * int(result.steps[-1]) / vec_time
+        loop_rate = (before[0] + after[0]) / (before[1] + after[1])
+        ratios.append(vec_rate / loop_rate)
+        print(f"round {i + 1}: vectorized {args.runs} runs in {vec_time:.1f} s = {vec_rate:,.0f} model-steps/s; "
+              f"loop {len(loop_runs)} runs in {before[1] + after[1]:.1f} s = {loop_rate:,.0f} model-steps/s; "
+              f"{ratios[-1]:.1f}x")
+    print(f"median of {len(ratios)} rounds:")
+    print(f"{sorted(ratios)[len(ratios) // 2]:.1f}x")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,12 @@ def init_optimizer_state(params: Tensor) -> dict:
     return {"step": 0, "m": torch.zeros_like(params), "v": torch.zeros_like(params)}
 
 
+def adam_first(is_adam: Tensor) -> Tensor:
+    """A stable order of the runs with the Adam runs first: ``optimizer_step`` on runs in this order works on
+    two contiguous blocks (views) instead of gathering and scattering rows."""
+    return torch.argsort((~is_adam.to(torch.bool)).to(torch.uint8), stable=True)
+
+
 def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, lr: Tensor,
                    weight_decay: Tensor, momentum: Tensor, beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
     """One optimizer step for a stack of runs ``params [R, P]``, ``grads [R, P]``; every hyperparameter is a
@@ -132,26 +138,50 @@ def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, 
 
     Runs with ``is_adam`` follow ``torch.optim.AdamW(lr, betas=(momentum, beta2), eps, weight_decay)``;
     the others ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 added to the gradient, no dampening).
-    Returns the new params; ``state`` (from ``init_optimizer_state``) is updated in place.
+    ``params`` and ``state`` (from ``init_optimizer_state``) are updated in place, and ``grads`` is used as
+    scratch; returns ``params``. Runs ordered by ``adam_first`` are updated as two contiguous blocks; any
+    other order costs a gather and a scatter of the rows.
     """
     state["step"] += 1
-    t = state["step"]
-    a = is_adam.to(torch.bool)[:, None]                                   # [R, 1]
-    lr, wd, mom = lr[:, None], weight_decay[:, None], momentum[:, None]   # [R, 1]
-    zero, one = torch.zeros_like(lr), torch.ones_like(lr)
-    g = torch.addcmul(grads, torch.where(a, zero, wd), params)          # [R, P] SGD: L2 in the gradient
-    m = state["m"].mul_(mom).addcmul_(g, torch.where(a, 1 - mom, one))  # Adam: EMA; SGD: momentum buffer
-    v = state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc2 = (1 - beta2 ** t) ** 0.5                    # m/bc1 / (sqrt(v)/bc2 + eps) = bc2/bc1 * m / (sqrt(v) + eps*bc2)
-    direction = v.sqrt().add_(eps * bc2)                                 # [R, P]
-    if bool(a.all()):
-        direction = torch.div(m, direction, out=direction)
-    elif bool(a.any()):
-        direction = torch.where(a, m / direction, m)
+    a = is_adam.to(torch.bool)
+    n = int(a.sum())
+    if bool(a[:n].all()):                                   # Adam rows first: blocks are views
+        blocks = [(slice(0, n), True), (slice(n, None), False)]
     else:
-        direction = m
-    step_size = torch.where(a, lr * bc2 / (1 - mom ** t), lr)            # [R, 1] Adam: bias-corrected
-    return torch.addcmul(params * torch.where(a, 1 - lr * wd, one), direction, -step_size)  # decoupled decay
+        blocks = [(a.nonzero()[:, 0], True), ((~a).nonzero()[:, 0], False)]
+    for rows, adam in blocks:
+        p, g, m, v = (x[rows] for x in (params, grads, state["m"], state["v"]))  # views, or copies of rows
+        if p.shape[0] == 0:
+            continue
+        h = [x[rows][:, None] for x in (lr, weight_decay, momentum)]                    # [r, 1] each
+        (_adamw_ if adam else _sgd_)(p, g, m, v, *h, state["step"], beta2, eps)
+        if not isinstance(rows, slice):
+            for full, part in ((params, p), (state["m"], m), (state["v"], v)):
+                full[rows] = part
+    return params
+
+
+# Each pass below reads and writes whole [r, P] blocks in place: the update is memory-bound, so the number
+# of passes (and of fresh allocations, which page-fault) is what costs.
+
+def _adamw_(p, g, m, v, lr, wd, beta1, t: int, beta2: float, eps: float) -> None:
+    """torch.optim.AdamW's update, in place, with per-run ``lr, wd, beta1 [r, 1]``."""
+    p.mul_(1 - lr * wd)                                     # decoupled weight decay first, as AdamW
+    m.lerp_(g, 1 - beta1)                                   # m = beta1 m + (1 - beta1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step = lr / (1 - beta1 ** t)                            # [r, 1] bias-corrected step size
+    bc2 = (1 - beta2 ** t) ** 0.5
+    # p -= step * m / (sqrt(v) / bc2 + eps)  ==  p -= m / (sqrt(v) * (1 / (step bc2)) + eps / step)
+    denom = torch.sqrt(v, out=g)                            # g is no longer needed: reuse its memory
+    torch.addcmul(eps / step, denom, 1 / (step * bc2), out=denom)
+    p.addcdiv_(m, denom, value=-1.0)
+
+
+def _sgd_(p, g, m, v, lr, wd, momentum, t: int, beta2: float, eps: float) -> None:
+    """torch.optim.SGD's update (L2 in the gradient, momentum without dampening), in place."""
+    g.addcmul_(p, wd)
+    m.mul_(momentum).add_(g)                                # the first step gives m = g, as torch's buffer
+    p.addcmul_(m, -lr)
 
 
 # ---------------------------------------------------------------- the builder

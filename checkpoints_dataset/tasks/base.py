@@ -196,9 +196,11 @@ class ClassificationTask(Task):
         each epoch a permutation of ``split("train")`` from the same generator, cut into
         ``n // batch_size`` full batches; mean cross-entropy; ``optimizer_step``.
         """
-        from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+        from ..population import GroupResult, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
 
         device = torch.device(device)
+        order = adam_first(torch.tensor([h["optimizer"] == "adam" for h in hparams]))  # trained in this order
+        hparams = [hparams[i] for i in order]
         x_train, y_train = (t.to(device) for t in self.split("train"))
         batch = min(config.batch_size, len(y_train))
         steps_per_epoch = len(y_train) // batch
@@ -268,15 +270,18 @@ class ClassificationTask(Task):
                 if progress is not None and step:
                     progress(steps_per_epoch / total)
             s = step % steps_per_epoch
-            idx = perms[:, s * batch:(s + 1) * batch]                        # [R, B]
-            grads = grad_fn(vector_to_tensors(flat, trainable), x_train[idx], y_train[idx])  # name -> [R, *shape]
+            idx = perms[:, s * batch:(s + 1) * batch].reshape(-1)            # [R*B]
+            xb = x_train.index_select(0, idx).view(len(hparams), batch, *x_train.shape[1:])  # [R, B, ...]
+            yb = y_train.index_select(0, idx).view(len(hparams), batch)     # [R, B]
+            grads = grad_fn(vector_to_tensors(flat, trainable), xb, yb)     # name -> [R, *shape]
             flat = optimizer_step(flat, tensors_to_vector(grads, trainable), state, is_adam,
                                   hp["lr"], hp["weight_decay"], hp["momentum"])   # [R, P']
             step += 1
         if progress is not None:
             progress(steps_per_epoch / total)
+        back = torch.argsort(order)                                          # the caller's run order
         return GroupResult(
-            params=torch.stack(vectors, dim=1),                              # [R, C, P]
+            params=torch.stack(vectors, dim=1)[back],                        # [R, C, P]
             steps=torch.tensor(schedule, dtype=torch.int64),                 # [C]
             epochs=torch.tensor(schedule, dtype=torch.float64) / steps_per_epoch,
-            metrics={m: torch.stack([c[m] for c in metrics], dim=1) for m in self.metric_names})  # [R, C]
+            metrics={m: torch.stack([c[m] for c in metrics], dim=1)[back] for m in self.metric_names})  # [R, C]

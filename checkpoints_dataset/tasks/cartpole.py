@@ -341,7 +341,7 @@ class CartpoleTask(Task):
         snapshots = []
         for step in range(total + 1):
             if step in schedule:
-                snapshots.append(theta.float().cpu())
+                snapshots.append(theta.to("cpu", torch.float32, copy=True))  # theta is updated in place
             if step == total:
                 break
             noise = torch.stack([torch.randn(n // 2, self.num_params, generator=g) for g in gens]).to(device)  # [R, n/2, P]
