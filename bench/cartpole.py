@@ -7,7 +7,8 @@ the numpy-vectorized CartPole), stepped until every first episode has ended; our
 ``batched_returns`` (finished episodes dropped). Steps counted are the episodes' own steps (the sum of
 the returns, identical on both sides and checked), so steps/s is the rate of useful evaluation work.
 Policies: half random inits scaled by U(0.5, 3), half a lean-following controller plus noise, so
-returns spread from ~9 to 500 like a checkpoint dataset's. The LAST printed line is the speed ratio.
+returns spread from ~9 to 500 like a checkpoint dataset's. ``--rounds`` rounds time both sides one after
+the other; the LAST printed line is the median speed ratio.
 
     python bench/cartpole.py --policies 4096
 """
@@ -65,6 +66,7 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=1, help="episodes per policy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--rounds", type=int, default=3, help="measurement rounds; the last line is the median ratio")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,22 +78,27 @@ def main(argv=None):
 
     batched_returns(task._model, params[:64], task.layer_shapes, starts_t[:64])  # warm-up
     gymnasium_vector_returns(task, params[:64], starts[:64])
-    t0 = time.perf_counter()
-    ours = batched_returns(task._model, params, task.layer_shapes, starts_t).numpy()  # [K, E]
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    theirs, raw = gymnasium_vector_returns(task, params, starts)
-    t_gym = time.perf_counter() - t0
-    if not np.array_equal(ours, theirs):
-        raise SystemExit(f"returns differ on {(ours != theirs).sum()} of {ours.size} episodes")
-    steps = int(ours.sum())
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gymnasium {gymnasium.__version__}")
-    print(f"{K} policies x {E} episodes, returns mean {ours.mean():.1f} (min {ours.min():.0f}, max {ours.max():.0f}), "
-          f"{steps} episode steps (identical on both sides)")
-    print(f"batched torch     : {t_ours:7.2f} s  {steps / t_ours:12,.0f} steps/s")
-    print(f"gymnasium vector  : {t_gym:7.2f} s  {steps / t_gym:12,.0f} steps/s  ({raw / t_gym:,.0f} raw env steps/s)")
-    print(f"{t_gym / t_ours:.1f}x")
+    ratios = []
+    for i in range(args.rounds):  # the two sides alternate within a round: load drift hits both
+        t0 = time.perf_counter()
+        ours = batched_returns(task._model, params, task.layer_shapes, starts_t).numpy()  # [K, E]
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        theirs, raw = gymnasium_vector_returns(task, params, starts)
+        t_gym = time.perf_counter() - t0
+        if not np.array_equal(ours, theirs):
+            raise SystemExit(f"returns differ on {(ours != theirs).sum()} of {ours.size} episodes")
+        steps = int(ours.sum())
+        if i == 0:
+            print(f"{K} policies x {E} episodes, returns mean {ours.mean():.1f} (min {ours.min():.0f}, max "
+                  f"{ours.max():.0f}), {steps} episode steps (identical on both sides), {raw} raw gymnasium env steps")
+        ratios.append(t_gym / t_ours)
+        print(f"round {i + 1}: batched torch {t_ours:.2f} s = {steps / t_ours:,.0f} steps/s; gymnasium vector "
+              f"{t_gym:.2f} s = {steps / t_gym:,.0f} steps/s ({raw / t_gym:,.0f} raw env steps/s); {ratios[-1]:.1f}x")
+    print(f"median of {len(ratios)} rounds:")
+    print(f"{sorted(ratios)[len(ratios) // 2]:.1f}x")
 
 
 if __name__ == "__main__":
