@@ -1,6 +1,9 @@
 """Train one generator per mode on a tiny CPU budget and compare them in one table (issue 8).
 
     python bench/compare_modes.py --store data/digits_mlp --out runs/bench_modes
+    python bench/compare_modes.py --store data/fashion_cnn_64 --out runs/bench_modes_fashion --steps 600
+
+(any store works: its task replaces the config's digits_mlp).
 
 Modes: params+start (G.pt-style, the default), latent+start, and p-diff (latent, start-free,
 unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-time cap), then
@@ -28,13 +31,15 @@ MODES = {
 def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: int) -> None:
     torch.set_num_threads(1)
     config = Path(__file__).with_name("modes_digits.yaml")
+    task = open_store(store).task                          # the config names digits_mlp; the store decides
     ckpts = {}
     for i, (name, extra) in enumerate(MODES.items()):
         root = Path(out) / f"mode{i}"
         last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
         if not last:
             total = steps + (ae_steps if "latent" in extra else 0)   # the same DiT steps for every mode
-            assert main(["train", "--config", str(config), "--data.root", store, "--trainer.default_root_dir",
+            assert main(["train", "--config", str(config), "--data.root", store, "--data.task", task,
+                         "--trainer.default_root_dir",
                          str(root), "--trainer.max_steps", str(total), "--model.autoencoder_steps", str(ae_steps),
                          "--trainer.max_time", max_time,
                          "--final_eval_runs", "0", *extra]) == 0

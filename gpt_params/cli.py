@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from gpt_params.data import ParameterDataModule
@@ -27,17 +27,16 @@ VERBS = ("build-dataset", "train", "prompt", "evaluate")
 
 
 # ---------------------------------------------------------------------------------------------- train
-class LastOnException(OnExceptionCheckpoint):
-    """Lightning's OnExceptionCheckpoint (Ctrl-C included) writing ``last.ckpt`` next to the other
-    checkpoints, so that every run, however it stops, leaves a last.ckpt to resume from."""
-
-    def __init__(self) -> None:
-        super().__init__(dirpath=".", filename="last")
+class LastOnException(Callback):
+    """On an exception (Ctrl-C included) save ``last.ckpt`` next to the run's other checkpoints, so that every
+    run, however it stops, leaves a last.ckpt to resume from. (Not Lightning's OnExceptionCheckpoint: with one
+    in the trainer, ``fit(ckpt_path=None)`` resumes from whatever ``last.ckpt`` it finds, and its teardown
+    deletes the file at its path, ./last.ckpt before any exception.)"""
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            self.dirpath = trainer.checkpoint_callback.dirpath
-        super().on_exception(trainer, pl_module, exception)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 
 class GeneratorCLI(LightningCLI):

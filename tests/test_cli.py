@@ -173,3 +173,18 @@ def test_resume_onto_a_store_of_another_architecture_is_refused(trained, tmp_pat
                                                                    num_checkpoints=3), progress=False)
     rc = main(_train_args(other, tmp_path / "run", steps=14, extra=["--ckpt_path", str(trained)]))
     assert rc == 2 and "another architecture" in capsys.readouterr().err
+
+
+def test_a_last_ckpt_in_the_working_directory_is_neither_resumed_nor_deleted(trained, tiny_digits_store, tmp_path,
+                                                                             monkeypatch):
+    """Lightning's OnExceptionCheckpoint turns fit(ckpt_path=None) into "last" (resuming from ./last.ckpt) and
+    deletes its file at teardown; our exception checkpoint must do neither."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(trained, tmp_path / "last.ckpt")                # someone's file, a 12-step generator
+    before = (tmp_path / "last.ckpt").read_bytes()
+    assert main(_train_args(tiny_digits_store, tmp_path / "run", steps=3, extra=["--final_eval_runs", "0"])) == 0
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+    new = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert torch.load(new, map_location="cpu", weights_only=True)["global_step"] == 3   # a fresh run, not resumed
