@@ -96,9 +96,9 @@ def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX
     """Run B episodes to their end and return their undiscounted returns ``[B]`` float64.
 
     ``owner [B]`` (non-decreasing) is the policy of each episode, ``init_states [B, 4]`` float64 their
-    starts. Episodes live in a *packing*: rows of L slots, each row holding episodes of one policy
-    (L chosen by ``_packing``), so ``act(obs [K'', L, 4],
-    row_policy [K''])`` returns the actions ``[K'', L]`` with one weight read per row. The dynamics step
+    starts. Episodes live in a *packing*: rows of L slots, each row holding episodes of one policy (L
+    chosen by ``_packing``), so ``act(obs [K'', L, 4], row_policy [K''])`` returns the actions ``[K'', L]``
+    with one weight read per row. The dynamics step
     every slot; a finished episode's slot keeps stepping, ignored, until fewer than ``min_fill`` of the
     episodes packed last are unfinished, and then the unfinished ones are re-packed (and the policy's
     weights re-gathered). Between re-packings a step costs no gather or scatter at all.
