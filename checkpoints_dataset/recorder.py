@@ -1,9 +1,10 @@
 """CheckpointRecorder: a Lightning callback that turns any training into a checkpoint dataset.
 
 Add it to a Trainer and each ``fit`` becomes one run of a store at ``out_dir`` (the format of store.py):
-the initial checkpoint at the start of training (metrics not logged yet are NaN there), then one checkpoint
-every ``every_n_epochs`` epochs and/or every ``every_n_steps`` optimizer steps, each with the chosen logged
-metrics (``trainer.callback_metrics``). A fit resumed from a Lightning checkpoint (``ckpt_path=...``)
+the initial checkpoint at the start of training, then one checkpoint every ``every_n_epochs`` epochs and/or
+every ``every_n_steps`` optimizer steps, each with the chosen logged metrics (``trainer.callback_metrics``).
+A metric not logged yet is stored as NaN (the initial checkpoint's, or an epoch-level metric before the first
+epoch ends) and does not drop the checkpoint; a logged non-finite value does. A fit resumed from a Lightning checkpoint (``ckpt_path=...``)
 continues its own run: the run id lives in the callback's state. Only global rank zero writes.
 
 Checkpoints are buffered in memory and written as one shard per run segment (every ``flush_every``
@@ -79,7 +80,7 @@ class CheckpointRecorder(pl.Callback):
         self.run_id: int | None = None
         self._resumed = False
         self._names: list[str] = []
-        self._buffer: list[tuple[np.ndarray, int, float, list[float], bool]] = []
+        self._buffer: list[tuple[np.ndarray, int, float, list[float], list[bool]]] = []
         self._last_step = -1
 
     @property
@@ -111,7 +112,8 @@ class CheckpointRecorder(pl.Callback):
         vec = torch.cat([sd[n].detach().reshape(-1).float().cpu() for n in self._names]).numpy()  # [P]
         logged = trainer.callback_metrics
         values = [float(logged[m]) if m in logged else math.nan for m in self.metric_names]
-        self._buffer.append((vec, step, epoch, values, initial))
+        not_yet = [initial or m not in logged for m in self.metric_names]   # NaN allowed: nothing logged yet
+        self._buffer.append((vec, step, epoch, values, not_yet))
         self._last_step = step
         if len(self._buffer) >= self.flush_every:
             self.flush()
@@ -120,12 +122,12 @@ class CheckpointRecorder(pl.Callback):
         """Write the buffered checkpoints as one shard and refresh the manifest."""
         if not self._buffer or self.run_id is None:
             return
-        vecs, steps, epochs, values, initial = zip(*self._buffer)
+        vecs, steps, epochs, values, not_yet = zip(*self._buffer)
         values = np.array(values, np.float64).reshape(len(steps), len(self.metric_names))  # [n, M]
         name = f"run{self.run_id:06d}-step{steps[0]:09d}-{steps[-1]:09d}-{uuid.uuid4().hex[:6]}"
         write_shard(self.out_dir, name, params=np.stack(vecs), run_ids=[self.run_id] * len(steps), steps=steps,
                     epochs=epochs, metrics={m: values[:, j] for j, m in enumerate(self.metric_names)},
-                    nan_metrics_ok=initial)
+                    nan_metrics_ok=np.array(not_yet, bool).reshape(len(steps), len(self.metric_names)))
         self._buffer.clear()
         finalize_store(self.out_dir)
 

@@ -159,8 +159,9 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
                 nan_metrics_ok=None) -> int:
     """Write one shard atomically (params file first, its index last) and return the number of rows dropped.
 
-    Rows with non-finite parameters or metrics are dropped and counted; ``nan_metrics_ok`` (bool [n]) marks
-    rows whose NaN metrics are allowed (the recorder's initial checkpoint, where nothing is logged yet).
+    Rows with non-finite parameters or metrics are dropped and counted; ``nan_metrics_ok`` (bool ``[n]`` per
+    row, or ``[n, M]`` per row and metric) marks the NaN metrics that are allowed (the recorder's metrics
+    not logged yet).
     """
     root = Path(root)
     manifest = _read_manifest(root)
@@ -182,7 +183,8 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     ok_params = np.isfinite(stored).all(axis=1)
     mvals = np.stack([cols[f"metric/{m}"] for m in manifest["metric_names"]], 1) if manifest["metric_names"] else np.zeros((n, 0))
     nan_ok = np.zeros(n, bool) if nan_metrics_ok is None else np.asarray(nan_metrics_ok, bool)
-    ok_metrics = (np.isfinite(mvals) | (np.isnan(mvals) & nan_ok[:, None])).all(axis=1)
+    nan_ok = nan_ok[:, None] if nan_ok.ndim == 1 else nan_ok                                # [n, 1] or [n, M]
+    ok_metrics = (np.isfinite(mvals) | (np.isnan(mvals) & nan_ok)).all(axis=1)
     keep = ok_params & ok_metrics
     if not keep.all():
         stored, cols = stored[keep], {k: v[keep] for k, v in cols.items()}

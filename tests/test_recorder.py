@@ -87,6 +87,25 @@ def test_every_n_steps_and_include(tmp_path):
     store = open_store(tmp_path / "s")
     assert list(store.layer_shapes) == ["net.2.weight", "net.2.bias"]
     assert store.permutation_spec is None  # the hidden group also moves net.0.*, which is not recorded
-    # steps 3 (epoch 0, train_loss not logged yet: dropped) and 6 recorded after the initial checkpoint
-    assert store.steps.tolist() == [0, 6] and store.manifest["dropped"]["nonfinite_metrics"] == 1
-    assert store.epochs[1] == pytest.approx(1.5)
+    # steps 3 (epoch 0: the epoch-level train_loss is not logged yet, NaN and kept) and 6 after the initial one
+    assert store.steps.tolist() == [0, 3, 6] and store.manifest["dropped"]["nonfinite_metrics"] == 0
+    loss = store.metrics(np.arange(3))["train_loss"]
+    assert math.isnan(loss[0]) and math.isnan(loss[1]) and math.isfinite(loss[2])
+    assert store.epochs[2] == pytest.approx(1.5)
+
+
+class DivergingModule(TinyModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("bad", float("nan") if self.current_epoch == 1 else 1.0, on_epoch=True, on_step=False)
+        return loss
+
+
+def test_a_logged_nan_drops_the_checkpoint(tmp_path):
+    rec = CheckpointRecorder(tmp_path / "s", metrics=["bad"], every_n_epochs=1)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[rec], enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, accelerator="cpu", enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(DivergingModule(), _loader(0))
+    store = open_store(tmp_path / "s")
+    assert store.steps.tolist() == [0, 4, 12] and store.manifest["dropped"]["nonfinite_metrics"] == 1
