@@ -37,8 +37,8 @@ from train_throughput import bench_store, sync
 SETTINGS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 50), ("ddim", 10), ("dpm++", 10)]
 EMA_CONFIG = """trainer:
   callbacks:
-    - class_path: pytorch_lightning.callbacks.EMAWeightAveraging
-      init_args: {decay: 0.995, update_starting_at_step: %d}
+    - class_path: gpt_params.callbacks.GeneratorEMA
+      init_args: {decay: 0.995, start_fraction: null, update_starting_at_step: %d}
 """
 
 

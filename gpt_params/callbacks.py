@@ -8,25 +8,39 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch.optim.swa_utils import get_ema_avg_fn
 
 from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector, vector_to_tensors
 
 
-class GeneratorEMA(EMAWeightAveraging):
-    """Lightning's ``EMAWeightAveraging`` whose updates start after ``start_fraction`` of ``max_steps``
-    (the same config then suits a 12-step test and a 100k-step run). Prompting uses these weights: the
-    checkpoint's ``state_dict`` holds the average, and it is copied into the model when training ends."""
+def ema_of_floats(decay: float) -> Callable:
+    """An ``avg_fn`` for ``AveragedModel``: the EMA of floating-point tensors; other tensors (token ids, masks)
+    are copied. (The plain EMA of an integer buffer truncates: 0.95 * 13 + 0.05 * 13 = 12.999... -> 12.)"""
+    ema = get_ema_avg_fn(decay)
 
-    def __init__(self, decay: float = 0.995, start_fraction: float = 0.1, **kwargs) -> None:
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        return ema(averaged, current, num_averaged) if averaged.is_floating_point() else current
+    return avg
+
+
+class GeneratorEMA(EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` for generators: its updates start after ``start_fraction`` of
+    ``max_steps`` (the same config then suits a 12-step test and a 100k-step run; ``start_fraction: null``
+    keeps ``update_starting_at_step``), and it averages floating-point tensors only, copying the generator's
+    integer buffers (token ids) instead of rounding them. Prompting uses these weights: the checkpoint's
+    ``state_dict`` holds the average, and it is copied into the model when training ends."""
+
+    def __init__(self, decay: float = 0.995, start_fraction: Optional[float] = 0.1, **kwargs) -> None:
         super().__init__(decay=decay, **kwargs)
-        if not 0.0 <= start_fraction < 1.0:
+        if start_fraction is not None and not 0.0 <= start_fraction < 1.0:
             raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
         self.start_fraction = start_fraction
+        self._kwargs["avg_fn"] = ema_of_floats(decay)   # handed to AveragedModel by WeightAveraging.setup
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if trainer.max_steps and trainer.max_steps > 0:
+        if self.start_fraction is not None and trainer.max_steps and trainer.max_steps > 0:
             self.update_starting_at_step = int(self.start_fraction * trainer.max_steps)
 
 

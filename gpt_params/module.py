@@ -207,8 +207,15 @@ class GeneratorModule(pl.LightningModule):
         of training, so an EMA starting after the last step would hand back the untrained weights."""
         from pytorch_lightning.callbacks import EMAWeightAveraging
 
+        from gpt_params.callbacks import GeneratorEMA
+
         max_steps = self.trainer.max_steps
         for cb in self.trainer.callbacks:
+            if (isinstance(cb, EMAWeightAveraging) and not isinstance(cb, GeneratorEMA)
+                    and getattr(cb, "_use_buffers", False) and any(not b.is_floating_point() for b in self.buffers())):
+                raise ValueError("EMAWeightAveraging would average the generator's integer buffers (token ids) and "
+                                 "round them down; use gpt_params.callbacks.GeneratorEMA (the same options, "
+                                 "floating-point tensors only) in trainer.callbacks instead")
             start = getattr(cb, "update_starting_at_step", None)
             if isinstance(cb, EMAWeightAveraging) and start is not None and 0 < max_steps <= start:
                 raise ValueError(f"EMAWeightAveraging starts at step {start} but training stops at step "

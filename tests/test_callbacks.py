@@ -71,3 +71,26 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
     events.Reload()
     assert "alignment/prompted_vs_achieved" in events.Tags()["images"]
     assert "val/alignment" in events.Tags()["scalars"]
+
+
+def test_generator_ema_keeps_integer_buffers_and_plain_ema_is_refused(tiny_digits_store, tmp_path):
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    from gpt_params.callbacks import GeneratorEMA
+
+    data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
+
+    def fit(ema):
+        model = GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2)
+        ints = {n: b.clone() for n, b in model.named_buffers() if not b.is_floating_point()}
+        trainer = pl.Trainer(max_steps=30, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[ema],
+                             default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data)
+        return model, ints
+
+    # decay 0.95 from the first step: the plain EMA turns token id 13 into 12 within a few updates
+    model, ints = fit(GeneratorEMA(decay=0.95, start_fraction=0.0))
+    assert ints and all(torch.equal(dict(model.named_buffers())[n], b) for n, b in ints.items())
+    with pytest.raises(ValueError, match="GeneratorEMA"):
+        fit(EMAWeightAveraging(decay=0.95))
