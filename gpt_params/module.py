@@ -157,8 +157,9 @@ class GeneratorModule(pl.LightningModule):
             self._log_reconstruction_gap(batch["target"])
         return loss
 
-    def _log_reconstruction_gap(self, params: torch.Tensor) -> None:
-        """val/ae_<metric>_gap: mean |metric(reconstructed) - metric(original)| on the first val batch."""
+    def _log_reconstruction_gap(self, params: torch.Tensor, max_networks: int = 16) -> None:
+        """val/ae_<metric>_gap: mean |metric(reconstructed) - metric(original)| on the first ``max_networks``
+        of the first val batch (scoring networks can cost far more than a training step)."""
         task_name = self.hparams.data_info.get("task")
         if task_name is None:
             return
@@ -166,11 +167,15 @@ class GeneratorModule(pl.LightningModule):
         from gpt_params.autoencoder import reconstruction_quality
 
         metric = self.hparams.data_info["metric"]
-        try:
-            task = get_task(task_name, **(self.hparams.data_info.get("task_kwargs") or {}))
-        except Exception:  # a user task that cannot be imported here: no task-metric report
+        if getattr(self, "_gap_task", None) is None:   # built once: a task may load its data set
+            try:
+                self._gap_task = get_task(task_name, **(self.hparams.data_info.get("task_kwargs") or {}))
+            except Exception:  # a user task that cannot be imported here: no task-metric report
+                self._gap_task = False
+        if self._gap_task is False:
             return
-        q = reconstruction_quality(self.autoencoder, self.tokenizer, task, params, [metric], device=self.device)
+        q = reconstruction_quality(self.autoencoder, self.tokenizer, self._gap_task, params[:max_networks], [metric],
+                                   device=self.device)
         self.log(f"val/ae_{metric}_gap", q["metrics"][metric]["abs_diff_mean"], on_epoch=True, sync_dist=True)
 
     def _encode(self, params: torch.Tensor) -> torch.Tensor:
