@@ -2,8 +2,9 @@
 
     python bench/compare_modes.py --store data/digits_mlp --out runs/bench_modes
     python bench/compare_modes.py --store data/fashion_cnn_64 --out runs/bench_modes_fashion --steps 600
+    python bench/compare_modes.py --combine runs/bench_modes runs/bench_modes_fashion --out runs/bench_modes_all
 
-(any store works: its task replaces the config's digits_mlp).
+(any store works: its task replaces the config's digits_mlp; --combine prints one table of several).
 
 Modes: params+start (G.pt-style, the default), latent+start, and p-diff (latent, start-free,
 unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-time cap), then
@@ -12,6 +13,7 @@ unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-ti
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -52,6 +54,22 @@ def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: in
         print("note:", note)
 
 
+def combine(outs: list[str], dest: str) -> None:
+    """One table of several comparisons (e.g. digits_mlp and fashion_cnn): rows of each OUT/compare/modes.json,
+    the mode prefixed with its task; written to DEST/modes_all.md and printed."""
+    from gpt_params.evaluate_modes import markdown_table
+
+    rows, metrics = [], set()
+    for out in outs:
+        report = json.loads((Path(out) / "compare" / "modes.json").read_text())
+        metrics.add(report["config"]["metric"])
+        rows += [{**r, "mode": f"{report['config']['task']}: {r['mode']}"} for r in report["rows"]]
+    table = markdown_table(rows, " / ".join(sorted(metrics)))
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    (Path(dest) / "modes_all.md").write_text(table + "\n")
+    print(table)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default="data/digits_mlp")
@@ -60,5 +78,10 @@ if __name__ == "__main__":
     p.add_argument("--ae_steps", type=int, default=80, help="autoencoder steps of the latent modes")
     p.add_argument("--max_time", default="00:00:06:00")
     p.add_argument("--runs", type=int, default=16)
+    p.add_argument("--combine", nargs="+", metavar="OUT",
+                   help="instead of training: print one table of the comparisons already in these --out dirs")
     a = p.parse_args()
-    run(a.store, a.out, a.steps, a.ae_steps, a.max_time, a.runs)
+    if a.combine:
+        combine(a.combine, a.out)
+    else:
+        run(a.store, a.out, a.steps, a.ae_steps, a.max_time, a.runs)
