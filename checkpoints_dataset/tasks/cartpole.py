@@ -112,16 +112,16 @@ def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX
     device = init_states.device
     returns = torch.full((owner.shape[0],), float(max_steps), dtype=torch.float64, device=device)  # [B]
     full = init_states.to(torch.float64).clone() if trace is not None else None  # [B, 4]
-    live = torch.arange(owner.shape[0], device=device)           # [M] unfinished episode ids, ascending
-    columns = init_states.to(torch.float64).unbind(1)            # x, x_dot, theta, theta_dot of `live`
+    episode = torch.arange(owner.shape[0], device=device)        # [S] the episode in each slot, ascending
+    alive = torch.ones(owner.shape[0], dtype=torch.bool, device=device)  # [S] slots of unfinished episodes
+    columns = init_states.to(torch.float64).unbind(1)            # x, x_dot, theta, theta_dot of each slot
     alive_count, packed = owner.shape[0], 0                      # packed: unfinished episodes at the last packing
     for t in range(max_steps):
         if alive_count == 0:
             break
         if alive_count < min_fill * packed or packed == 0:        # (re-)pack the unfinished episodes
-            if packed:
-                keep = alive.nonzero()[:, 0]                      # [M] slots of unfinished episodes
-                live, columns = episode[keep], [c[keep] for c in columns]
+            keep = alive.nonzero()[:, 0]                          # [M] slots of unfinished episodes
+            live, columns = episode[keep], [c[keep] for c in columns]
             slot, row_policy, L = _packing(owner[live])           # [M], [K''], row length
             slots, packed = row_policy.shape[0] * L, alive_count
             columns = [torch.zeros(slots, dtype=torch.float64, device=device).index_copy_(0, slot, c)
