@@ -11,6 +11,7 @@ returns spread from ~9 to 500 like a checkpoint dataset's. ``--rounds`` rounds t
 the other; the LAST printed line is the median speed ratio.
 
     python bench/cartpole.py --policies 4096
+    python bench/cartpole.py --policies 4096 --store data/cartpole   # a real checkpoint dataset's policies
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gymnasium
 import numpy as np
 import torch
 
+from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.tasks.cartpole import batched_returns, initial_states, stack_layers, stacked_forward
@@ -67,12 +69,22 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--rounds", type=int, default=3, help="measurement rounds; the last line is the median ratio")
+    p.add_argument("--store", default=None,
+                   help="take the policies from this cartpole store (K checkpoints drawn with --seed) instead "
+                        "of the synthetic mix")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task("cartpole")
     K, E = args.policies, args.episodes
-    params = make_policies(task, K, args.seed)
+    if args.store:
+        store = open_store(args.store)
+        if store.task != "cartpole":
+            raise SystemExit(f"--store {args.store} holds {store.task} networks, not cartpole policies")
+        rows = np.sort(np.random.default_rng(args.seed).choice(store.num_checkpoints, K, replace=K > store.num_checkpoints))
+        params = torch.from_numpy(np.asarray(store.params(rows), dtype=np.float32))  # [K, P] real checkpoints
+    else:
+        params = make_policies(task, K, args.seed)
     starts = initial_states(range(K * E)).reshape(K, E, 4)  # [K, E, 4] float64
     starts_t = torch.from_numpy(starts)
 
