@@ -186,12 +186,22 @@ def stack_layers(model: nn.Sequential, params: dict[str, Tensor]) -> list:
     return layers
 
 
-def stacked_forward(layers: list, obs: Tensor) -> Tensor:
-    """Outputs ``[K, L, out]`` of ``stack_layers``' K networks on ``obs [K, L, in]`` (one ``baddbmm`` per
-    Linear; equal to ``vmap(functional_call(model, ...))`` with a fraction of its overhead)."""
+def stacked_forward(layers: list, obs: Tensor, small_fan_in: int = 8) -> Tensor:
+    """Outputs ``[K, L, out]`` of ``stack_layers``' K networks on ``obs [K, L, in]``; equal to
+    ``vmap(functional_call(model, ...))`` with a fraction of its overhead. A Linear is one ``baddbmm``, or,
+    with at most ``small_fan_in`` inputs, that many ``addcmul``s: MKL's batched matmul costs ~0.2 us per
+    matrix, which for [4096, 1, 4] x [4096, 4, 32] is 5x the arithmetic."""
     h = obs
     for layer in layers:
-        h = torch.baddbmm(layer[1], h, layer[0]) if isinstance(layer, tuple) else layer(h)
+        if not isinstance(layer, tuple):
+            h = layer(h)
+        elif layer[0].shape[1] <= small_fan_in:
+            weight, out = layer[0], layer[1].expand(h.shape[0], h.shape[1], -1).clone()  # [K, in, out], [K, L, out]
+            for i in range(weight.shape[1]):
+                out.addcmul_(h[:, :, i:i + 1], weight[:, i:i + 1, :])
+            h = out
+        else:
+            h = torch.baddbmm(layer[1], h, layer[0])
     return h
 
 
