@@ -142,6 +142,8 @@ def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, 
     scratch; returns ``params``. Runs ordered by ``adam_first`` are updated as two contiguous blocks; any
     other order costs a gather and a scatter of the rows.
     """
+    if bool((lr <= 0).any()):
+        raise ValueError(f"every run's learning rate must be > 0, got min {float(lr.min())}")
     state["step"] += 1
     a = is_adam.to(torch.bool)
     n = int(a.sum())
@@ -153,7 +155,7 @@ def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, 
         p, g, m, v = (x[rows] for x in (params, grads, state["m"], state["v"]))  # views, or copies of rows
         if p.shape[0] == 0:
             continue
-        h = [x[rows][:, None] for x in (lr, weight_decay, momentum)]                    # [r, 1] each
+        h = [x[rows][:, None].to(p.dtype) for x in (lr, weight_decay, momentum)]         # [r, 1] each
         (_adamw_ if adam else _sgd_)(p, g, m, v, *h, state["step"], beta2, eps)
         if not isinstance(rows, slice):
             for full, part in ((params, p), (state["m"], m), (state["v"], v)):

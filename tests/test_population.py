@@ -45,7 +45,7 @@ def test_vectorized_optimizers_match_torch_optim():
     is_adam = torch.tensor([True, False, True])
     state, p = init_optimizer_state(p0), p0.clone()
     for g in grads:
-        p = optimizer_step(p, g, state, is_adam, lr, wd, mom)
+        p = optimizer_step(p, g.clone(), state, is_adam, lr, wd, mom)   # grads are scratch
     for r in range(R):
         w = torch.nn.Parameter(p0[r].clone())
         opt = (torch.optim.AdamW([w], lr=lr[r].item(), betas=(mom[r].item(), 0.999), weight_decay=wd[r].item())
@@ -61,6 +61,11 @@ def test_vectorized_optimizers_match_torch_optim():
     for g in grads:
         q = optimizer_step(q, g[order].clone(), state, is_adam[order], lr[order], wd[order], mom[order])
     torch.testing.assert_close(q, p[order], rtol=1e-6, atol=1e-7)
+    # float64 parameters with float32 hyperparameters work; a zero learning rate is refused
+    d = optimizer_step(p0.double(), grads[0].double(), init_optimizer_state(p0.double()), is_adam, lr, wd, mom)
+    assert d.dtype == torch.float64 and torch.isfinite(d).all()
+    with pytest.raises(ValueError, match="learning rate"):
+        optimizer_step(p0.clone(), grads[0].clone(), init_optimizer_state(p0), is_adam, lr * 0, wd, mom)
 
 
 def test_vectorized_runs_equal_runs_trained_alone(digits):
