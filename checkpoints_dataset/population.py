@@ -138,20 +138,20 @@ def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, 
 
     Runs with ``is_adam`` follow ``torch.optim.AdamW(lr, betas=(momentum, beta2), eps, weight_decay)``;
     the others ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 added to the gradient, no dampening).
+    ``is_adam`` is read (and ``lr > 0`` checked) at the first step of a ``state`` only.
     ``params`` and ``state`` (from ``init_optimizer_state``) are updated in place, and ``grads`` is used as
     scratch; returns ``params``. Runs ordered by ``adam_first`` are updated as two contiguous blocks; any
     other order costs a gather and a scatter of the rows.
     """
-    if bool((lr <= 0).any()):
-        raise ValueError(f"every run's learning rate must be > 0, got min {float(lr.min())}")
+    if "blocks" not in state:                               # the runs' optimizers are fixed: checked, split once
+        if bool((lr <= 0).any()):
+            raise ValueError(f"every run's learning rate must be > 0, got min {float(lr.min())}")
+        a = is_adam.to(torch.bool)
+        n = int(a.sum())
+        state["blocks"] = ([(slice(0, n), True), (slice(n, None), False)] if bool(a[:n].all())  # views
+                           else [(a.nonzero()[:, 0], True), ((~a).nonzero()[:, 0], False)])
     state["step"] += 1
-    a = is_adam.to(torch.bool)
-    n = int(a.sum())
-    if bool(a[:n].all()):                                   # Adam rows first: blocks are views
-        blocks = [(slice(0, n), True), (slice(n, None), False)]
-    else:
-        blocks = [(a.nonzero()[:, 0], True), ((~a).nonzero()[:, 0], False)]
-    for rows, adam in blocks:
+    for rows, adam in state["blocks"]:
         p, g, m, v = (x[rows] for x in (params, grads, state["m"], state["v"]))  # views, or copies of rows
         if p.shape[0] == 0:
             continue

@@ -24,6 +24,12 @@ from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.population import PopulationConfig, build_population
 
 
+def _complete(store) -> bool:
+    """Whether a store holds all its runs (a recorded store, or a build that was not cut short)."""
+    built = store.manifest.get("build_config") or {}
+    return "runs" not in built or store.num_runs >= built["runs"]
+
+
 class ParameterDataModule(pl.LightningDataModule):
     """Pairs of checkpoints from one run of a store, for training the generator.
 
@@ -101,9 +107,9 @@ class ParameterDataModule(pl.LightningDataModule):
         config, task_name = None, self.hparams.task
         if (self.root / "manifest.json").exists():
             store = open_store(self.root)
-            built = store.manifest.get("build_config")
-            if "runs" not in (built or {}) or store.num_runs >= built["runs"]:
+            if _complete(store):
                 return store
+            built = store.manifest["build_config"]
             task_name = store.task       # an interrupted build: resume it with its own settings
             fields = {f.name for f in dataclasses.fields(PopulationConfig)}
             config = PopulationConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -130,8 +136,7 @@ class ParameterDataModule(pl.LightningDataModule):
         while time.monotonic() < deadline:
             try:
                 store = open_store(self.root)
-                built = store.manifest.get("build_config")
-                if "runs" not in (built or {}) or store.num_runs >= built["runs"]:
+                if _complete(store):
                     return store
             except (FileNotFoundError, ValueError):
                 pass

@@ -3,8 +3,8 @@
 Everything needed to rebuild the generator (tokenizer structure, normalization statistics, the
 conditioning metric and its range) arrives in ``data_info`` from the data module (the CLI links it)
 and is saved with ``save_hyperparameters()``, so a checkpoint alone rebuilds model and tokenizer.
-The EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (see configs/): it stores the
-averaged weights as the checkpoint's ``state_dict``, which is what prompting loads.
+The EMA of the weights is ``callbacks.GeneratorEMA`` (Lightning's ``EMAWeightAveraging``, see configs/): it
+stores the averaged weights as the checkpoint's ``state_dict``, which is what prompting loads.
 
 Modes (README "Latent diffusion and start-free generation"):
 - ``space="params"`` (default): the DiT denoises normalized parameter tokens ``[N, T, C]``.
@@ -21,6 +21,7 @@ Modes (README "Latent diffusion and start-free generation"):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, Optional
 
@@ -160,23 +161,26 @@ class GeneratorModule(pl.LightningModule):
     def _log_reconstruction_gap(self, params: torch.Tensor, max_networks: int = 16) -> None:
         """val/ae_<metric>_gap: mean |metric(reconstructed) - metric(original)| on the first ``max_networks``
         of the first val batch (scoring networks can cost far more than a training step)."""
-        task_name = self.hparams.data_info.get("task")
-        if task_name is None:
+        if self._gap_task is None:
             return
-        from checkpoints_dataset.tasks import get_task
         from gpt_params.autoencoder import reconstruction_quality
 
         metric = self.hparams.data_info["metric"]
-        if getattr(self, "_gap_task", None) is None:   # built once: a task may load its data set
-            try:
-                self._gap_task = get_task(task_name, **(self.hparams.data_info.get("task_kwargs") or {}))
-            except Exception:  # a user task that cannot be imported here: no task-metric report
-                self._gap_task = False
-        if self._gap_task is False:
-            return
         q = reconstruction_quality(self.autoencoder, self.tokenizer, self._gap_task, params[:max_networks], [metric],
                                    device=self.device)
         self.log(f"val/ae_{metric}_gap", q["metrics"][metric]["abs_diff_mean"], on_epoch=True, sync_dist=True)
+
+    @functools.cached_property
+    def _gap_task(self):
+        """The task scoring reconstructions, built once (a task may load its data set); None without a task
+        or for a user task that cannot be imported here."""
+        from checkpoints_dataset.tasks import get_task
+
+        name = self.hparams.data_info.get("task")
+        try:
+            return None if name is None else get_task(name, **(self.hparams.data_info.get("task_kwargs") or {}))
+        except Exception:
+            return None
 
     def _encode(self, params: torch.Tensor) -> torch.Tensor:
         """Parameter vectors [N, P] -> the tokens the DiT works on: [N, T, C] or frozen latents [N, T, d]."""

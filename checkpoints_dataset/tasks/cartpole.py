@@ -149,13 +149,9 @@ def _packing(owner: Tensor, row_cost: float = 4.0) -> tuple[Tensor, Tensor, int]
     weights once (worth about ``row_cost`` slots of work)."""
     M = owner.shape[0]
     pids, counts = torch.unique_consecutive(owner, return_counts=True)  # [K'], [K']
-    best = None
     top = int(counts.max())
-    for L in [2 ** i for i in range(top.bit_length()) if 2 ** i < top] + [top]:
-        rows = int(((counts + L - 1) // L).sum())
-        if best is None or rows * (L + row_cost) < best[0]:
-            best = (rows * (L + row_cost), L)
-    L = best[1]
+    L = min([2 ** i for i in range(top.bit_length()) if 2 ** i < top] + [top],
+            key=lambda n: int(((counts + n - 1) // n).sum()) * (n + row_cost))
     nrows = (counts + L - 1) // L                                 # [K'] rows of each policy
     grp = torch.repeat_interleave(torch.arange(pids.shape[0], device=owner.device), counts)  # [M]
     rank = torch.arange(M, device=owner.device) - (torch.cumsum(counts, 0) - counts)[grp]  # [M]
