@@ -1,7 +1,7 @@
 """Environment steps per second: the batched torch CartPole evaluator vs gymnasium's fastest numpy one.
 
 Both evaluate the same K policies (``--policies``, default 4096) for ``--episodes`` episodes each from
-the same initial states, with the same torch policy forward (``stacked_forward``, greedy actions).
+the same initial states, with the same torch policy forward (``greedy_act_fn``, greedy actions).
 gymnasium's side is ``CartPoleVectorEnv`` (``gym.make_vec(..., vectorization_mode="vector_entry_point")``,
 the numpy-vectorized CartPole), stepped until every first episode has ended; ours is
 ``batched_returns`` (finished episodes dropped). Steps counted are the episodes' own steps (the sum of
@@ -27,7 +27,7 @@ import torch
 from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import batched_returns, initial_states, stack_layers, stacked_forward
+from checkpoints_dataset.tasks.cartpole import batched_returns, greedy_act_fn, initial_states
 
 
 def make_policies(task, K: int, seed: int) -> torch.Tensor:
@@ -49,12 +49,11 @@ def gymnasium_vector_returns(task, params: torch.Tensor, starts: np.ndarray) -> 
     env.reset(seed=0)
     env.unwrapped.state = starts.reshape(K * E, 4).T.copy()  # [4, K*E] float64, as the env keeps it
     obs = env.unwrapped.state.T.astype(np.float32)
-    layers = stack_layers(task._model, vector_to_tensors(params, task.layer_shapes))
+    act, ids = greedy_act_fn(task._model, vector_to_tensors(params, task.layer_shapes)), torch.arange(K)
     done, total, raw = np.zeros(K * E, dtype=bool), np.zeros(K * E), 0
     while not done.all():
-        with torch.no_grad():
-            logits = stacked_forward(layers, torch.from_numpy(obs).view(K, E, 4))  # [K, E, 2]
-        obs, reward, terminated, truncated, _ = env.step(logits.argmax(-1).reshape(-1).numpy())
+        action = act(torch.from_numpy(obs).T.reshape(4, K, E), ids)  # [K, E] from feature-major obs
+        obs, reward, terminated, truncated, _ = env.step(action.reshape(-1).long().numpy())
         total += np.where(done, 0.0, reward)
         done |= terminated | truncated
         raw += K * E

@@ -8,7 +8,8 @@ import torch
 from checkpoints_dataset.params import tensors_to_vector
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, initial_states, rollout
+from checkpoints_dataset.params import vector_to_tensors
+from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, greedy_act_fn, initial_states, rollout
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,10 @@ def test_batched_steps_equal_gymnasium_bit_for_bit(kind):
     assert all(np.array_equal(starts[i].numpy(), states[0]) for i, (states, _) in enumerate(reference))
     step = [0]
 
-    def act(obs, ids):  # one episode per "policy": rows of length 1
-        assert obs.dtype == torch.float32 and obs.shape == (len(ids), 1, 4)
+    def act(obs, ids):  # one episode per "policy": rows of length 1; obs feature-major [4, K'', 1]
+        assert obs.dtype == torch.float32 and obs.shape == (4, len(ids), 1)
         step[0] += 1
-        return policy(ids[:, None], obs, step[0] - 1)  # [K'', 1]
+        return policy(ids[:, None], obs.permute(1, 2, 0), step[0] - 1)  # [K'', 1]
 
     trace = []
     returns = rollout(act, torch.arange(len(seeds)), starts, trace=trace)
@@ -69,6 +70,23 @@ def test_batched_steps_equal_gymnasium_bit_for_bit(kind):
     for i, (states, _) in enumerate(reference):
         got = torch.stack([trace[t][i] for t in range(len(states) - 1)]).numpy()  # [steps, 4]
         assert got.dtype == np.float64 and np.array_equal(got, states[1:])
+
+
+def test_greedy_act_fn_equals_the_module_argmax(task):
+    """The lean inference forward (first layer as addcmuls, logit difference) picks the module's argmax."""
+    g = torch.Generator().manual_seed(0)
+    params = task.init_params(64, g) * 3.0  # [K, P]
+    obs = torch.randn(64, 5, 4, generator=g)  # [K, L, 4]
+    model = task.build_model()
+    logits = torch.stack([torch.func.functional_call(model, {k: v[i] for k, v in
+                                                             vector_to_tensors(params, task.layer_shapes).items()}, obs[i])
+                          for i in range(64)])  # [K, L, 2]
+    ids = torch.arange(64).flip(0)  # rows in another order than the policies
+    got = greedy_act_fn(model, vector_to_tensors(params, task.layer_shapes))(obs[ids].permute(2, 0, 1), ids)
+    want = logits[ids].argmax(-1)  # [K, L]
+    clear = (logits[ids, :, 1] - logits[ids, :, 0]).abs() > 1e-5  # not a near-tie
+    assert clear.float().mean() > 0.99 and torch.equal(got.long()[clear], want[clear])
+    assert 0.2 < want.float().mean() < 0.8  # both actions occur
 
 
 def test_evaluate_equals_gymnasium_evaluator(task):

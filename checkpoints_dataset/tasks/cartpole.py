@@ -42,7 +42,7 @@ MAX_EPISODE_STEPS = 500
 
 EVAL_SEEDS: tuple[int, ...] = tuple(range(100_000, 100_100))  # reset seeds of the 100 evaluation episodes
 
-# act(obs [K'', L, 4] float32, policy_ids [K''] (may repeat)) -> actions [K'', L] (0 or 1)
+# act(obs [4, K'', L] float32, feature-major; policy_ids [K''] (may repeat)) -> actions [K'', L] (0/1 or bool)
 ActFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -60,25 +60,27 @@ def initial_states(seeds: Sequence[int]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 4))  # [E, 4]
 
 
-def _cos_sin(theta: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin as numpy (glibc) computes them on CPU: torch's vectorized kernels differ by one ulp
-    in ~0.2% of inputs, which would break bit equality with gymnasium."""
-    if theta.device.type == "cpu":
-        a = theta.numpy()
-        return torch.from_numpy(np.cos(a)), torch.from_numpy(np.sin(a))
-    return torch.cos(theta), torch.sin(theta)
-
-
 def cartpole_step(state: tuple[Tensor, Tensor, Tensor, Tensor], action: Tensor
                   ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """One CartPole-v1 step for a batch: ``state = (x, x_dot, theta, theta_dot)``, each ``[M]`` float64, and
-    ``action [M]`` in {0, 1} -> ``(next state, terminated [M] bool)``, operation for operation as gymnasium's
-    ``step``. (Four contiguous columns: elementwise ops on them are faster than on the columns of ``[M, 4]``.)"""
-    x, x_dot, theta, theta_dot = state
-    total_mass = torch.full((), TOTAL_MASS, dtype=x.dtype, device=x.device)  # divisor as a tensor:
-    # CUDA turns division by a Python scalar into multiplication by its reciprocal
-    force = torch.where(action == 1, FORCE_MAG, -FORCE_MAG).to(x.dtype)  # [M]
-    costheta, sintheta = _cos_sin(theta)
+    ``action [M]`` in {0, 1} (or bool) -> ``(next state, terminated [M] bool)``, operation for operation as
+    gymnasium's ``step``. (Four contiguous columns: elementwise ops on them are faster than on ``[M, 4]``'s.)
+    On CPU the arithmetic runs in numpy on the tensors' memory: its per-operation overhead on a few thousand
+    values is about half of torch's, and its cos/sin are glibc's, as gymnasium's (torch's vectorized kernels
+    differ by one ulp in ~0.2% of inputs, which would break bit equality)."""
+    if state[0].device.type == "cpu":
+        force = np.where(action.numpy() == 1, FORCE_MAG, -FORCE_MAG)  # [M] float64
+        new, terminated = _euler_step(*(c.numpy() for c in state), force, TOTAL_MASS, np.cos, np.sin)
+        return tuple(torch.from_numpy(c) for c in new), torch.from_numpy(terminated)
+    total_mass = torch.full((), TOTAL_MASS, dtype=state[0].dtype, device=state[0].device)  # divisor as a
+    # tensor: CUDA turns division by a Python scalar into multiplication by its reciprocal
+    force = torch.where(action == 1, FORCE_MAG, -FORCE_MAG).to(state[0].dtype)  # [M]
+    return _euler_step(*state, force, total_mass, torch.cos, torch.sin)
+
+
+def _euler_step(x, x_dot, theta, theta_dot, force, total_mass, cos, sin):
+    """gymnasium's CartPoleEnv.step arithmetic, on numpy arrays or torch tensors alike."""
+    costheta, sintheta = cos(theta), sin(theta)
     temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / total_mass
     thetaacc = (GRAVITY * sintheta - costheta * temp) / (
         LENGTH * (4.0 / 3.0 - MASSPOLE * (costheta * costheta) / total_mass))
@@ -87,7 +89,7 @@ def cartpole_step(state: tuple[Tensor, Tensor, Tensor, Tensor], action: Tensor
     x_dot = x_dot + TAU * xacc
     theta = theta + TAU * theta_dot
     theta_dot = theta_dot + TAU * thetaacc
-    terminated = (x.abs() > X_THRESHOLD) | (theta.abs() > THETA_THRESHOLD)  # same as x < -T or x > T
+    terminated = (abs(x) > X_THRESHOLD) | (abs(theta) > THETA_THRESHOLD)  # same as x < -T or x > T
     return (x, x_dot, theta, theta_dot), terminated
 
 
@@ -97,7 +99,7 @@ def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX
 
     ``owner [B]`` (non-decreasing) is the policy of each episode, ``init_states [B, 4]`` float64 their
     starts. Episodes live in a *packing*: rows of L slots, each row holding episodes of one policy (L
-    chosen by ``_packing``), so ``act(obs [K'', L, 4], row_policy [K''])`` returns the actions ``[K'', L]``
+    chosen by ``_packing``), so ``act(obs [4, K'', L], row_policy [K''])`` returns the actions ``[K'', L]``
     with one weight read per row. The dynamics step
     every slot; a finished episode's slot keeps stepping, ignored, until fewer than ``min_fill`` of the
     episodes packed last are unfinished, and then the unfinished ones are re-packed (and the policy's
@@ -128,7 +130,7 @@ def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX
                        for c in columns]                          # 4 x [S]; empty slots hold zeros
             episode = torch.zeros(slots, dtype=torch.long, device=device).index_copy_(0, slot, live)  # [S]
             alive = torch.zeros(slots, dtype=torch.bool, device=device).index_fill_(0, slot, True)  # [S]
-        obs = torch.stack(columns, dim=1).float().view(-1, L, 4)  # [K'', L, 4] float32, as gymnasium's
+        obs = torch.stack(columns).float().view(4, -1, L)         # [4, K'', L] float32 as gymnasium's, feature-major
         columns, terminated = cartpole_step(columns, act(obs, row_policy).view(-1))  # [S]
         if full is not None:
             full.index_put_((episode[alive],), torch.stack(columns, dim=1)[alive])
@@ -170,52 +172,54 @@ class CartPolePolicy(nn.Sequential):
                          nn.Linear(hidden, 2))
 
 
-def stack_layers(model: nn.Sequential, params: dict[str, Tensor]) -> list:
-    """K stacked copies of a Sequential MLP (``params``: name -> ``[K, *shape]``) as a list of layers for
-    ``stacked_forward``: ``(W^T [K, in, out] contiguous, b [K, 1, out])`` per Linear, other modules as is."""
-    layers = []
-    for name, layer in model.named_children():
-        if isinstance(layer, nn.Linear):
-            layers.append((params[f"{name}.weight"].transpose(1, 2).contiguous(), params[f"{name}.bias"][:, None, :]))
-        else:
-            layers.append(layer)
-    return layers
-
-
-def stacked_forward(layers: list, obs: Tensor, small_fan_in: int = 8) -> Tensor:
-    """Outputs ``[K, L, out]`` of ``stack_layers``' K networks on ``obs [K, L, in]``; equal to
-    ``vmap(functional_call(model, ...))`` with a fraction of its overhead. A Linear is one ``baddbmm``, or,
-    with at most ``small_fan_in`` inputs, that many ``addcmul``s: MKL's batched matmul costs ~0.2 us per
-    matrix, which for [4096, 1, 4] x [4096, 4, 32] is 5x the arithmetic."""
-    h = obs
-    for layer in layers:
-        if not isinstance(layer, tuple):
-            h = layer(h)
-        elif layer[0].shape[1] <= small_fan_in:
-            weight, out = layer[0], layer[1].expand(h.shape[0], h.shape[1], -1).clone()  # [K, in, out], [K, L, out]
-            for i in range(weight.shape[1]):
-                out.addcmul_(h[:, :, i:i + 1], weight[:, i:i + 1, :])
-            h = out
-        else:
-            h = torch.baddbmm(layer[1], h, layer[0])
-    return h
-
-
 def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
-    """An ``ActFn`` for ``rollout``: the greedy actions (argmax of the logits) of K stacked policies
-    (``params``: name -> ``[K, *shape]``); the layers are laid out for ``stacked_forward`` once, and the rows'
-    weights are gathered only when the packing changes."""
-    stacked = stack_layers(model, params)  # all K policies, transposed once
+    """An ``ActFn`` for ``rollout``: the greedy actions of K stacked policies (``params``: name -> ``[K, *shape]``;
+    the MLP's first Linear takes the 4 observations, its last gives 2 logits), for feature-major ``obs``.
+
+    The weights are laid out once for a lean inference forward, and the rows' weights are gathered only
+    when the packing changes. The first Linear is 4 ``addcmul``s over its inputs (MKL's batched matmul costs
+    ~0.2 us per matrix, 5x the arithmetic of a [1, 4] x [4, 32] product); hidden Linears are ``baddbmm``s;
+    the output layer is the difference of its two rows, so the action is ``z > 0``: argmax of the two logits
+    (ties -> action 0, as argmax) with one dot product instead of two. Rounding differs from the module's
+    forward only in the last bits, so an action can differ only where the two logits tie to ~1e-7.
+    """
+    names = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    if params[f"{names[0]}.weight"].shape[2] != 4 or params[f"{names[-1]}.weight"].shape[1] != 2:
+        raise ValueError("greedy_act_fn needs a policy MLP with 4 inputs and 2 outputs")
+    stacked = []  # (kind, weight, bias) per Linear, other modules as they are
+    for name, m in model.named_children():
+        if not isinstance(m, nn.Linear):
+            stacked.append(m)
+            continue
+        w, b = params[f"{name}.weight"], params[f"{name}.bias"]  # [K, out, in], [K, out]
+        if name == names[0]:
+            stacked.append(("inputs", w.permute(2, 0, 1).contiguous(), b[:, None, :]))  # [in, K, out], [K, 1, out]
+        elif name == names[-1]:
+            stacked.append(("diff", (w[:, 1] - w[:, 0])[:, :, None].contiguous(),  # [K, in, 1]
+                            (b[:, 1] - b[:, 0])[:, None, None]))                    # [K, 1, 1]
+        else:
+            stacked.append(("matmul", w.transpose(1, 2).contiguous(), b[:, None, :]))  # [K, in, out], [K, 1, out]
     cache: dict[str, object] = {"ids": None, "layers": None}
 
-    def act(obs: Tensor, policy_ids: Tensor) -> Tensor:
+    def act(obs: Tensor, policy_ids: Tensor) -> Tensor:  # obs [4, K'', L] float32 -> [K'', L] bool
         if cache["ids"] is not policy_ids and (cache["ids"] is None or cache["ids"].shape != policy_ids.shape
                                                 or not torch.equal(cache["ids"], policy_ids)):
             cache["ids"] = policy_ids
-            cache["layers"] = [tuple(t.index_select(0, policy_ids) for t in layer) if isinstance(layer, tuple)
-                               else layer for layer in stacked]
+            cache["layers"] = [(layer[0], layer[1].index_select(1 if layer[0] == "inputs" else 0, policy_ids),
+                                layer[2].index_select(0, policy_ids)) if isinstance(layer, tuple) else layer
+                               for layer in stacked]
         with torch.no_grad():
-            return stacked_forward(cache["layers"], obs).argmax(-1)  # [K'', L]
+            h = obs
+            for layer in cache["layers"]:
+                if not isinstance(layer, tuple):
+                    h = h.tanh_() if isinstance(layer, nn.Tanh) else layer(h)  # in place: no allocation
+                elif layer[0] == "inputs":  # sum_i obs_i * W[i]: [K'', L, 1] x [K'', 1, out] -> [K'', L, out]
+                    h = torch.addcmul(layer[2], obs[0][:, :, None], layer[1][0][:, None, :])
+                    for i in range(1, obs.shape[0]):
+                        h.addcmul_(obs[i][:, :, None], layer[1][i][:, None, :])
+                else:
+                    h = torch.baddbmm(layer[2], h, layer[1])  # [K'', L, out]
+            return h[:, :, 0] > 0  # [K'', L]: logit 1 - logit 0 > 0
     return act
 
 
@@ -252,8 +256,8 @@ def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Seq
             done = np.zeros(per * E, dtype=bool)
             total = np.zeros(per * E)
             while not done.all():
-                o = torch.from_numpy(obs).to(params.device).view(per, E, 4)  # float32, as gymnasium gives
-                action = act(o, ids).reshape(-1).cpu().numpy()
+                o = torch.from_numpy(obs).to(params.device).T.reshape(4, per, E)  # float32 as gymnasium gives
+                action = act(o, ids).reshape(-1).long().cpu().numpy()
                 obs, reward, terminated, truncated, _ = envs.step(action)
                 total += np.where(done, 0.0, reward)
                 done |= terminated | truncated
