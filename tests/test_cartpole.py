@@ -100,7 +100,8 @@ def test_evaluate_equals_gymnasium_evaluator(task):
     assert batched["return"][0] == MAX_EPISODE_STEPS and batched["return"].min() < 100  # a real spread
 
 
-def test_population_training_improves_returns(task):
+def test_evolution_strategies_improve_returns():
+    task = get_task("cartpole", trainer="es")
     config = PopulationConfig(runs=4, epochs=5, num_checkpoints=5, seed=1)
     hparams = [draw_hparams(config, r) for r in range(config.runs)]
     result = task.train_population(hparams, config, "cpu")
@@ -110,7 +111,7 @@ def test_population_training_improves_returns(task):
     returns = result.metrics["return"]  # [R, C]
     assert set(result.metrics) == set(task.metric_names) and returns.shape == (R, C)
     assert ((returns >= 0) & (returns <= MAX_EPISODE_STEPS)).all()
-    assert all({"lr", "sigma", "es_population"} <= set(h) for h in hparams)
+    assert all({"lr", "sigma", "es_population"} <= set(h) and h["trainer"] == "es" for h in hparams)
     assert torch.equal(task.evaluate(result.params[:, -1])["return"], returns[:, -1])  # stored = re-scored
     assert (returns[:, -1] > returns[:, 0]).all() and returns[:, -1].mean() > returns[:, 0].mean() + 30
 

@@ -1,5 +1,5 @@
-"""CartPole-v1 policies: a batched torch CartPole, the policy MLP, the ``cartpole`` task and its
-evolution-strategies population training.
+"""CartPole-v1 policies: a batched torch CartPole, the policy MLP and the ``cartpole`` task (its population
+trainers, REINFORCE and evolution strategies, are in ``cartpole_train``).
 
 The batched environment reproduces gymnasium's ``CartPole-v1`` bit for bit on CPU: the same constants,
 the same explicit-Euler update written in the same operation order, the state kept in float64, the
@@ -269,19 +269,6 @@ def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Seq
 
 # --------------------------------------------------------------------------- task
 
-def _log_uniform(bounds: tuple[float, float], u: float) -> float:
-    return math.exp(math.log(bounds[0]) + u * (math.log(bounds[1]) - math.log(bounds[0])))
-
-
-def _centered_ranks(fitness: Tensor) -> Tensor:
-    """Centered ranks in [-0.5, 0.5] within each row of ``fitness [R, n]``; ties share their mean rank
-    (so a population of equal returns gives a zero update)."""
-    less = (fitness[:, None, :] < fitness[:, :, None]).sum(-1)  # [R, n] entries below each
-    equal = (fitness[:, None, :] == fitness[:, :, None]).sum(-1)  # [R, n] including itself
-    n = fitness.shape[1]
-    return (less + 0.5 * (equal - 1)) / max(n - 1, 1) - 0.5
-
-
 class CartpoleTask(Task):
     """CartPole-v1 policies (``CartPolePolicy``, 1,282 parameters) scored by their greedy return.
 
@@ -289,16 +276,13 @@ class CartpoleTask(Task):
     ``return_std`` (its standard deviation over those episodes). ``evaluator`` picks the batched torch
     environment ("batched", default) or the real gymnasium one ("gymnasium", slow; a reference).
 
-    Population training (``train_population``) is OpenAI-style evolution strategies, vectorized over the
-    runs of a group: each ES generation, run r perturbs its policy with ``es_population`` antithetic
-    Gaussian directions of scale ``sigma_r``, scores each on ``es_episodes`` random starts (shared within
-    the run), turns returns into centered ranks and takes an Adam ``optimizer_step`` with the ES gradient
-    (beta1 = the run's ``momentum``, its ``weight_decay`` and ``init_scale``). The run's ES learning rate
-    and ``sigma`` are drawn log-uniformly from ``es_lr`` and ``es_sigma`` with the run's seed (the
-    config's lr range and optimizers do not suit ES) and written into its ``hparams`` dict, so the
-    manifest records what was used. One epoch is ``generations_per_epoch`` generations; checkpoints
-    follow ``checkpoint_schedule`` (dense early) and are scored on ``eval_seeds`` at the end of the
-    group. ``config.batch_size`` is not used.
+    Population training (``train_population``, in ``cartpole_train``) trains the runs of a group together
+    with ``trainer``: vectorized REINFORCE ("reinforce", default: ``pg_episodes`` stochastic episodes per
+    update, return-to-go discounted by ``pg_gamma`` with a per-timestep baseline, lr drawn from ``pg_lr``)
+    or evolution strategies ("es": ``es_population`` antithetic directions scored on ``es_episodes``
+    starts, lr and sigma drawn from ``es_lr`` and ``es_sigma``). Each update is one Adam step; an epoch is
+    ``generations_per_epoch`` updates. REINFORCE runs move smoothly, so a generator can learn from them;
+    ES runs are close to random walks (bench/NOTES.md).
     """
 
     name = "cartpole"
@@ -310,7 +294,15 @@ class CartpoleTask(Task):
     def __init__(self, evaluator: Literal["batched", "gymnasium"] = "batched",
                  eval_seeds: Sequence[int] = EVAL_SEEDS, hidden: int = 32, es_population: int = 16,
                  es_episodes: int = 1, es_sigma: tuple[float, float] = (0.03, 0.2),
-                 es_lr: tuple[float, float] = (0.005, 0.08), generations_per_epoch: int = 5):
+                 es_lr: tuple[float, float] = (0.005, 0.08), generations_per_epoch: int = 5,
+                 trainer: Literal["reinforce", "es"] = "reinforce", pg_episodes: int = 16,
+                 pg_lr: tuple[float, float] = (0.001, 0.01), pg_gamma: float = 0.99):
+        if trainer not in ("reinforce", "es"):
+            raise ValueError(f"trainer must be 'reinforce' or 'es', got {trainer!r}")
+        if pg_episodes < 1 or not 0 < pg_lr[0] <= pg_lr[1] or not 0 < pg_gamma <= 1:
+            raise ValueError(f"pg_episodes must be >= 1, pg_lr a range 0 < low <= high and pg_gamma in (0, 1], "
+                             f"got {pg_episodes}, {pg_lr} and {pg_gamma}")
+        self.trainer, self.pg_episodes, self.pg_lr, self.pg_gamma = trainer, pg_episodes, tuple(pg_lr), pg_gamma
         if evaluator not in ("batched", "gymnasium"):
             raise ValueError(f"evaluator must be 'batched' or 'gymnasium', got {evaluator!r}")
         if len(eval_seeds) < 1:
@@ -354,48 +346,8 @@ class CartpoleTask(Task):
         return {"return": r.mean(1).float(), "return_std": r.std(1, unbiased=False).float()}
 
     def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
-        """Evolution strategies for the runs of ``hparams`` together (see the class docstring) ->
-        ``GroupResult`` with ``steps`` = ES generations and ``epochs`` = generations / generations_per_epoch."""
-        from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+        """The runs of ``hparams`` trained together by ``trainer`` (see ``cartpole_train``) -> ``GroupResult``
+        with ``steps`` = updates and ``epochs`` = updates / ``generations_per_epoch``."""
+        from .cartpole_train import train_population
 
-        device = torch.device(device)
-        R, n, E = len(hparams), self.es_population, self.es_episodes
-        total = config.epochs * self.generations_per_epoch
-        schedule = checkpoint_schedule(total, config.num_checkpoints)
-        gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
-        init = torch.cat([self.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
-        for h, g in zip(hparams, gens):  # the run's ES settings, recorded in its hparams (and the manifest)
-            u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
-            h.update(optimizer="adam", lr=_log_uniform(self.es_lr, u[0]), sigma=_log_uniform(self.es_sigma, u[1]),
-                     es_population=n, es_episodes=E)
-        hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
-              for k in ("lr", "weight_decay", "momentum", "init_scale", "sigma")}  # name -> [R]
-        is_adam, sigma = torch.ones(R, dtype=torch.bool, device=device), hp["sigma"]
-        theta = init.to(device) * hp["init_scale"][:, None]  # [R, P]
-        state = init_optimizer_state(theta)
-        snapshots = []
-        for step in range(total + 1):
-            if step in schedule:
-                snapshots.append(theta.to("cpu", torch.float32, copy=True))  # theta is updated in place
-            if step == total:
-                break
-            noise = torch.stack([torch.randn(n // 2, self.num_params, generator=g) for g in gens]).to(device)  # [R, n/2, P]
-            starts = torch.stack([torch.rand(E, 4, generator=g, dtype=torch.float64) for g in gens])  # [R, E, 4]
-            starts = (starts * 0.1 - 0.05).to(device)
-            eps = torch.cat([noise, -noise], dim=1)  # [R, n, P] antithetic
-            cand = theta[:, None] + sigma[:, None, None] * eps  # [R, n, P]
-            fitness = batched_returns(self._model, cand.reshape(R * n, -1), self.layer_shapes,
-                                      starts.repeat_interleave(n, dim=0)).mean(1).view(R, n)  # [R, n]
-            ranks = _centered_ranks(fitness).to(eps.dtype)  # [R, n]
-            grad = -torch.einsum("rn,rnp->rp", ranks, eps) / (n * sigma[:, None])  # [R, P] ascent -> descent
-            theta = optimizer_step(theta, grad, state, is_adam, hp["lr"], hp["weight_decay"], hp["momentum"])
-            if progress is not None:
-                progress(0.5 / total)
-        vectors = torch.stack(snapshots, dim=1)  # [R, C, P]
-        C = vectors.shape[1]
-        metrics = self.evaluate(vectors.reshape(R * C, -1), device=device)  # name -> [R*C]
-        if progress is not None:
-            progress(0.5)
-        return GroupResult(params=vectors, steps=torch.tensor(schedule, dtype=torch.int64),
-                           epochs=torch.tensor(schedule, dtype=torch.float64) / self.generations_per_epoch,
-                           metrics={k: v.view(R, C) for k, v in metrics.items()})
+        return train_population(self, hparams, config, device, progress)
