@@ -103,13 +103,13 @@ class ParameterPrompter(pl.Callback):
         metric_fn: measures the model's conditioning metric (module -> float); default: the generator's
             task evaluates the parameter vector; without either, the data's median metric at init is
             used as the start metric and the metric is not logged.
-        sampler, steps, guidance: the sampling settings.
+        sampler, steps, guidance: the sampling settings (guidance None: the generator's default).
         seed: seed of the sampling noise.
     """
 
     def __init__(self, ckpt: str, target: float, at: Literal["fit_start", "never"] = "fit_start",
                  every_n_epochs: Optional[int] = None, metric_fn: Optional[Callable[[pl.LightningModule], float]] = None,
-                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 50, guidance: float = 1.0,
+                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 50, guidance: Optional[float] = None,
                  seed: int = 0) -> None:
         self.ckpt, self.target, self.at, self.every_n_epochs = ckpt, float(target), at, every_n_epochs
         self.metric_fn, self.sampler, self.steps, self.guidance, self.seed = metric_fn, sampler, steps, guidance, seed

@@ -122,7 +122,9 @@ def _prompt_parser() -> argparse.ArgumentParser:
                         "(which refuse any other)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1.0: off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1.0: off; default: the generator's, set at training by "
+                        "--model.guidance)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default=None, help="task to build and evaluate the networks (default: the "
@@ -155,7 +157,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task (default: the store's); 'pkg.module:Class' for others")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1.0: off)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1.0: off; default: the generator's, set at training by "
+                        "--model.guidance)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--tensorboard", default=None, help="also log the figures to this TensorBoard log dir")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
@@ -188,7 +192,7 @@ def evaluate(argv: list[str]) -> int:
     args = _evaluate_parser().parse_args(argv)
     if args.runs < 1 or args.steps < 1:
         raise SystemExit("--runs and --steps must be at least 1")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise SystemExit(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
     if (args.ckpt is None) == (args.compare is None):
         raise SystemExit("give either --ckpt CKPT (one generator) or --compare NAME=CKPT ... (several)")

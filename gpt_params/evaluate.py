@@ -72,7 +72,7 @@ def _mode_notes(gen, section: str, notes: list[str]) -> None:
 
 
 def prompt_alignment(gen, task, store, runs: int | Sequence[int] = 32, num_prompts: int = 20, *,
-                     sampler: str = "ddim", steps: int = 50, guidance: float = 1.0, seed: int = 0,
+                     sampler: str = "ddim", steps: int = 50, guidance: float | None = None, seed: int = 0,
                      device=None, notes: list[str] | None = None) -> tuple[dict, Figure]:
     """G.pt's prompt alignment over ``runs`` held-out runs (an int: the first of ``store.test_runs``)."""
     notes = [] if notes is None else notes
@@ -140,7 +140,7 @@ def _optimizer_curves(task, inits, seeds, labels, metric: str, hp: dict, *, max_
 def one_step(gen, task, store=None, *, num_inits: int = 8,
              schemes: Sequence[InitScheme] = ("default", *OOD_SCHEMES), optimizers: dict | None = None,
              max_steps: int = 2000, batch_size: int = 64, num_evals: int = 40, sampler: str = "ddim",
-             steps: int = 50, guidance: float = 1.0, seed: int = 0, device=None,
+             steps: int = 50, guidance: float | None = None, seed: int = 0, device=None,
              notes: list[str] | None = None) -> tuple[dict, Figure]:
     """One generated step, prompting the data's best metric, from ``num_inits`` random inits per scheme;
     then Adam / SGD (``optimizers``: name -> lr, momentum, weight_decay) from the same inits up to
@@ -187,7 +187,7 @@ def one_step(gen, task, store=None, *, num_inits: int = 8,
 
 def recursive(gen, task, store=None, *, k: int = 5, num_inits: int = 8,
               schemes: Sequence[InitScheme] = OOD_SCHEMES, sampler: str = "ddim", steps: int = 50,
-              guidance: float = 1.0, seed: int = 0, device=None,
+              guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
     """``k`` successive prompts of the data's best metric, each starting from the previous output, from
     ``num_inits`` inits per out-of-distribution scheme; the metric after each prompt."""
@@ -252,7 +252,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: str = "ddim", steps: int = 50,
-                 guidance: float = 1.0, device=None, tb_logger=None, sections: Sequence[Section] = SECTIONS,
+                 guidance: float | None = None, device=None, tb_logger=None, sections: Sequence[Section] = SECTIONS,
                  seed: int = 0, global_step: int = 0, options: dict[str, dict] | None = None,
                  progress: bool = True) -> dict:
     """Run the chosen sections and write ``out_dir/report.json`` (atomically; keys: every section, plus
@@ -294,7 +294,8 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
     writer = getattr(tb_logger, "experiment", tb_logger)
     report = {"config": {"task": task.name, "store": str(store.root), "metric": gen.metric,
                          "lower_is_better": bool(gen.lower_is_better), "data_range": list(gen.data_range),
-                         "runs": len(run_ids), "sampler": sampler, "steps": steps, "guidance": guidance,
+                         "runs": len(run_ids), "sampler": sampler, "steps": steps,
+                         "guidance": getattr(gen, "guidance", 1.0) if guidance is None else guidance,
                          "seed": seed, "sections": list(sections), "options": options},
               "notes": notes, "seconds": {}}
     todo = [name for name in SECTIONS if name in sections]

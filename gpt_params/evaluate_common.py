@@ -98,7 +98,7 @@ def metric_of(task, params, metric: str, *, device=None, chunk: int = 256) -> np
     return out[metric]
 
 
-def generate(gen, start, start_metric, target, *, sampler: str, steps: int, guidance: float,
+def generate(gen, start, start_metric, target, *, sampler: str, steps: int, guidance: float | None,
              seed: int, chunk: int = 256) -> Tensor:
     """``gen.generate`` over ``start [N, P]`` in chunks, with one seeded ``torch.Generator`` -> ``[N, P]``."""
     start = as_tensor(start)  # [N, P]

@@ -66,7 +66,7 @@ def markdown_table(rows: list[dict], metric: str) -> str:
 
 def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | Path | None = None, *,
                   runs: int = 16, num_prompts: int = 10, num_inits: int = 8, num_networks: int = 8,
-                  sampler: str = "ddim", steps: int = 20, guidance: float = 1.0, seed: int = 0,
+                  sampler: str = "ddim", steps: int = 20, guidance: float | None = None, seed: int = 0,
                   device=None) -> dict:
     """Evaluate each generator ``ckpts[name]`` on the same held-out runs and seeds; write
     ``out_dir/modes.md`` and ``out_dir/modes.json`` when ``out_dir`` is given; return

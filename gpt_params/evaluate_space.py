@@ -53,7 +53,7 @@ def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int
 
 def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 16, candidates: int = 8,
             max_pool: int = 20000, noise_scale: float = 0.05, sampler: str = "ddim", steps: int = 50,
-            guidance: float = 1.0, seed: int = 0, device=None, notes: list[str] | None = None,
+            guidance: float | None = None, seed: int = 0, device=None, notes: list[str] | None = None,
             generated: torch.Tensor | None = None) -> tuple[dict, Figure]:
     """Aligned distance of generated networks to their nearest training checkpoint, against held-out
     trained checkpoints and noisy training copies (see the module doc for the verdict rule); on data
@@ -124,7 +124,7 @@ def _agreement(preds: np.ndarray) -> np.ndarray:
 
 
 def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 8, sampler: str = "ddim",
-              steps: int = 50, guidance: float = 1.0, seed: int = 0, device=None,
+              steps: int = 50, guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
     """Networks generated for one prompt (the first held-out run's init, the data's best metric; only the
     sampling noise differs) against the final checkpoints of training runs closest in metric: pairwise
@@ -157,7 +157,7 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
 
 def landscape(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 8, grid: int = 15,
               margin: float = 0.3, metric: str | None = None, sampler: str = "ddim", steps: int = 50,
-              guidance: float = 1.0, seed: int = 0, device=None,
+              guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
     """The plane of the two principal directions of aligned trained and generated solutions; the task's
     ``metric`` (default: the loss matching the conditioning metric, e.g. val_error -> val_loss) over a

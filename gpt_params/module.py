@@ -56,6 +56,8 @@ class GeneratorModule(pl.LightningModule):
         projection: token projections in and out shared by a layer ("layer") or one per token position.
         cond_drop_prob: probability of replacing the target metric by the null embedding
             (classifier-free guidance training).
+        guidance: the classifier-free guidance scale sampling uses when not told otherwise (``prompt``,
+            ``evaluate``, the alignment monitor and the alignment printed after training); 1.0: off.
         min_snr_gamma: min-SNR loss weighting (None: plain MSE).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, applied to tensors with dim >= 2 only.
@@ -87,6 +89,7 @@ class GeneratorModule(pl.LightningModule):
         residual: bool = False,
         projection: Literal["layer", "position"] = "layer",
         cond_drop_prob: float = 0.1,
+        guidance: float = 1.0,
         min_snr_gamma: Optional[float] = None,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
@@ -116,6 +119,8 @@ class GeneratorModule(pl.LightningModule):
                                      ("condition", condition, ("target", "none"))):
             if value not in choices:
                 raise ValueError(f"--model.{name} must be one of {list(choices)}, got {value!r}")
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"--model.guidance must be a finite number >= 0 (1.0: off), got {guidance}")
         if space == "latent" and autoencoder_steps < 1:
             raise ValueError(f"--model.autoencoder_steps must be >= 1 in latent space, got {autoencoder_steps}")
         self.save_hyperparameters()

@@ -38,6 +38,7 @@ class Generator:
         self.space: str = module.hparams.get("space", "params")
         self.uses_start: bool = module.hparams.get("start", "checkpoint") == "checkpoint"
         self.conditional: bool = module.hparams.get("condition", "target") == "target"
+        self.guidance: float = float(module.hparams.get("guidance", 1.0))  # the default of ``generate``
         info = module.hparams.data_info
         self.info = info
         self.metric: str = info["metric"]
@@ -116,11 +117,13 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, start_params: Optional[torch.Tensor], start_metric, target_metric,
-                 *, sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
+                 *, sampler: Sampler = "ddim", steps: int = 50, guidance: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, batch_size: int = 4096) -> torch.Tensor:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
-        given start; an unconditional one ignores ``target_metric`` (it still sets N)."""
+        given start; an unconditional one ignores ``target_metric`` (it still sets N). ``guidance`` None:
+        the scale the generator was trained to use by default (``--model.guidance``, ``self.guidance``)."""
+        guidance = self.guidance if guidance is None else guidance
         device = self.device
         if start_params is None:
             if self.uses_start:
@@ -187,7 +190,7 @@ def run_prompt(args) -> int:
         raise SystemExit(f"--num must be at least 1 (got {args.num})")
     if args.steps < 1:
         raise SystemExit(f"--steps must be at least 1 (got {args.steps})")
-    if args.guidance < 0:
+    if args.guidance is not None and args.guidance < 0:
         raise SystemExit(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
     gen = Generator.load(args.ckpt, device=args.device)
     task = gen.make_task(args.task, data_dir=getattr(args, "data_dir", None),
@@ -243,7 +246,8 @@ def run_prompt(args) -> int:
         if achieved is not None:
             rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
         records.append(rec)
-    write_json_atomic(out / "results.json", {"metric": gen.metric, "records": records})
+    guidance = gen.guidance if args.guidance is None else args.guidance
+    write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0

@@ -61,6 +61,8 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
 
     data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
     model = GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2)
+    with pytest.raises(ValueError, match="--model.guidance must be a finite number >= 0"):
+        GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2, guidance=-1.0)
     logger = pl.loggers.TensorBoardLogger(tmp_path)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from checkpoints_dataset import get_task
 from gpt_params.cli import CONFIG_DIR, main
+from gpt_params.prompting import Generator
 
 from conftest import refused, train_args as _train_args
 
@@ -59,6 +60,25 @@ def test_prompt_writes_loadable_networks_and_results(trained, tmp_path, capsys):
     vec = state_dict_to_vector(sd, task.layer_shapes)
     assert task.evaluate(vec[None])["val_error"].item() == pytest.approx(results["records"][0]["achieved"]["val_error"])
     assert "target" in capsys.readouterr().out
+
+
+def test_the_default_guidance_is_the_one_set_at_training(trained, tmp_path):
+    """--model.guidance is saved with the generator; prompt and evaluate use it when given no --guidance."""
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["guidance"] = 3.0  # what `gpt-params train --model.guidance 3` saves
+    guided = tmp_path / "guided.ckpt"
+    torch.save(ckpt, guided)
+    gen, plain = Generator.load(guided), Generator.load(trained)
+    assert gen.guidance == 3.0 and plain.guidance == 1.0
+    start = get_task("digits_mlp").init_params(3, torch.Generator().manual_seed(0))  # [3, P]
+    run = lambda g, **kw: g.generate(start, 0.9, 0.1, steps=3, generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
+    assert torch.equal(run(gen), run(gen, guidance=3.0)) and not torch.equal(run(gen), run(gen, guidance=1.0))
+    assert torch.equal(run(plain), run(plain, guidance=1.0))
+    for ckpt_path, flags, want in ((guided, [], 3.0), (guided, ["--guidance", "1.5"], 1.5), (trained, [], 1.0)):
+        out = tmp_path / f"prompted_{want}"
+        assert main(["prompt", "--ckpt", str(ckpt_path), "--target", "0.3", "--num", "1", "--out", str(out),
+                     "--steps", "2"] + flags) == 0
+        assert json.loads((out / "results.json").read_text())["guidance"] == want
 
 
 def test_prompt_is_deterministic_for_a_seed(trained, tmp_path):
