@@ -11,7 +11,7 @@ returns spread from ~9 to 500 like a checkpoint dataset's. ``--rounds`` rounds t
 the other; the LAST printed line is the median speed ratio.
 
     python bench/cartpole.py --policies 4096
-    python bench/cartpole.py --policies 4096 --store data/cartpole   # a real checkpoint dataset's policies
+    python bench/cartpole.py --policies 4096 --store data/cartpole_reinforce   # a real checkpoint dataset's policies
 """
 
 from __future__ import annotations

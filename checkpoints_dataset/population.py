@@ -194,7 +194,9 @@ def shard_name(group: int) -> str:
 
 def build_config(task: "Task", config: PopulationConfig) -> dict:
     """What identifies a build: building into a store made with another one fails."""
-    return {"task": task.name, "num_params": task.num_params, **config.to_json()}
+    options = task.build_options()  # e.g. cartpole's trainer; absent when empty (stores built before keep matching)
+    return {"task": task.name, "num_params": task.num_params, **({"task_options": options} if options else {}),
+            **config.to_json()}
 
 
 def build_population(task: "Task", out: str | Path, config: PopulationConfig, device: str | torch.device = "cpu",

@@ -104,13 +104,14 @@ class ParameterDataModule(pl.LightningDataModule):
     def _open_or_build(self):
         """Open the store; build it (rank 0 only) when missing, finish it when a build was cut short."""
         rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-        config, task_name = None, self.hparams.task
+        config, task_name, options = None, self.hparams.task, {}
         if (self.root / "manifest.json").exists():
             store = open_store(self.root)
             if _complete(store):
                 return store
             built = store.manifest["build_config"]
             task_name = store.task       # an interrupted build: resume it with its own settings
+            options = built.get("task_options", {})
             fields = {f.name for f in dataclasses.fields(PopulationConfig)}
             config = PopulationConfig(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in built.items() if k in fields})
@@ -119,7 +120,7 @@ class ParameterDataModule(pl.LightningDataModule):
                              "there, or --data.root DIR of an existing store")
         if not rank_zero:
             return self._wait_for_store()
-        task = get_task(task_name, **self._task_kwargs())
+        task = get_task(task_name, **self._task_kwargs(), **options)
         config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
                                             seed=self.hparams.build_seed)
         print(f"Building the {task.name} checkpoint store at {self.root} "

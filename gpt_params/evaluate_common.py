@@ -6,7 +6,8 @@ Everything here works on whole populations at once: networks are evaluated with 
 matching of ``aligned_to``, which scipy cannot batch.
 
 The generator is duck-typed: any object with ``generate(start [N, P], start_metric [N], target [N], *,
-sampler, steps, guidance, generator) -> [N, P]``, ``metric``, ``lower_is_better`` and ``data_range``.
+sampler, steps, guidance, generator) -> [N, P]`` (guidance None: the generator's default scale), ``metric``,
+``lower_is_better`` and ``data_range``.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     notes: list[str] = []
     run_ids = held_out_runs(store, runs, notes)
     common = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, device=device)
-    rows, results, seconds, metric = [], {}, {}, None
+    rows, results, seconds, metric, scales = [], {}, {}, None, {}
     for name, path in ckpts.items():
         gen = Generator.load(path, device=device)
         if dict(store.layer_shapes) != gen.layer_shapes:
@@ -91,6 +91,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
             raise ValueError(f"mode {name!r} is conditioned on {gen.metric!r}, the others on {metric!r}: "
                              "compare generators of one conditioning metric")
         metric = gen.metric
+        scales[name] = gen.guidance if guidance is None else guidance  # None: each generator's own default
         mode_notes: list[str] = []
         t0 = time.perf_counter()
         res = {}
@@ -115,7 +116,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
               "config": {"task": task.name, "store": str(store.root), "metric": metric,
                          "runs": len(run_ids), "num_prompts": num_prompts, "num_inits": num_inits,
                          "num_networks": num_networks, "ckpts": {k: str(v) for k, v in ckpts.items()}, **common,
-                         "device": None if device is None else str(device)}}
+                         "guidance": scales, "device": None if device is None else str(device)}}
     report = to_json(report)
     if out_dir is not None:
         out = Path(out_dir)

@@ -108,12 +108,26 @@ def test_runs_depend_on_their_own_seed_only(task, trained):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"trainer": "ppo"}, "trainer must be 'reinforce' or 'es'"),
-    ({"pg_episodes": 0}, "pg_episodes"),
-    ({"pg_lr": (0.01, 0.001)}, "pg_lr"),
-    ({"pg_lr": (0.0, 0.01)}, "pg_lr"),
-    ({"pg_gamma": 0.0}, "pg_gamma"),
-    ({"pg_gamma": 1.5}, "pg_gamma"),
+    ({"pg_episodes": 0}, "pg_episodes must be >= 1"),
+    ({"pg_lr": (0.01, 0.001)}, "pg_lr must be a range"),
+    ({"pg_lr": (0.0, 0.01)}, "pg_lr must be a range"),
+    ({"pg_gamma": 0.0}, "pg_gamma must be in"),
+    ({"pg_gamma": 1.5}, "pg_gamma must be in"),
 ])
 def test_bad_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_task("cartpole", **kwargs)
+
+
+def test_a_build_records_its_trainer_and_refuses_to_resume_with_another(tmp_path):
+    from checkpoints_dataset import StoreError, build_population, open_store
+    from gpt_params.data import ParameterDataModule
+
+    config = PopulationConfig(runs=8, epochs=1, num_checkpoints=2, group_size=4)
+    es = get_task("cartpole", trainer="es", es_population=4)
+    assert build_population(es, tmp_path, config, shard=(0, 2), progress=False) is None  # one group of two
+    assert open_store(tmp_path).manifest["build_config"]["task_options"]["trainer"] == "es"
+    with pytest.raises(StoreError, match="build_config"):  # the default trainer would mix REINFORCE runs in
+        build_population(get_task("cartpole"), tmp_path, config, shard=(1, 2), progress=False)
+    data = ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)  # resumes with the store's options
+    assert data.store.num_runs == 8 and all(data.store.run_hparams(r)["trainer"] == "es" for r in data.store.runs)

@@ -63,7 +63,7 @@ def test_prompt_writes_loadable_networks_and_results(trained, tmp_path, capsys):
 
 
 def test_the_default_guidance_is_the_one_set_at_training(trained, tmp_path):
-    """--model.guidance is saved with the generator; prompt and evaluate use it when given no --guidance."""
+    """--model.guidance is saved with the generator; prompt (and generate) use it when given no --guidance."""
     ckpt = torch.load(trained, map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["guidance"] = 3.0  # what `gpt-params train --model.guidance 3` saves
     guided = tmp_path / "guided.ckpt"

@@ -77,6 +77,12 @@ class Task:
     def num_params(self) -> int:
         return count_params(self.layer_shapes)
 
+    def build_options(self) -> dict:
+        """The task's own settings that change what a population build produces (JSON values, keyed by its
+        constructor's argument names): recorded in the store's build config, so that resuming a build with other
+        settings is refused, and passed back to the task when the data module resumes one. None by default."""
+        return {}
+
     @property
     def permutation_spec(self):
         """The neuron-permutation symmetry of ``build_model()`` (inferred; override to declare one)."""

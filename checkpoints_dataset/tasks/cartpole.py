@@ -5,7 +5,7 @@ The batched environment reproduces gymnasium's ``CartPole-v1`` bit for bit on CP
 the same explicit-Euler update written in the same operation order, the state kept in float64, the
 policy shown float32 observations, reward 1 per step including the terminating one, truncation at 500
 steps. Initial states are drawn with numpy exactly as ``env.reset(seed=s)`` does. Finished episodes are
-dropped from the active batch, so no work is spent on them. (On CUDA, ``cos``/``sin`` and division can
+dropped from the batch at its next re-packing (``rollout``), so little work is spent on them. (On CUDA, ``cos``/``sin`` and division can
 differ from glibc by one ulp, which very rarely changes an episode; CPU results are exact.)
 
 The metric ``return`` is the mean undiscounted return of the greedy policy (argmax of the logits) over
@@ -164,7 +164,7 @@ def _packing(owner: Tensor, row_cost: float = 4.0) -> tuple[Tensor, Tensor, int]
 # --------------------------------------------------------------------------- policy
 
 class CartPolePolicy(nn.Sequential):
-    """The policy MLP 4 -> 32 -> 32 -> 2 with Tanh (bounded, smooth units suit evolution strategies).
+    """The policy MLP 4 -> 32 -> 32 -> 2 with Tanh (bounded, smooth units).
     ``forward(obs [N, 4] float32) -> logits [N, 2]``; the greedy action is ``logits.argmax(-1)``."""
 
     def __init__(self, hidden: int = 32):
@@ -184,8 +184,10 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
     forward only in the last bits, so an action can differ only where the two logits tie to ~1e-7.
     """
     names = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
-    if params[f"{names[0]}.weight"].shape[2] != 4 or params[f"{names[-1]}.weight"].shape[1] != 2:
-        raise ValueError("greedy_act_fn needs a policy MLP with 4 inputs and 2 outputs")
+    if (len(names) < 2 or not isinstance(model[0], nn.Linear) or params[f"{names[0]}.weight"].shape[2] != 4
+            or params[f"{names[-1]}.weight"].shape[1] != 2):
+        raise ValueError("greedy_act_fn needs a Sequential MLP that starts with a Linear of 4 inputs and has at "
+                         "least two Linears, the last with 2 outputs")
     stacked = []  # (kind, weight, bias) per Linear, other modules as they are
     for name, m in model.named_children():
         if not isinstance(m, nn.Linear):
@@ -299,9 +301,12 @@ class CartpoleTask(Task):
                  pg_lr: tuple[float, float] = (0.001, 0.01), pg_gamma: float = 0.99):
         if trainer not in ("reinforce", "es"):
             raise ValueError(f"trainer must be 'reinforce' or 'es', got {trainer!r}")
-        if pg_episodes < 1 or not 0 < pg_lr[0] <= pg_lr[1] or not 0 < pg_gamma <= 1:
-            raise ValueError(f"pg_episodes must be >= 1, pg_lr a range 0 < low <= high and pg_gamma in (0, 1], "
-                             f"got {pg_episodes}, {pg_lr} and {pg_gamma}")
+        if pg_episodes < 1:
+            raise ValueError(f"pg_episodes must be >= 1 (stochastic episodes per update), got {pg_episodes}")
+        if len(pg_lr) != 2 or not 0 < pg_lr[0] <= pg_lr[1]:
+            raise ValueError(f"pg_lr must be a range (low, high) with 0 < low <= high, got {pg_lr}")
+        if not 0 < pg_gamma <= 1:
+            raise ValueError(f"pg_gamma must be in (0, 1], got {pg_gamma}")
         self.trainer, self.pg_episodes, self.pg_lr, self.pg_gamma = trainer, pg_episodes, tuple(pg_lr), pg_gamma
         if evaluator not in ("batched", "gymnasium"):
             raise ValueError(f"evaluator must be 'batched' or 'gymnasium', got {evaluator!r}")
@@ -322,6 +327,15 @@ class CartpoleTask(Task):
 
     def build_model(self) -> nn.Module:
         return CartPolePolicy(self.hidden)
+
+    def build_options(self) -> dict:
+        """The trainer and its settings: a store's runs all come from one trainer."""
+        if self.trainer == "reinforce":
+            return {"trainer": "reinforce", "pg_episodes": self.pg_episodes, "pg_lr": list(self.pg_lr),
+                    "pg_gamma": self.pg_gamma, "generations_per_epoch": self.generations_per_epoch}
+        return {"trainer": "es", "es_population": self.es_population, "es_episodes": self.es_episodes,
+                "es_sigma": list(self.es_sigma), "es_lr": list(self.es_lr),
+                "generations_per_epoch": self.generations_per_epoch}
 
     @functools.cached_property
     def _model(self) -> nn.Module:

@@ -6,7 +6,8 @@ manifest records them), one Adam ``population.optimizer_step`` per update with t
 the run's ``momentum``, its ``weight_decay`` and ``init_scale``), checkpoints on ``checkpoint_schedule``,
 scored on the task's ``eval_seeds`` at the end. One epoch is ``task.generations_per_epoch`` updates; the
 config's lr range, optimizers and batch size do not apply. A run's result depends on its own seed and
-hparams only: every draw comes from its generator and every reduction is per run.
+hparams only: every draw comes from its generator and every reduction is per run (bit for bit as long as
+the BLAS kernels do not change their summation order with the group's size, as on this CPU).
 
 **REINFORCE** (``trainer="reinforce"``, default). Why not evolution strategies: ES with a few antithetic
 directions in 1,282 dimensions takes steps that are mostly noise, so a run's checkpoints follow a near random
