@@ -4,8 +4,8 @@ Add it to a Trainer and each ``fit`` becomes one run of a store at ``out_dir`` (
 the initial checkpoint at the start of training, then one checkpoint every ``every_n_epochs`` epochs and/or
 every ``every_n_steps`` optimizer steps, each with the chosen logged metrics (``trainer.callback_metrics``).
 A metric not logged yet is stored as NaN (the initial checkpoint's, or an epoch-level metric before the first
-epoch ends) and does not drop the checkpoint; a logged non-finite value does. A fit resumed from a Lightning checkpoint (``ckpt_path=...``)
-continues its own run: the run id lives in the callback's state. Only global rank zero writes.
+epoch ends) and does not drop the checkpoint; a logged non-finite value does. A fit resumed from a Lightning
+checkpoint (``ckpt_path=...``) continues its own run: the run id lives in the callback's state. Only global rank zero writes.
 
 Checkpoints are buffered in memory and written as one shard per run segment (every ``flush_every``
 checkpoints, at the end of fit and when training raises); the store is finalized after each write.

@@ -193,6 +193,7 @@ def run_prompt(args) -> int:
     if args.guidance is not None and args.guidance < 0:
         raise SystemExit(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
     gen = Generator.load(args.ckpt, device=args.device)
+    guidance = gen.guidance if args.guidance is None else args.guidance  # used, and recorded in results.json
     task = gen.make_task(args.task, data_dir=getattr(args, "data_dir", None),
                          evaluator=getattr(args, "evaluator", None))
     start_arg, target_values = _check_mode_arguments(gen, args)
@@ -225,7 +226,7 @@ def run_prompt(args) -> int:
               f"at init ({gen.init_metric:.4g})", file=sys.stderr)
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
     params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
-                          guidance=args.guidance, generator=g).cpu()                     # [n, P]
+                          guidance=guidance, generator=g).cpu()                     # [n, P]
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
     if achieved is None:
         print("note: no task given, so the generated networks are not evaluated "
@@ -246,7 +247,6 @@ def run_prompt(args) -> int:
         if achieved is not None:
             rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
         records.append(rec)
-    guidance = gen.guidance if args.guidance is None else args.guidance
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints_dataset.params import tensors_to_vector
+from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.params import vector_to_tensors
 from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, greedy_act_fn, initial_states, rollout
 
 

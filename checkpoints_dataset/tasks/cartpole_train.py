@@ -171,23 +171,23 @@ def train_population(task, hparams: list[dict], config, device, progress: Callab
     schedule = checkpoint_schedule(total, config.num_checkpoints)
     gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
     init = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
-    for h, g in zip(hparams, gens):  # the run's settings, recorded in its hparams (and the manifest)
-        if task.trainer == "reinforce":
+    # the run's settings, drawn with its generator and recorded in its hparams (and the manifest)
+    if task.trainer == "reinforce":
+        for h, g in zip(hparams, gens):
             u = float(torch.rand(1, generator=g, dtype=torch.float64))
             h.update(trainer="reinforce", optimizer="adam", lr=_log_uniform(task.pg_lr, u),
                      pg_episodes=task.pg_episodes, pg_gamma=task.pg_gamma)
-        else:
+        gradient = functools.partial(reinforce_gradient, task, gens=gens)
+    else:
+        for h, g in zip(hparams, gens):
             u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
             h.update(trainer="es", optimizer="adam", lr=_log_uniform(task.es_lr, u[0]),
                      sigma=_log_uniform(task.es_sigma, u[1]), es_population=task.es_population,
                      es_episodes=task.es_episodes)
-    hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
-          for k in ("lr", "weight_decay", "momentum", "init_scale")}  # name -> [R]
-    if task.trainer == "reinforce":
-        gradient = functools.partial(reinforce_gradient, task, gens=gens)
-    else:
         sigma = torch.tensor([h["sigma"] for h in hparams], device=device)  # [R]
         gradient = functools.partial(es_gradient, task, sigma=sigma, gens=gens)
+    hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
+          for k in ("lr", "weight_decay", "momentum", "init_scale")}  # name -> [R]
     is_adam = torch.ones(R, dtype=torch.bool, device=device)
     theta = init.to(device) * hp["init_scale"][:, None]  # [R, P]
     state = init_optimizer_state(theta)
