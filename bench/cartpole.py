@@ -50,9 +50,12 @@ def gymnasium_vector_returns(task, params: torch.Tensor, starts: np.ndarray) -> 
     env.unwrapped.state = starts.reshape(K * E, 4).T.copy()  # [4, K*E] float64, as the env keeps it
     obs = env.unwrapped.state.T.astype(np.float32)
     act, ids = greedy_act_fn(task._model, vector_to_tensors(params, task.layer_shapes)), torch.arange(K)
+    rows = torch.empty(4, K, E)  # feature-major observations, one tensor filled in place: the forward's
+    # buffers and views are made once for it, as for ours
     done, total, raw = np.zeros(K * E, dtype=bool), np.zeros(K * E), 0
     while not done.all():
-        action = act(torch.from_numpy(obs).T.reshape(4, K, E), ids)  # [K, E] from feature-major obs
+        np.copyto(rows.numpy().reshape(4, K * E), obs.T)
+        action = act(rows, ids)  # [K, E]
         obs, reward, terminated, truncated, _ = env.step(action.reshape(-1).long().numpy())
         total += np.where(done, 0.0, reward)
         done |= terminated | truncated

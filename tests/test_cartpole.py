@@ -8,7 +8,8 @@ import torch
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, greedy_act_fn, initial_states, rollout
+from checkpoints_dataset.tasks.cartpole import (MAX_EPISODE_STEPS, cartpole_step, greedy_act_fn, initial_states,
+                                                rollout)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,49 @@ def test_batched_steps_equal_gymnasium_bit_for_bit(kind):
         assert got.dtype == np.float64 and np.array_equal(got, states[1:])
 
 
+def test_cartpole_step_equals_gymnasium_bit_for_bit():
+    """The stateless step (the trainers' dynamics) on the columns of many episodes at once."""
+    seeds = list(range(50, 80))
+    actions = np.random.default_rng(1).integers(0, 2, size=(len(seeds), MAX_EPISODE_STEPS))
+    reference = [gymnasium_episode(s, lambda obs, t, i=i: actions[i, t]) for i, s in enumerate(seeds)]
+    state = tuple(torch.from_numpy(initial_states(seeds)).T.contiguous())  # 4 x [E] float64
+    lengths = [len(states) - 1 for states, _ in reference]
+    assert min(lengths) < max(lengths) < 100  # random actions end every episode within a few dozen steps
+    for t in range(max(lengths)):  # finished episodes step on, unchecked
+        state, terminated = cartpole_step(state, torch.from_numpy(actions[:, t]))
+        for i, (states, _) in enumerate(reference):
+            if t + 1 < len(states):
+                assert np.array_equal(torch.stack(state, 1)[i].numpy(), states[t + 1])
+                assert bool(terminated[i]) == (t + 2 == len(states))
+
+
+def test_torch_dynamics_follow_the_numpy_ones():
+    """rollout's torch dynamics (the CUDA path), run on CPU, against its bit-exact numpy dynamics."""
+    seeds = list(range(200, 264))
+    starts = torch.from_numpy(initial_states(seeds))  # [E, 4]
+    gains = torch.linspace(0.0, 0.6, len(seeds))  # [E] lean-following feedback: long episodes
+
+    def act(obs, ids):  # [4, K'', 1] -> [K'', 1]
+        return obs[2] + gains[ids][:, None] * obs[3] > 0
+
+    traces = {d: [] for d in ("numpy", "torch")}
+    returns = {d: rollout(act, torch.arange(len(seeds)), starts, trace=traces[d], dynamics=d) for d in traces}
+    assert returns["numpy"].max() == MAX_EPISODE_STEPS and returns["numpy"].min() < 100
+    assert (returns["numpy"] == returns["torch"]).float().mean() >= 0.9  # one ulp apart, rarely a step
+    early = min(len(traces["numpy"]), len(traces["torch"]), 20)
+    assert all(torch.allclose(traces["numpy"][t], traces["torch"][t], rtol=0, atol=1e-12) for t in range(early))
+    with pytest.raises(ValueError, match="dynamics must be"):
+        rollout(act, torch.arange(len(seeds)), starts, dynamics="jax")
+
+
+def test_rollout_of_nothing():
+    act = lambda obs, ids: obs[0] > 0  # noqa: E731
+    starts = torch.from_numpy(initial_states([1, 2]))
+    assert rollout(act, torch.arange(2), starts, max_steps=0).tolist() == [0.0, 0.0]
+    assert rollout(act, torch.arange(0), starts[:0]).shape == (0,)
+    assert rollout(act, torch.arange(2), starts, max_steps=3).tolist() == [3.0, 3.0]  # truncated
+
+
 def test_greedy_act_fn_equals_the_module_argmax(task):
     """The lean inference forward (first layer as addcmuls, logit difference) picks the module's argmax."""
     g = torch.Generator().manual_seed(0)
@@ -86,6 +130,24 @@ def test_greedy_act_fn_equals_the_module_argmax(task):
     clear = (logits[ids, :, 1] - logits[ids, :, 0]).abs() > 1e-5  # not a near-tie
     assert clear.float().mean() > 0.99 and torch.equal(got.long()[clear], want[clear])
     assert 0.2 < want.float().mean() < 0.8  # both actions occur
+
+
+def test_greedy_act_fn_reads_its_observations_afresh(task):
+    """The forward keeps buffers and views per observation tensor: an update in place, another tensor of the
+    same shape and other rows all give what a fresh forward gives."""
+    g = torch.Generator().manual_seed(1)
+    tensors = vector_to_tensors(task.init_params(16, g) * 3.0, task.layer_shapes)
+    act = greedy_act_fn(task._model, tensors)
+    fresh = lambda obs, ids: greedy_act_fn(task._model, tensors)(obs, ids).clone()  # noqa: E731
+    obs, ids = torch.randn(4, 16, 3, generator=g), torch.arange(16)
+    first = act(obs, ids).clone()
+    assert torch.equal(first, fresh(obs, ids))
+    obs.copy_(torch.randn(4, 16, 3, generator=g))  # the same tensor, new values
+    assert torch.equal(act(obs, ids), fresh(obs, ids)) and not torch.equal(act(obs, ids), first)
+    other = torch.randn(4, 16, 3, generator=g)
+    assert torch.equal(act(other, ids), fresh(other, ids))
+    rows = torch.tensor([3, 3, 0, 9])
+    assert torch.equal(act(other[:, :4], rows), fresh(other[:, :4], rows))
 
 
 def test_evaluate_equals_gymnasium_evaluator(task):

@@ -1,12 +1,6 @@
-"""CartPole-v1 policies: a batched torch CartPole, the policy MLP and the ``cartpole`` task (its population
-trainers, REINFORCE and evolution strategies, are in ``cartpole_train``).
-
-The batched environment reproduces gymnasium's ``CartPole-v1`` bit for bit on CPU: the same constants,
-the same explicit-Euler update written in the same operation order, the state kept in float64, the
-policy shown float32 observations, reward 1 per step including the terminating one, truncation at 500
-steps. Initial states are drawn with numpy exactly as ``env.reset(seed=s)`` does. Finished episodes are
-dropped from the batch at its next re-packing (``rollout``), so little work is spent on them. (On CUDA, ``cos``/``sin`` and division can
-differ from glibc by one ulp, which very rarely changes an episode; CPU results are exact.)
+"""CartPole-v1 policies: the policy MLP, its lean greedy forward and the ``cartpole`` task. The batched
+CartPole (gymnasium's dynamics bit for bit, finished episodes dropped) is in ``cartpole_env``; the population
+trainers, REINFORCE and evolution strategies, are in ``cartpole_train``.
 
 The metric ``return`` is the mean undiscounted return of the greedy policy (argmax of the logits) over
 the 100 reset seeds ``EVAL_SEEDS``; ``return_std`` is its standard deviation over those episodes.
@@ -15,150 +9,21 @@ the 100 reset seeds ``EVAL_SEEDS``; ``return_std`` is its standard deviation ove
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
-from gymnasium.utils import seeding
 from torch import Tensor, nn
 
 from ..params import check_params, vector_to_tensors
 from .base import Task
+from .cartpole_env import MAX_EPISODE_STEPS, ActFn, cartpole_step, initial_states, rollout
 
-# gymnasium/envs/classic_control/cartpole.py, CartPoleEnv.__init__ (CartPole-v1)
-GRAVITY = 9.8
-MASSCART = 1.0
-MASSPOLE = 0.1
-TOTAL_MASS = MASSPOLE + MASSCART
-LENGTH = 0.5  # half the pole's length
-POLEMASS_LENGTH = MASSPOLE * LENGTH
-FORCE_MAG = 10.0
-TAU = 0.02
-THETA_THRESHOLD = 12 * 2 * math.pi / 360
-X_THRESHOLD = 2.4
-MAX_EPISODE_STEPS = 500
+__all__ = ["EVAL_SEEDS", "MAX_EPISODE_STEPS", "ActFn", "CartPolePolicy", "CartpoleTask", "batched_returns",
+           "cartpole_step", "greedy_act_fn", "gymnasium_returns", "initial_states", "rollout"]
 
 EVAL_SEEDS: tuple[int, ...] = tuple(range(100_000, 100_100))  # reset seeds of the 100 evaluation episodes
-
-# act(obs [4, K'', L] float32, feature-major; policy_ids [K''] (may repeat)) -> actions [K'', L] (0/1 or bool)
-ActFn = Callable[[Tensor, Tensor], Tensor]
-
-
-# --------------------------------------------------------------------------- environment
-
-def initial_states(seeds: Sequence[int]) -> np.ndarray:
-    """``[E, 4]`` float64 initial states, row e equal to ``gymnasium.make("CartPole-v1").reset(seed=seeds[e])``'s
-    state: uniform(-0.05, 0.05, size=4) drawn from the env's ``np_random`` seeded by the reset seed."""
-    rows = []
-    for s in seeds:
-        if not isinstance(s, (int, np.integer)) or s < 0:
-            raise ValueError(f"reset seeds must be non-negative integers, got {s!r}")
-        rng, _ = seeding.np_random(int(s))
-        rows.append(rng.uniform(low=-0.05, high=0.05, size=(4,)))
-    return np.stack(rows) if rows else np.zeros((0, 4))  # [E, 4]
-
-
-def cartpole_step(state: tuple[Tensor, Tensor, Tensor, Tensor], action: Tensor
-                  ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """One CartPole-v1 step for a batch: ``state = (x, x_dot, theta, theta_dot)``, each ``[M]`` float64, and
-    ``action [M]`` in {0, 1} (or bool) -> ``(next state, terminated [M] bool)``, operation for operation as
-    gymnasium's ``step``. (Four contiguous columns: elementwise ops on them are faster than on ``[M, 4]``'s.)
-    On CPU the arithmetic runs in numpy on the tensors' memory: its per-operation overhead on a few thousand
-    values is about half of torch's, and its cos/sin are glibc's, as gymnasium's (torch's vectorized kernels
-    differ by one ulp in ~0.2% of inputs, which would break bit equality)."""
-    if state[0].device.type == "cpu":
-        force = np.where(action.numpy() == 1, FORCE_MAG, -FORCE_MAG)  # [M] float64
-        new, terminated = _euler_step(*(c.numpy() for c in state), force, TOTAL_MASS, np.cos, np.sin)
-        return tuple(torch.from_numpy(c) for c in new), torch.from_numpy(terminated)
-    total_mass = torch.full((), TOTAL_MASS, dtype=state[0].dtype, device=state[0].device)  # divisor as a
-    # tensor: CUDA turns division by a Python scalar into multiplication by its reciprocal
-    force = torch.where(action == 1, FORCE_MAG, -FORCE_MAG).to(state[0].dtype)  # [M]
-    return _euler_step(*state, force, total_mass, torch.cos, torch.sin)
-
-
-def _euler_step(x, x_dot, theta, theta_dot, force, total_mass, cos, sin):
-    """gymnasium's CartPoleEnv.step arithmetic, on numpy arrays or torch tensors alike."""
-    costheta, sintheta = cos(theta), sin(theta)
-    temp = (force + POLEMASS_LENGTH * (theta_dot * theta_dot) * sintheta) / total_mass
-    thetaacc = (GRAVITY * sintheta - costheta * temp) / (
-        LENGTH * (4.0 / 3.0 - MASSPOLE * (costheta * costheta) / total_mass))
-    xacc = temp - POLEMASS_LENGTH * thetaacc * costheta / total_mass
-    x = x + TAU * x_dot
-    x_dot = x_dot + TAU * xacc
-    theta = theta + TAU * theta_dot
-    theta_dot = theta_dot + TAU * thetaacc
-    terminated = (abs(x) > X_THRESHOLD) | (abs(theta) > THETA_THRESHOLD)  # same as x < -T or x > T
-    return (x, x_dot, theta, theta_dot), terminated
-
-
-def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX_EPISODE_STEPS,
-            trace: list[Tensor] | None = None, min_fill: float = 0.8) -> Tensor:
-    """Run B episodes to their end and return their undiscounted returns ``[B]`` float64.
-
-    ``owner [B]`` (non-decreasing) is the policy of each episode, ``init_states [B, 4]`` float64 their
-    starts. Episodes live in a *packing*: rows of L slots, each row holding episodes of one policy (L
-    chosen by ``_packing``), so ``act(obs [4, K'', L], row_policy [K''])`` returns the actions ``[K'', L]``
-    with one weight read per row. The dynamics step
-    every slot; a finished episode's slot keeps stepping, ignored, until fewer than ``min_fill`` of the
-    episodes packed last are unfinished, and then the unfinished ones are re-packed (and the policy's
-    weights re-gathered). Between re-packings a step costs no gather or scatter at all.
-    With ``trace`` a list, the full ``[B, 4]`` state after every step is appended (finished rows frozen).
-    """
-    if owner.dim() != 1 or init_states.shape != (owner.shape[0], 4):
-        raise ValueError(f"owner must be [B] and init_states [B, 4], got {list(owner.shape)} and "
-                         f"{list(init_states.shape)}")
-    if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):
-        raise ValueError("owner must be sorted (non-decreasing): episodes of one policy must be contiguous")
-    device = init_states.device
-    returns = torch.full((owner.shape[0],), float(max_steps), dtype=torch.float64, device=device)  # [B]
-    full = init_states.to(torch.float64).clone() if trace is not None else None  # [B, 4]
-    episode = torch.arange(owner.shape[0], device=device)        # [S] the episode in each slot, ascending
-    alive = torch.ones(owner.shape[0], dtype=torch.bool, device=device)  # [S] slots of unfinished episodes
-    columns = init_states.to(torch.float64).unbind(1)            # x, x_dot, theta, theta_dot of each slot
-    alive_count, packed = owner.shape[0], 0                      # packed: unfinished episodes at the last packing
-    for t in range(max_steps):
-        if alive_count == 0:
-            break
-        if alive_count < min_fill * packed or packed == 0:        # (re-)pack the unfinished episodes
-            keep = alive.nonzero()[:, 0]                          # [M] slots of unfinished episodes
-            live, columns = episode[keep], [c[keep] for c in columns]
-            slot, row_policy, L = _packing(owner[live])           # [M], [K''], row length
-            slots, packed = row_policy.shape[0] * L, alive_count
-            columns = [torch.zeros(slots, dtype=torch.float64, device=device).index_copy_(0, slot, c)
-                       for c in columns]                          # 4 x [S]; empty slots hold zeros
-            episode = torch.zeros(slots, dtype=torch.long, device=device).index_copy_(0, slot, live)  # [S]
-            alive = torch.zeros(slots, dtype=torch.bool, device=device).index_fill_(0, slot, True)  # [S]
-        obs = torch.stack(columns).float().view(4, -1, L)         # [4, K'', L] float32 as gymnasium's, feature-major
-        columns, terminated = cartpole_step(columns, act(obs, row_policy).view(-1))  # [S]
-        if full is not None:
-            full.index_put_((episode[alive],), torch.stack(columns, dim=1)[alive])
-            trace.append(full.clone())
-        ended = terminated & alive                                # [S] episodes that end on this step
-        n = int(ended.sum())
-        if n:                                                     # reward 1 per step, the last one included
-            returns[episode[ended]] = float(t + 1)
-            alive &= ~ended
-            alive_count -= n
-    return returns
-
-
-def _packing(owner: Tensor, row_cost: float = 4.0) -> tuple[Tensor, Tensor, int]:
-    """Rows of L slots for M episodes with non-decreasing ``owner [M]``: each episode's flat slot ``[M]``,
-    each row's policy ``[K'']`` and L. L is the power of two below the largest count, or that count, that minimizes
-    ``slots + row_cost * rows``: padding slots are stepped for nothing, and each row reads its policy's
-    weights once (worth about ``row_cost`` slots of work)."""
-    M = owner.shape[0]
-    pids, counts = torch.unique_consecutive(owner, return_counts=True)  # [K'], [K']
-    top = int(counts.max())
-    L = min([2 ** i for i in range(top.bit_length()) if 2 ** i < top] + [top],
-            key=lambda n: int(((counts + n - 1) // n).sum()) * (n + row_cost))
-    nrows = (counts + L - 1) // L                                 # [K'] rows of each policy
-    grp = torch.repeat_interleave(torch.arange(pids.shape[0], device=owner.device), counts)  # [M]
-    rank = torch.arange(M, device=owner.device) - (torch.cumsum(counts, 0) - counts)[grp]  # [M]
-    row = (torch.cumsum(nrows, 0) - nrows)[grp] + torch.div(rank, L, rounding_mode="floor")  # [M]
-    return row * L + rank % L, torch.repeat_interleave(pids, nrows), L
 
 
 # --------------------------------------------------------------------------- policy
@@ -182,6 +47,7 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
     the output layer is the difference of its two rows, so the action is ``z > 0``: argmax of the two logits
     (ties -> action 0, as argmax) with one dot product instead of two. Rounding differs from the module's
     forward only in the last bits, so an action can differ only where the two logits tie to ~1e-7.
+    The returned actions are a buffer that the next call overwrites.
     """
     names = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
     if (len(names) < 2 or not isinstance(model[0], nn.Linear) or params[f"{names[0]}.weight"].shape[2] != 4
@@ -201,27 +67,50 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
                             (b[:, 1] - b[:, 0])[:, None, None]))                    # [K, 1, 1]
         else:
             stacked.append(("matmul", w.transpose(1, 2).contiguous(), b[:, None, :]))  # [K, in, out], [K, 1, out]
-    cache: dict[str, object] = {"ids": None, "layers": None}
+    cache: dict[str, object] = {"ids": None, "layers": None, "obs": None, "buffers": {}}
+
+    def plan(obs: Tensor, layers: list) -> tuple[list[Callable[[], Tensor]], Tensor]:
+        """The forward's operations on ``obs`` as calls that write into fixed buffers, and the action buffer.
+        A fresh tensor of a few hundred KB per operation would cost page faults every step, more than the
+        operation itself; views made once save their dispatch every step."""
+        K2, L = obs.shape[1], obs.shape[2]
+        buffers = cache["buffers"].setdefault((K2, L), {})  # reused by any obs of this shape
+        calls, h = [], obs
+        for j, layer in enumerate(layers):
+            if not isinstance(layer, tuple):  # an activation, in place where it can be
+                calls.append(h.tanh_ if isinstance(layer, nn.Tanh) else functools.partial(
+                    lambda x, m: x.copy_(m(x)), h, layer))
+                continue
+            kind, w, b = layer
+            if j not in buffers:
+                buffers[j] = obs.new_empty(K2, L, w.shape[-1])
+            out = buffers[j]  # [K'', L, out]
+            if kind == "inputs":  # sum_i obs_i * W[i]: [K'', L, 1] x [K'', 1, out] -> [K'', L, out]
+                cols, rows = [obs[i][:, :, None] for i in range(4)], [w[i][:, None, :] for i in range(4)]
+                calls.append(functools.partial(torch.addcmul, b, cols[0], rows[0], out=out))
+                calls += [functools.partial(out.addcmul_, c, r) for c, r in zip(cols[1:], rows[1:])]
+            else:
+                calls.append(functools.partial(torch.baddbmm, b, h, w, out=out))  # [K'', L, out]
+            h = out
+        if "action" not in buffers:
+            buffers["action"] = torch.empty(K2, L, dtype=torch.bool, device=obs.device)
+        action = buffers["action"]
+        calls.append(functools.partial(torch.gt, h[:, :, 0], h.new_zeros(()), out=action))  # logit 1 - logit 0 > 0
+        return calls, action
 
     def act(obs: Tensor, policy_ids: Tensor) -> Tensor:  # obs [4, K'', L] float32 -> [K'', L] bool
         if cache["ids"] is not policy_ids and (cache["ids"] is None or cache["ids"].shape != policy_ids.shape
                                                 or not torch.equal(cache["ids"], policy_ids)):
-            cache["ids"] = policy_ids
-            cache["layers"] = [(layer[0], layer[1].index_select(1 if layer[0] == "inputs" else 0, policy_ids),
-                                layer[2].index_select(0, policy_ids)) if isinstance(layer, tuple) else layer
-                               for layer in stacked]
+            cache.update(ids=policy_ids, obs=None, buffers={}, layers=[
+                (layer[0], layer[1].index_select(1 if layer[0] == "inputs" else 0, policy_ids),
+                 layer[2].index_select(0, policy_ids)) if isinstance(layer, tuple) else layer for layer in stacked])
+        if cache["obs"] is not obs:  # a new observation tensor (rollout passes one per packing)
+            cache["obs"] = obs
+            cache["calls"], cache["action"] = plan(obs, cache["layers"])
         with torch.no_grad():
-            h = obs
-            for layer in cache["layers"]:
-                if not isinstance(layer, tuple):
-                    h = h.tanh_() if isinstance(layer, nn.Tanh) else layer(h)  # in place: no allocation
-                elif layer[0] == "inputs":  # sum_i obs_i * W[i]: [K'', L, 1] x [K'', 1, out] -> [K'', L, out]
-                    h = torch.addcmul(layer[2], obs[0][:, :, None], layer[1][0][:, None, :])
-                    for i in range(1, obs.shape[0]):
-                        h.addcmul_(obs[i][:, :, None], layer[1][i][:, None, :])
-                else:
-                    h = torch.baddbmm(layer[2], h, layer[1])  # [K'', L, out]
-            return h[:, :, 0] > 0  # [K'', L]: logit 1 - logit 0 > 0
+            for call in cache["calls"]:
+                call()
+        return cache["action"]  # [K'', L] bool; overwritten by the next call
     return act
 
 
