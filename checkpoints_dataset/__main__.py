@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 
 from .population import PopulationConfig, build_population
@@ -21,6 +22,16 @@ def _shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"--shard {text}: need N >= 1 and 0 <= I < N (I counts from 0)")
     return i, n
+
+
+def _task_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--task-option must look like NAME=VALUE (e.g. trainer=es), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)  # numbers, lists, True/False
+    except (ValueError, SyntaxError):
+        return key, value  # a plain string
 
 
 def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.ArgumentParser:
@@ -42,6 +53,9 @@ def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.
     p.add_argument("--batch-size", type=int, default=PopulationConfig.batch_size)
     p.add_argument("--optimizers", default="adam,sgd", help="comma-separated subset of adam,sgd")
     p.add_argument("--data-dir", default=None, help="data directory of the task (Fashion-MNIST IDX files)")
+    p.add_argument("--task-option", type=_task_option, action="append", default=[], metavar="NAME=VALUE",
+                   help="a keyword option of the task, repeatable; values are Python literals or plain strings "
+                        "(e.g. --task-option trainer=es --task-option 'es_lr=(0.01, 0.05)' for cartpole)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage dtype of the parameters (float16 halves disk and memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -54,7 +68,9 @@ def main(argv=None, prog: str | None = None) -> int:
         argv = argv[1:]
     parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
-    kwargs = {"data_dir": args.data_dir} if args.data_dir is not None else {}
+    kwargs = dict(args.task_option)
+    if args.data_dir is not None:
+        kwargs["data_dir"] = args.data_dir
     try:
         task = get_task(args.task, **kwargs)
     except (ValueError, FileNotFoundError) as e:

@@ -8,6 +8,7 @@ manifest decides the task.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ class ParameterDataModule(pl.LightningDataModule):
         build_seed: seed of the build.
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
+        task_options: other keyword options of the task, e.g. ``{trainer: es}`` for cartpole's evolution
+            strategies. A build records the ones that shape its runs, and resumes with those.
         seed: seed of pair sampling and augmentation (each rank adds its rank).
         pair_device: "cpu": training pairs are read from the memory-mapped store per batch (in
             ``num_workers`` processes). A device such as "cuda": the training runs' parameters are loaded
@@ -74,6 +77,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_seed: int = 0,
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
+        task_options: Optional[dict] = None,
         seed: int = 0,
         pair_device: str = "cpu",
     ) -> None:
@@ -99,7 +103,19 @@ class ParameterDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- store
     def _task_kwargs(self) -> dict:
-        return {"data_dir": self.hparams.data_dir} if self.hparams.data_dir else {}
+        kwargs = dict(self.hparams.task_options or {})
+        if self.hparams.data_dir:
+            kwargs["data_dir"] = self.hparams.data_dir
+        return kwargs
+
+    def _check_task_options(self, built: dict) -> None:
+        """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
+        given = json.loads(json.dumps(self._task_kwargs(), default=str))  # tuples as lists, as the manifest has them
+        clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
+        if clash:
+            raise ValueError(f"the store at {self.root} was built with the task options {built}; "
+                             f"--data.task_options differ on {clash}: drop them to use (or finish) this store, "
+                             "or build another one with another --data.root")
 
     def _open_or_build(self):
         """Open the store; build it (rank 0 only) when missing, finish it when a build was cut short."""
@@ -107,9 +123,10 @@ class ParameterDataModule(pl.LightningDataModule):
         config, task_name, options = None, self.hparams.task, {}
         if (self.root / "manifest.json").exists():
             store = open_store(self.root)
+            built = store.manifest.get("build_config") or {}
+            self._check_task_options(built.get("task_options", {}))
             if _complete(store):
                 return store
-            built = store.manifest["build_config"]
             task_name = store.task       # an interrupted build: resume it with its own settings
             options = built.get("task_options", {})
             fields = {f.name for f in dataclasses.fields(PopulationConfig)}
@@ -120,7 +137,11 @@ class ParameterDataModule(pl.LightningDataModule):
                              "there, or --data.root DIR of an existing store")
         if not rank_zero:
             return self._wait_for_store()
-        task = get_task(task_name, **self._task_kwargs(), **options)
+        given = self._task_kwargs()
+        try:
+            task = get_task(task_name, **{**given, **options})
+        except TypeError as e:
+            raise ValueError(f"task {task_name!r} does not take the options {given}: {e}") from None
         config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
                                             seed=self.hparams.build_seed)
         print(f"Building the {task.name} checkpoint store at {self.root} "

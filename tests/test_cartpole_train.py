@@ -129,5 +129,21 @@ def test_a_build_records_its_trainer_and_refuses_to_resume_with_another(tmp_path
     assert open_store(tmp_path).manifest["build_config"]["task_options"]["trainer"] == "es"
     with pytest.raises(StoreError, match="build_config"):  # the default trainer would mix REINFORCE runs in
         build_population(get_task("cartpole"), tmp_path, config, shard=(1, 2), progress=False)
+    with pytest.raises(ValueError, match=r"differ on \['trainer'\]"):  # finishing it with REINFORCE is refused
+        ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1, task_options={"trainer": "reinforce"})
     data = ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)  # resumes with the store's options
     assert data.store.num_runs == 8 and all(data.store.run_hparams(r)["trainer"] == "es" for r in data.store.runs)
+    assert ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={  # the same options, tuples or lists
+        "trainer": "es", "es_sigma": (0.03, 0.2)}).store.num_runs == 8
+
+
+def test_build_dataset_takes_task_options(tmp_path):
+    """``--task-option NAME=VALUE`` reaches the task: an ES build of cartpole from the command line."""
+    from checkpoints_dataset import open_store
+    from checkpoints_dataset.__main__ import main
+
+    assert main(["--task", "cartpole", "--out", str(tmp_path), "--runs", "2", "--epochs", "1", "--checkpoints", "2",
+                 "--group-size", "2", "--no-progress", "--task-option", "trainer=es",
+                 "--task-option", "es_population=4", "--task-option", "es_lr=(0.01, 0.02)"]) == 0
+    options = open_store(tmp_path).manifest["build_config"]["task_options"]
+    assert options["trainer"] == "es" and options["es_population"] == 4 and options["es_lr"] == [0.01, 0.02]

@@ -149,7 +149,11 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     out = ["--out", str(tmp_path / "s")]
     for argv, message in [(["--task", "nope", *out], "unknown task 'nope'"),
                           (["--shard", "2/2", *out], "0 <= I < N"),
-                          (["--task", "fashion_mlp", "--data-dir", str(tmp_path), *out], "apt-get install")]:
+                          (["--task", "fashion_mlp", "--data-dir", str(tmp_path), *out], "apt-get install"),
+                          (["--task-option", "trainer", *out], "must look like NAME=VALUE"),
+                          (["--task-option", "trainer=es", *out], "does not take these options"),
+                          (["--task", "cartpole", "--task-option", "trainer=ppo", *out], "trainer must be"),
+                          (["--task", "cartpole", "--task-option", "pg_lr=(0.1, 0.01)", *out], "pg_lr must be a range")]:
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
