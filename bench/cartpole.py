@@ -1,7 +1,8 @@
 """Environment steps per second: the batched torch CartPole evaluator vs gymnasium's fastest numpy one.
 
 Both evaluate the same K policies (``--policies``, default 4096) for ``--episodes`` episodes each from
-the same initial states, with the same torch policy forward (``greedy_act_fn``, greedy actions).
+the same initial states, with the same torch policy forward (``greedy_act_fn``, greedy actions; each side
+feeds it one observation tensor updated in place, so its buffers are made once).
 gymnasium's side is ``CartPoleVectorEnv`` (``gym.make_vec(..., vectorization_mode="vector_entry_point")``,
 the numpy-vectorized CartPole), stepped until every first episode has ended; ours is
 ``batched_returns`` (finished episodes dropped). Steps counted are the episodes' own steps (the sum of
