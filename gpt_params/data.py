@@ -8,7 +8,6 @@ manifest decides the task.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,20 @@ from checkpoints_dataset.pairs import PairBatches, PairDataset
 from checkpoints_dataset.store import open_store
 from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.population import PopulationConfig, build_population
+
+
+def _plain(value):
+    """A JSON-like value as the manifest keeps it: tuples as lists, numpy scalars as Python numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _make_task(name: str, kwargs: dict):
+    try:
+        return get_task(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"task {name!r} cannot be built with the options {kwargs}: {e}") from None
 
 
 def _complete(store) -> bool:
@@ -86,6 +99,11 @@ class ParameterDataModule(pl.LightningDataModule):
         self.root = Path(root).expanduser().resolve()
         self.store = self._open_or_build()
         self.task_name = self._resolve_task(task)
+        if task_options and self.task_name is not None:  # options given: they must build the store's networks
+            shapes = _make_task(self.task_name, self._task_kwargs()).layer_shapes
+            if {k: tuple(v) for k, v in shapes.items()} != dict(self.store.layer_shapes):
+                raise ValueError(f"--data.task_options {task_options} build {self.task_name} networks of other "
+                                 f"shapes than the store's at {self.root}: drop the options that change them")
         metric = metric or self._default_metric()
         if metric not in self.store.metric_names:
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
@@ -103,14 +121,19 @@ class ParameterDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- store
     def _task_kwargs(self) -> dict:
+        """The task's keyword options: ``task_options``, ``data_dir``, and the options the store was built with
+        (which shape its networks, e.g. cartpole's ``hidden``)."""
         kwargs = dict(self.hparams.task_options or {})
         if self.hparams.data_dir:
             kwargs["data_dir"] = self.hparams.data_dir
+        store = getattr(self, "store", None)  # None while the store is being opened or built
+        if store is not None:
+            kwargs.update((store.manifest.get("build_config") or {}).get("task_options", {}))
         return kwargs
 
     def _check_task_options(self, built: dict) -> None:
         """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
-        given = json.loads(json.dumps(self._task_kwargs(), default=str))  # tuples as lists, as the manifest has them
+        given = {k: _plain(v) for k, v in self._task_kwargs().items()}  # tuples as lists, as the manifest has them
         clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
         if clash:
             raise ValueError(f"the store at {self.root} was built with the task options {built}; "
@@ -138,10 +161,7 @@ class ParameterDataModule(pl.LightningDataModule):
         if not rank_zero:
             return self._wait_for_store()
         given = self._task_kwargs()
-        try:
-            task = get_task(task_name, **{**given, **options})
-        except TypeError as e:
-            raise ValueError(f"task {task_name!r} does not take the options {given}: {e}") from None
+        task = _make_task(task_name, {**given, **options})
         config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
                                             seed=self.hparams.build_seed)
         print(f"Building the {task.name} checkpoint store at {self.root} "

@@ -1,5 +1,6 @@
 """The cartpole task's REINFORCE population trainer (checkpoints_dataset/tasks/cartpole_train.py), the default."""
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
@@ -134,16 +135,26 @@ def test_a_build_records_its_trainer_and_refuses_to_resume_with_another(tmp_path
     data = ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)  # resumes with the store's options
     assert data.store.num_runs == 8 and all(data.store.run_hparams(r)["trainer"] == "es" for r in data.store.runs)
     assert ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={  # the same options, tuples or lists
-        "trainer": "es", "es_sigma": (0.03, 0.2)}).store.num_runs == 8
+        "trainer": "es", "es_sigma": (0.03, 0.2), "es_population": np.int64(4)}).store.num_runs == 8
 
 
 def test_build_dataset_takes_task_options(tmp_path):
-    """``--task-option NAME=VALUE`` reaches the task: an ES build of cartpole from the command line."""
+    """``--task-option NAME=VALUE`` reaches the task: an ES build of narrow cartpole policies from the command
+    line. The store keeps the options that shape it, and the data module evaluates with them."""
     from checkpoints_dataset import open_store
     from checkpoints_dataset.__main__ import main
+    from gpt_params.data import ParameterDataModule
 
-    assert main(["--task", "cartpole", "--out", str(tmp_path), "--runs", "2", "--epochs", "1", "--checkpoints", "2",
-                 "--group-size", "2", "--no-progress", "--task-option", "trainer=es",
-                 "--task-option", "es_population=4", "--task-option", "es_lr=(0.01, 0.02)"]) == 0
-    options = open_store(tmp_path).manifest["build_config"]["task_options"]
-    assert options["trainer"] == "es" and options["es_population"] == 4 and options["es_lr"] == [0.01, 0.02]
+    assert main(["--task", "cartpole", "--out", str(tmp_path), "--runs", "8", "--epochs", "1", "--checkpoints", "2",
+                 "--group-size", "8", "--no-progress", "--task-option", "trainer=es", "--task-option", "hidden=8",
+                 "--task-option", "es_population=2", "--task-option", "es_lr=(0.01, 0.02)"]) == 0
+    store = open_store(tmp_path)
+    options = store.manifest["build_config"]["task_options"]
+    assert options["trainer"] == "es" and options["es_population"] == 2 and options["es_lr"] == [0.01, 0.02]
+    assert options["hidden"] == 8 and store.num_params == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
+    data = ParameterDataModule(root=str(tmp_path), val_runs=1)
+    assert get_task(data.task_name, **data._task_kwargs()).num_params == store.num_params  # scored as built
+    with pytest.raises(ValueError, match=r"differ on \['hidden'\]"):
+        ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={"hidden": 32})
+    with pytest.raises(ValueError, match="cannot be built with the options"):
+        ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={"bogus": 1})

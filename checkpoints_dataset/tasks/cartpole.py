@@ -218,13 +218,15 @@ class CartpoleTask(Task):
         return CartPolePolicy(self.hidden)
 
     def build_options(self) -> dict:
-        """The trainer and its settings: a store's runs all come from one trainer."""
+        """The trainer and its settings (a store's runs all come from one trainer), and ``hidden`` when it is
+        not the default 32 (it shapes the networks)."""
+        shape = {"hidden": self.hidden} if self.hidden != 32 else {}
         if self.trainer == "reinforce":
             return {"trainer": "reinforce", "pg_episodes": self.pg_episodes, "pg_lr": list(self.pg_lr),
-                    "pg_gamma": self.pg_gamma, "generations_per_epoch": self.generations_per_epoch}
+                    "pg_gamma": self.pg_gamma, "generations_per_epoch": self.generations_per_epoch, **shape}
         return {"trainer": "es", "es_population": self.es_population, "es_episodes": self.es_episodes,
                 "es_sigma": list(self.es_sigma), "es_lr": list(self.es_lr),
-                "generations_per_epoch": self.generations_per_epoch}
+                "generations_per_epoch": self.generations_per_epoch, **shape}
 
     @functools.cached_property
     def _model(self) -> nn.Module:

@@ -143,7 +143,8 @@ def rollout(act: ActFn, owner: Tensor, init_states: Tensor, max_steps: int = MAX
     with one weight read per row (``obs`` is the same tensor, updated in place, until the next packing).
     The dynamics step every slot; a finished episode's slot keeps stepping, ignored, until fewer than
     ``min_fill`` of the episodes packed last are unfinished, and then the unfinished ones are re-packed
-    (and the policy's weights re-gathered). Between re-packings a step costs no gather, scatter or allocation.
+    (and the policy's weights re-gathered). Between re-packings a step costs no gather or scatter, and on CPU
+    no allocation.
     With ``trace`` a list, the full ``[B, 4]`` state after every step is appended (finished rows frozen).
     ``dynamics``: "numpy" (CPU only; bit for bit gymnasium's) or "torch" (any device); by default numpy on
     CPU and torch elsewhere.
