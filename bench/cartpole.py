@@ -7,12 +7,15 @@ gymnasium's side is ``CartPoleVectorEnv`` (``gym.make_vec(..., vectorization_mod
 the numpy-vectorized CartPole), stepped until every first episode has ended; ours is
 ``batched_returns`` (finished episodes dropped). Steps counted are the episodes' own steps (the sum of
 the returns, identical on both sides and checked), so steps/s is the rate of useful evaluation work.
-Policies: half random inits scaled by U(0.5, 3), half a lean-following controller plus noise, so
-returns spread from ~9 to 500 like a checkpoint dataset's. ``--rounds`` rounds time both sides one after
-the other; the LAST printed line is the median speed ratio.
+Policies (``--policy mlp``, the task's): half random inits scaled by U(0.5, 3), half a lean-following
+controller plus noise, so returns spread from ~9 to 500 like a checkpoint dataset's. ``--policy linear``
+instead gives each policy 4 weights (action = obs . w > 0; half random, half lean-following), so the
+policy costs almost nothing and the environments' own speed is what is compared. ``--rounds`` rounds time
+both sides one after the other; the LAST printed line is the median speed ratio.
 
     python bench/cartpole.py --policies 4096
     python bench/cartpole.py --policies 4096 --store data/cartpole_reinforce   # a real checkpoint dataset's policies
+    python bench/cartpole.py --policies 4096 --policy linear                    # the environments alone
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import batched_returns, greedy_act_fn, initial_states
+from checkpoints_dataset.tasks.cartpole import greedy_act_fn, initial_states, rollout
 
 
 def make_policies(task, K: int, seed: int) -> torch.Tensor:
@@ -43,14 +46,34 @@ def make_policies(task, K: int, seed: int) -> torch.Tensor:
     return torch.where(torch.arange(K)[:, None] % 2 == 0, params, controller)
 
 
-def gymnasium_vector_returns(task, params: torch.Tensor, starts: np.ndarray) -> tuple[np.ndarray, int]:
-    """Returns ``[K, E]`` on CartPoleVectorEnv started from ``starts [K, E, 4]``, and the raw steps taken."""
+def linear_policies(K: int, seed: int) -> torch.Tensor:
+    """``[K, 4]`` weights of linear policies (action = obs . w > 0): half random, half lean-following plus noise
+    (mean return ~190, like the mlp mix's 195)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(K, 4, generator=g)
+    controller = torch.stack([torch.zeros(K), torch.zeros(K), torch.ones(K), 0.6 * torch.rand(K, generator=g)], 1)
+    return torch.where(torch.arange(K)[:, None] % 2 == 0, w, controller + 0.2 * torch.randn(K, 4, generator=g))
+
+
+def linear_act_fn(w: torch.Tensor):
+    """An ``ActFn`` of linear policies ``w [K, 4]``: the rows' weights gathered when the rows change."""
+    cache = {"ids": None}
+
+    def act(obs, ids):  # obs [4, K'', L] float32 -> [K'', L] bool
+        if cache["ids"] is not ids:
+            cache["ids"], cache["w"] = ids, w[ids].T.contiguous()[:, :, None]  # [4, K'', 1]
+        return (obs * cache["w"]).sum(0) > 0
+    return act
+
+
+def gymnasium_vector_returns(act, K: int, starts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Returns ``[K, E]`` of ``act``'s K policies on CartPoleVectorEnv started from ``starts [K, E, 4]``, and
+    the raw steps taken."""
     K, E, _ = starts.shape
     env = gymnasium.make_vec("CartPole-v1", num_envs=K * E, vectorization_mode="vector_entry_point")
     env.reset(seed=0)
     env.unwrapped.state = starts.reshape(K * E, 4).T.copy()  # [4, K*E] float64, as the env keeps it
-    obs = env.unwrapped.state.T.astype(np.float32)
-    act, ids = greedy_act_fn(task._model, vector_to_tensors(params, task.layer_shapes)), torch.arange(K)
+    obs, ids = env.unwrapped.state.T.astype(np.float32), torch.arange(K)
     rows = torch.empty(4, K, E)  # feature-major observations, one tensor filled in place: the forward's
     # buffers and views are made once for it, as for ours
     done, total, raw = np.zeros(K * E, dtype=bool), np.zeros(K * E), 0
@@ -75,7 +98,12 @@ def main(argv=None):
     p.add_argument("--store", default=None,
                    help="take the policies from this cartpole store (K checkpoints drawn with --seed) instead "
                         "of the synthetic mix")
+    p.add_argument("--policy", choices=["mlp", "linear"], default="mlp",
+                   help="mlp: the task's policy network (default); linear: 4 weights per policy, so the "
+                        "environments alone are compared")
     args = p.parse_args(argv)
+    if args.store and args.policy != "mlp":
+        raise SystemExit("--store holds policy networks: use it with --policy mlp")
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task("cartpole")
@@ -86,28 +114,37 @@ def main(argv=None):
             raise SystemExit(f"--store {args.store} holds {store.task} networks, not cartpole policies")
         rows = np.sort(np.random.default_rng(args.seed).choice(store.num_checkpoints, K, replace=K > store.num_checkpoints))
         params = torch.from_numpy(np.asarray(store.params(rows), dtype=np.float32))  # [K, P] real checkpoints
-    else:
+    elif args.policy == "mlp":
         params = make_policies(task, K, args.seed)
-    starts = initial_states(range(K * E)).reshape(K, E, 4)  # [K, E, 4] float64
-    starts_t = torch.from_numpy(starts)
+    else:
+        params = linear_policies(K, args.seed)  # [K, 4]
 
-    batched_returns(task._model, params[:64], task.layer_shapes, starts_t[:64])  # warm-up
-    gymnasium_vector_returns(task, params[:64], starts[:64])
+    def make_act(n):  # a fresh ActFn for the first n policies (each side gets its own)
+        if args.policy == "linear":
+            return linear_act_fn(params[:n])
+        return greedy_act_fn(task._model, vector_to_tensors(params[:n], task.layer_shapes))
+
+    starts = initial_states(range(K * E)).reshape(K, E, 4)  # [K, E, 4] float64
+    starts_t = torch.from_numpy(starts).reshape(K * E, 4)
+    owner = torch.arange(K).repeat_interleave(E)  # [K*E]
+
+    rollout(make_act(64), owner[:64 * E], starts_t[:64 * E])  # warm-up
+    gymnasium_vector_returns(make_act(64), 64, starts[:64])
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gymnasium {gymnasium.__version__}")
     ratios = []
     for i in range(args.rounds):  # the two sides alternate within a round: load drift hits both
-        t0 = time.perf_counter()
-        ours = batched_returns(task._model, params, task.layer_shapes, starts_t).numpy()  # [K, E]
+        t0 = time.perf_counter()  # the forward's setup (weight layout) is timed on both sides
+        ours = rollout(make_act(K), owner, starts_t).view(K, E).numpy()  # [K, E]
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
-        theirs, raw = gymnasium_vector_returns(task, params, starts)
+        theirs, raw = gymnasium_vector_returns(make_act(K), K, starts)
         t_gym = time.perf_counter() - t0
         if not np.array_equal(ours, theirs):
             raise SystemExit(f"returns differ on {(ours != theirs).sum()} of {ours.size} episodes")
         steps = int(ours.sum())
         if i == 0:
-            print(f"{K} policies x {E} episodes, returns mean {ours.mean():.1f} (min {ours.min():.0f}, max "
+            print(f"{K} {args.policy} policies x {E} episodes, returns mean {ours.mean():.1f} (min {ours.min():.0f}, max "
                   f"{ours.max():.0f}), {steps} episode steps (identical on both sides), {raw} raw gymnasium env steps")
         ratios.append(t_gym / t_ours)
         print(f"round {i + 1}: batched torch {t_ours:.2f} s = {steps / t_ours:,.0f} steps/s; gymnasium vector "
