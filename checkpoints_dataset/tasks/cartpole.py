@@ -143,11 +143,12 @@ def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Seq
             chunk = torch.cat([chunk, chunk[-1:].expand(per - n, -1)])  # [per, P] padded with copies
             act = greedy_act_fn(model, vector_to_tensors(chunk, layer_shapes))
             ids = torch.arange(per, device=params.device)
+            o = torch.empty(4, per, E, device=params.device)  # one observation tensor: the forward plans once
             obs, _ = envs.reset(seed=[int(s) for s in seeds] * per)
             done = np.zeros(per * E, dtype=bool)
             total = np.zeros(per * E)
             while not done.all():
-                o = torch.from_numpy(obs).to(params.device).T.reshape(4, per, E)  # float32 as gymnasium gives
+                o.copy_(torch.from_numpy(obs).T.reshape(4, per, E))  # float32 as gymnasium gives
                 action = act(o, ids).reshape(-1).long().cpu().numpy()
                 obs, reward, terminated, truncated, _ = envs.step(action)
                 total += np.where(done, 0.0, reward)
