@@ -42,8 +42,10 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
     the MLP's first Linear takes the 4 observations, its last gives 2 logits), for feature-major ``obs``.
 
     The weights are laid out once for a lean inference forward, and the rows' weights are gathered only
-    when the packing changes. The first Linear is 4 ``addcmul``s over its inputs (MKL's batched matmul costs
-    ~0.2 us per matrix, 5x the arithmetic of a [1, 4] x [4, 32] product); hidden Linears are ``baddbmm``s;
+    when the packing changes. The first Linear is 4 ``addcmul``s over its inputs when the first call's rows
+    hold fewer than 4 episodes (MKL's batched matmul costs ~0.2 us per matrix, 5x the arithmetic of a
+    [1, 4] x [4, 32] product), else one ``baddbmm`` (4 passes over [K'', L, 32] cost more than one matmul);
+    the choice is kept for later calls, so every step of a rollout rounds alike. Hidden Linears are ``baddbmm``s;
     the output layer is the difference of its two rows, so the action is ``z > 0``: argmax of the two logits
     (ties -> action 0, as argmax) with one dot product instead of two. Rounding differs from the module's
     forward only in the last bits, so an action can differ only where the two logits tie to ~1e-7.
@@ -67,7 +69,7 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
                             (b[:, 1] - b[:, 0])[:, None, None]))                    # [K, 1, 1]
         else:
             stacked.append(("matmul", w.transpose(1, 2).contiguous(), b[:, None, :]))  # [K, in, out], [K, 1, out]
-    cache: dict[str, object] = {"ids": None, "layers": None, "obs": None, "buffers": {}}
+    cache: dict[str, object] = {"ids": None, "layers": None, "obs": None, "buffers": {}, "inputs_matmul": None}
 
     def plan(obs: Tensor, layers: list) -> tuple[list[Callable[[], Tensor]], Tensor]:
         """The forward's operations on ``obs`` as calls that write into fixed buffers, and the action buffer.
@@ -85,7 +87,10 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
             if j not in buffers:
                 buffers[j] = obs.new_empty(K2, L, w.shape[-1])
             out = buffers[j]  # [K'', L, out]
-            if kind == "inputs":  # sum_i obs_i * W[i]: [K'', L, 1] x [K'', 1, out] -> [K'', L, out]
+            if kind == "inputs" and cache["inputs_matmul"]:  # [K'', L, 4] x [K'', 4, out] -> [K'', L, out]
+                calls.append(functools.partial(torch.baddbmm, b, obs.permute(1, 2, 0), w.permute(1, 0, 2).contiguous(),
+                                               out=out))
+            elif kind == "inputs":  # sum_i obs_i * W[i]: [K'', L, 1] x [K'', 1, out] -> [K'', L, out]
                 cols, rows = [obs[i][:, :, None] for i in range(4)], [w[i][:, None, :] for i in range(4)]
                 calls.append(functools.partial(torch.addcmul, b, cols[0], rows[0], out=out))
                 calls += [functools.partial(out.addcmul_, c, r) for c, r in zip(cols[1:], rows[1:])]
@@ -106,6 +111,8 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
                  layer[2].index_select(0, policy_ids)) if isinstance(layer, tuple) else layer for layer in stacked])
         if cache["obs"] is not obs:  # a new observation tensor (rollout passes one per packing)
             cache["obs"] = obs
+            if cache["inputs_matmul"] is None:
+                cache["inputs_matmul"] = obs.shape[2] >= 4
             cache["calls"], cache["action"] = plan(obs, cache["layers"])
         with torch.no_grad():
             for call in cache["calls"]:
