@@ -2,7 +2,9 @@
 
 Both evaluate the same K policies (``--policies``, default 4096) for ``--episodes`` episodes each from
 the same initial states, with the same torch policy forward (``greedy_act_fn``, greedy actions; each side
-feeds it one observation tensor updated in place, so its buffers are made once).
+feeds it one observation tensor updated in place, so its buffers are made once), taking the policies in
+the same chunks of at most 64K episodes (``policy_chunks``, as ``batched_returns`` does). ``--episodes
+100`` is the task's own evaluation (100 episodes per policy).
 gymnasium's side is ``CartPoleVectorEnv`` (``gym.make_vec(..., vectorization_mode="vector_entry_point")``,
 the numpy-vectorized CartPole), stepped until every first episode has ended; ours is
 ``batched_returns`` (finished episodes dropped). Steps counted are the episodes' own steps (the sum of
@@ -31,7 +33,7 @@ import torch
 from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import greedy_act_fn, initial_states, rollout
+from checkpoints_dataset.tasks.cartpole import greedy_act_fn, initial_states, policy_chunks, rollout
 
 
 def make_policies(task, K: int, seed: int) -> torch.Tensor:
@@ -88,6 +90,26 @@ def gymnasium_vector_returns(act, K: int, starts: np.ndarray) -> tuple[np.ndarra
     return total.reshape(K, E), raw
 
 
+def both_sides(make_act, starts: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float, int]:
+    """Ours (``rollout``) and gymnasium's returns ``[K, E]``, each side's seconds, and gymnasium's raw steps.
+    Both take the policies in the same ``policy_chunks`` as ``batched_returns`` (one chunk up to 64K
+    episodes); ``make_act(slice)`` gives a fresh ActFn of a chunk's policies for each side."""
+    K, E, _ = starts.shape
+    ours, theirs, t_ours, t_gym, raw = [], [], 0.0, 0.0, 0
+    for part in policy_chunks(K, E):
+        n = part.stop - part.start
+        t0 = time.perf_counter()  # the forward's setup (weight layout) is timed on both sides
+        owner = torch.arange(n).repeat_interleave(E)  # [n*E]
+        ours.append(rollout(make_act(part), owner, torch.from_numpy(starts[part].reshape(n * E, 4))).view(n, E).numpy())
+        t_ours += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        returns, steps = gymnasium_vector_returns(make_act(part), n, starts[part])
+        t_gym += time.perf_counter() - t0
+        theirs.append(returns)
+        raw += steps
+    return np.concatenate(ours), t_ours, np.concatenate(theirs), t_gym, raw
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policies", type=int, default=4096)
@@ -119,27 +141,18 @@ def main(argv=None):
     else:
         params = linear_policies(K, args.seed)  # [K, 4]
 
-    def make_act(n):  # a fresh ActFn for the first n policies (each side gets its own)
+    def make_act(part: slice):  # a fresh ActFn for these policies (each side gets its own)
         if args.policy == "linear":
-            return linear_act_fn(params[:n])
-        return greedy_act_fn(task._model, vector_to_tensors(params[:n], task.layer_shapes))
+            return linear_act_fn(params[part])
+        return greedy_act_fn(task._model, vector_to_tensors(params[part], task.layer_shapes))
 
     starts = initial_states(range(K * E)).reshape(K, E, 4)  # [K, E, 4] float64
-    starts_t = torch.from_numpy(starts).reshape(K * E, 4)
-    owner = torch.arange(K).repeat_interleave(E)  # [K*E]
-
-    rollout(make_act(64), owner[:64 * E], starts_t[:64 * E])  # warm-up
-    gymnasium_vector_returns(make_act(64), 64, starts[:64])
+    both_sides(make_act, starts[:64])  # warm-up
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gymnasium {gymnasium.__version__}")
     ratios = []
     for i in range(args.rounds):  # the two sides alternate within a round: load drift hits both
-        t0 = time.perf_counter()  # the forward's setup (weight layout) is timed on both sides
-        ours = rollout(make_act(K), owner, starts_t).view(K, E).numpy()  # [K, E]
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        theirs, raw = gymnasium_vector_returns(make_act(K), K, starts)
-        t_gym = time.perf_counter() - t0
+        ours, t_ours, theirs, t_gym, raw = both_sides(make_act, starts)  # [K, E] each
         if not np.array_equal(ours, theirs):
             raise SystemExit(f"returns differ on {(ours != theirs).sum()} of {ours.size} episodes")
         steps = int(ours.sum())

@@ -8,8 +8,8 @@ import torch
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import (MAX_EPISODE_STEPS, cartpole_step, greedy_act_fn, initial_states,
-                                                rollout)
+from checkpoints_dataset.tasks.cartpole import (MAX_EPISODE_STEPS, batched_returns, cartpole_step, greedy_act_fn,
+                                                initial_states, policy_chunks, rollout)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,17 @@ def test_greedy_act_fn_reads_its_observations_afresh(task):
     assert torch.equal(act(other, ids), fresh(other, ids))
     rows = torch.tensor([3, 3, 0, 9])
     assert torch.equal(act(other[:, :4], rows), fresh(other[:, :4], rows))
+
+
+def test_policies_are_rolled_out_in_chunks(task):
+    assert policy_chunks(10, 3, max_episodes=7) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8), slice(8, 10)]
+    assert policy_chunks(3, 100, max_episodes=50) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # one policy at least
+    assert policy_chunks(0, 5) == [] and policy_chunks(4, 5) == [slice(0, 4)]
+    params = torch.cat([heuristic_policy(task, 0.3), task.init_params(4, torch.Generator().manual_seed(5)) * 2.0])
+    starts = torch.from_numpy(initial_states(range(6)))  # [E, 4]
+    whole = batched_returns(task._model, params, task.layer_shapes, starts)  # [5, 6]
+    assert torch.equal(batched_returns(task._model, params, task.layer_shapes, starts, max_episodes=12), whole)
+    assert whole[0].min() == MAX_EPISODE_STEPS and whole.min() < 100
 
 
 def test_evaluate_equals_gymnasium_evaluator(task):
