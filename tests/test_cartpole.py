@@ -115,11 +115,13 @@ def test_rollout_of_nothing():
     assert rollout(act, torch.arange(2), starts, max_steps=3).tolist() == [3.0, 3.0]  # truncated
 
 
-def test_greedy_act_fn_equals_the_module_argmax(task):
-    """The lean inference forward (first layer as addcmuls, logit difference) picks the module's argmax."""
+@pytest.mark.parametrize("L", [1, 5])  # the first layer as addcmuls (rows of 1-3 episodes) or as a matmul
+def test_greedy_act_fn_equals_the_module_argmax(task, L):
+    """The lean inference forward (first layer as addcmuls or a matmul, logit difference) picks the module's
+    argmax."""
     g = torch.Generator().manual_seed(0)
     params = task.init_params(64, g) * 3.0  # [K, P]
-    obs = torch.randn(64, 5, 4, generator=g)  # [K, L, 4]
+    obs = torch.randn(64, L, 4, generator=g)  # [K, L, 4]
     model = task.build_model()
     logits = torch.stack([torch.func.functional_call(model, {k: v[i] for k, v in
                                                              vector_to_tensors(params, task.layer_shapes).items()}, obs[i])
