@@ -33,7 +33,7 @@ import torch
 from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import greedy_act_fn, initial_states, policy_chunks, rollout
+from checkpoints_dataset.tasks.cartpole import chunked_returns, greedy_act_fn, initial_states, policy_chunks
 
 
 def make_policies(task, K: int, seed: int) -> torch.Tensor:
@@ -91,23 +91,20 @@ def gymnasium_vector_returns(act, K: int, starts: np.ndarray) -> tuple[np.ndarra
 
 
 def both_sides(make_act, starts: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float, int]:
-    """Ours (``rollout``) and gymnasium's returns ``[K, E]``, each side's seconds, and gymnasium's raw steps.
-    Both take the policies in the same ``policy_chunks`` as ``batched_returns`` (one chunk up to 64K
-    episodes); ``make_act(slice)`` gives a fresh ActFn of a chunk's policies for each side."""
+    """Ours (``chunked_returns``, what ``batched_returns`` runs) and gymnasium's returns ``[K, E]``, each side's
+    seconds (the forward's setup included), and gymnasium's raw steps. gymnasium's side takes the policies in
+    the same ``policy_chunks``; ``make_act(slice)`` gives a fresh ActFn of a chunk's policies for each side."""
     K, E, _ = starts.shape
-    ours, theirs, t_ours, t_gym, raw = [], [], 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    ours = chunked_returns(make_act, torch.from_numpy(starts)).numpy()
+    t_ours = time.perf_counter() - t0
+    theirs, raw = [], 0
+    t0 = time.perf_counter()
     for part in policy_chunks(K, E):
-        n = part.stop - part.start
-        t0 = time.perf_counter()  # the forward's setup (weight layout) is timed on both sides
-        owner = torch.arange(n).repeat_interleave(E)  # [n*E]
-        ours.append(rollout(make_act(part), owner, torch.from_numpy(starts[part].reshape(n * E, 4))).view(n, E).numpy())
-        t_ours += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        returns, steps = gymnasium_vector_returns(make_act(part), n, starts[part])
-        t_gym += time.perf_counter() - t0
+        returns, steps = gymnasium_vector_returns(make_act(part), part.stop - part.start, starts[part])
         theirs.append(returns)
         raw += steps
-    return np.concatenate(ours), t_ours, np.concatenate(theirs), t_gym, raw
+    return ours, t_ours, np.concatenate(theirs), time.perf_counter() - t0, raw
 
 
 def main(argv=None):
@@ -151,7 +148,7 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}, gymnasium {gymnasium.__version__}")
     ratios = []
-    for i in range(args.rounds):  # the two sides alternate within a round: load drift hits both
+    for i in range(args.rounds):  # the two sides one after the other in each round: load drift hits both
         ours, t_ours, theirs, t_gym, raw = both_sides(make_act, starts)  # [K, E] each
         if not np.array_equal(ours, theirs):
             raise SystemExit(f"returns differ on {(ours != theirs).sum()} of {ours.size} episodes")

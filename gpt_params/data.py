@@ -133,7 +133,7 @@ class ParameterDataModule(pl.LightningDataModule):
 
     def _check_task_options(self, built: dict) -> None:
         """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
-        given = {k: _plain(v) for k, v in self._task_kwargs().items()}  # tuples as lists, as the manifest has them
+        given = {k: _plain(v) for k, v in (self.hparams.task_options or {}).items()}  # tuples as lists, as the manifest
         clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
         if clash:
             raise ValueError(f"the store at {self.root} was built with the task options {built}; "
@@ -160,8 +160,7 @@ class ParameterDataModule(pl.LightningDataModule):
                              "there, or --data.root DIR of an existing store")
         if not rank_zero:
             return self._wait_for_store()
-        given = self._task_kwargs()
-        task = _make_task(task_name, {**given, **options})
+        task = _make_task(task_name, {**self._task_kwargs(), **options})
         config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
                                             seed=self.hparams.build_seed)
         print(f"Building the {task.name} checkpoint store at {self.root} "

@@ -21,7 +21,8 @@ from .base import Task
 from .cartpole_env import MAX_EPISODE_STEPS, ActFn, cartpole_step, initial_states, rollout
 
 __all__ = ["EVAL_SEEDS", "MAX_EPISODE_STEPS", "ActFn", "CartPolePolicy", "CartpoleTask", "batched_returns",
-           "cartpole_step", "greedy_act_fn", "gymnasium_returns", "initial_states", "policy_chunks", "rollout"]
+           "cartpole_step", "chunked_returns", "greedy_act_fn", "gymnasium_returns", "initial_states", "policy_chunks",
+           "rollout"]
 
 EVAL_SEEDS: tuple[int, ...] = tuple(range(100_000, 100_100))  # reset seeds of the 100 evaluation episodes
 
@@ -130,20 +131,26 @@ def policy_chunks(K: int, E: int, max_episodes: int = 65536) -> list[slice]:
     return [slice(k, min(k + per, K)) for k in range(0, K, per)]
 
 
-def batched_returns(model: nn.Module, params: Tensor, layer_shapes, init_states: Tensor,
-                    max_episodes: int = 65536) -> Tensor:
-    """Returns ``[K, E]`` (float64) of K policies (``params [K, P]``) from starts ``init_states``: ``[E, 4]``
-    shared by every policy or ``[K, E, 4]`` per policy; one ``rollout`` per ``policy_chunks`` slice."""
-    K = params.shape[0]
-    starts = init_states.expand(K, -1, -1) if init_states.dim() == 2 else init_states  # [K, E, 4]
-    E = starts.shape[1]
+def chunked_returns(make_act: Callable[[slice], ActFn], starts: Tensor, max_episodes: int = 65536) -> Tensor:
+    """Returns ``[K, E]`` (float64) of K policies from their starts ``starts [K, E, 4]`` (float64): one ``rollout``
+    per ``policy_chunks`` slice, acting with ``make_act(slice)``, the ActFn of that slice's policies."""
+    K, E, _ = starts.shape
     out = []
     for part in policy_chunks(K, E, max_episodes):
         n = part.stop - part.start
-        owner = torch.arange(n, device=params.device).repeat_interleave(E)  # [n*E]
-        act = greedy_act_fn(model, vector_to_tensors(params[part], layer_shapes))
-        out.append(rollout(act, owner, starts[part].reshape(n * E, 4).to(params.device, torch.float64)).view(n, E))
-    return torch.cat(out) if out else torch.zeros(0, E, dtype=torch.float64, device=params.device)
+        owner = torch.arange(n, device=starts.device).repeat_interleave(E)  # [n*E]
+        out.append(rollout(make_act(part), owner, starts[part].reshape(n * E, 4)).view(n, E))
+    return torch.cat(out) if out else starts.new_zeros(0, E)
+
+
+def batched_returns(model: nn.Module, params: Tensor, layer_shapes, init_states: Tensor,
+                    max_episodes: int = 65536) -> Tensor:
+    """Returns ``[K, E]`` (float64) of K policies (``params [K, P]``) from starts ``init_states``: ``[E, 4]``
+    shared by every policy or ``[K, E, 4]`` per policy (``chunked_returns`` with the lean greedy forward)."""
+    K = params.shape[0]
+    starts = init_states.expand(K, -1, -1) if init_states.dim() == 2 else init_states  # [K, E, 4]
+    return chunked_returns(lambda part: greedy_act_fn(model, vector_to_tensors(params[part], layer_shapes)),
+                           starts.to(params.device, torch.float64), max_episodes)
 
 
 def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Sequence[int],
@@ -154,12 +161,13 @@ def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Seq
     import gymnasium
 
     K, E = params.shape[0], len(seeds)
-    per = max(1, min(K, max_envs // max(E, 1)))  # policies per chunk
+    parts = policy_chunks(K, E, max_envs)
+    per = parts[0].stop if parts else 1  # policies per chunk: the first chunk is a full one
     envs = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("CartPole-v1")] * (per * E))
     out = torch.zeros(K, E, dtype=torch.float64)
     try:
-        for k0 in range(0, K, per):
-            chunk = params[k0:k0 + per]
+        for part in parts:
+            chunk = params[part]
             n = chunk.shape[0]
             chunk = torch.cat([chunk, chunk[-1:].expand(per - n, -1)])  # [per, P] padded with copies
             act = greedy_act_fn(model, vector_to_tensors(chunk, layer_shapes))
@@ -174,7 +182,7 @@ def gymnasium_returns(model: nn.Module, params: Tensor, layer_shapes, seeds: Seq
                 obs, reward, terminated, truncated, _ = envs.step(action)
                 total += np.where(done, 0.0, reward)
                 done |= terminated | truncated
-            out[k0:k0 + n] = torch.from_numpy(total).view(per, E)[:n]
+            out[part] = torch.from_numpy(total).view(per, E)[:n]
     finally:
         envs.close()
     return out

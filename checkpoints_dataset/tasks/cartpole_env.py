@@ -62,7 +62,7 @@ def cartpole_step(state: tuple[Tensor, Tensor, Tensor, Tensor], action: Tensor
         return _torch_step(state, action)
     st = np.stack([c.numpy() for c in state])                     # [4, M] float64, a copy stepped in place
     terminated = _numpy_step(st, action.numpy(), _numpy_buffers(st.shape[1]))
-    return tuple(torch.from_numpy(c) for c in st), torch.from_numpy(terminated.copy())
+    return tuple(torch.from_numpy(c) for c in st), torch.from_numpy(terminated)  # buffers of this call alone
 
 
 def _numpy_buffers(S: int) -> dict[str, np.ndarray]:
