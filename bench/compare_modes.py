@@ -8,7 +8,7 @@
 
 Modes: params+start (G.pt-style, the default), latent+start, and p-diff (latent, start-free,
 unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-time cap), then
-``gpt_params.evaluate_modes.compare_modes`` writes OUT/compare/modes.md and modes.json.
+``gpt_params.evaluation.modes.compare_modes`` writes OUT/compare/modes.md and modes.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from checkpoints_dataset import get_task, open_store
 from gpt_params.cli import main
-from gpt_params.evaluate_modes import compare_modes
+from gpt_params.evaluation.modes import compare_modes
 
 MODES = {
     "params+start": [],
@@ -57,7 +57,7 @@ def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: in
 def combine(outs: list[str], dest: str) -> None:
     """One table of several comparisons (e.g. digits_mlp and fashion_cnn): rows of each OUT/compare/modes.json,
     the mode prefixed with its task; written to DEST/modes_all.md and printed."""
-    from gpt_params.evaluate_modes import markdown_table
+    from gpt_params.evaluation.modes import markdown_table
 
     rows, metrics = [], set()
     for out in outs:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from gpt_params.data import ParameterDataModule
+from gpt_params.training.data import ParameterDataModule
 from train_throughput import bench_store, make_module, make_step, sync
 
 

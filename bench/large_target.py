@@ -25,9 +25,9 @@ import timm
 import torch
 
 from checkpoints_dataset.params import float_layer_shapes
-from gpt_params.diffusion import Diffusion, sample
-from gpt_params.dit import ParameterDiT
-from gpt_params.tokenizer import ParameterTokenizer
+from gpt_params.core.diffusion import Diffusion, sample
+from gpt_params.core.dit import ParameterDiT
+from gpt_params.core.tokenizer import ParameterTokenizer
 
 TARGETS = {
     "resnet18.layer3": lambda: timm.create_model("resnet18", pretrained=False).layer3,

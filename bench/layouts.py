@@ -40,8 +40,8 @@ def main() -> None:
 
     from checkpoints_dataset import get_task, open_store
     from gpt_params.cli import main as cli
-    from gpt_params.evaluate import prompt_alignment
-    from gpt_params.prompting import Generator
+    from gpt_params.evaluation import prompt_alignment
+    from gpt_params.core.generator import Generator
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 For each sampler setting (1000-step DDPM, 50- and 10-step DDIM and DPM-Solver++) it measures the network
 evaluations (NFE: denoiser forward passes per network), the wall time and the prompt alignment reached
-(``gpt_params.evaluate.prompt_alignment`` on the first ``--runs`` held-out runs, ``--prompts`` targets
+(``gpt_params.evaluation.prompt_alignment`` on the first ``--runs`` held-out runs, ``--prompts`` targets
 each, fp32). The best few-step setting is the one with the fewest steps whose median alignment is within
 ``--tolerance`` of DDPM's (else the best-aligned few-step one). At that setting it then measures networks
 generated AND evaluated per second from fresh random inits (``task.evaluate``: every split and metric),
@@ -30,14 +30,14 @@ import torch
 
 from checkpoints_dataset import get_task, open_store
 from gpt_params.cli import main as cli_main
-from gpt_params.evaluate import prompt_alignment
-from gpt_params.prompting import Generator
+from gpt_params.evaluation import prompt_alignment
+from gpt_params.core.generator import Generator
 from train_throughput import bench_store, sync
 
 SETTINGS = [("ddpm", 1000), ("ddim", 50), ("dpm++", 50), ("ddim", 10), ("dpm++", 10)]
 EMA_CONFIG = """trainer:
   callbacks:
-    - class_path: gpt_params.callbacks.GeneratorEMA
+    - class_path: gpt_params.training.callbacks.GeneratorEMA
       init_args: {decay: 0.995, start_fraction: null, update_starting_at_step: %d}
 """
 

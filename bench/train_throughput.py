@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from checkpoints_dataset import get_task
 from checkpoints_dataset.pairs import PairDataset
 from checkpoints_dataset.population import PopulationConfig, build_population
-from gpt_params.data import ParameterDataModule
-from gpt_params.module import GeneratorModule
+from gpt_params.training.data import ParameterDataModule
+from gpt_params.training.module import GeneratorModule
 
 VARIANTS = ("fp32", "bf16", "bf16+compile")
 MEASURED_PEAK_TFLOPS = 790.0  # 8192^3 bf16 matmul on the lent H200 (KINDS.md)

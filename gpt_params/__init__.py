@@ -1,29 +1,32 @@
 """gpt-params: generate neural-network parameters with a conditional diffusion transformer.
 
-The core (tokenizer, denoiser, diffusion) imports only torch, timm and diffusers. The Lightning layer
-(module, data module, callbacks, prompting, evaluation) is exported here too but imported on first use,
-so ``import gpt_params`` stays light.
+Layers, bottom up: ``gpt_params.core`` (tokenizer, DiT, diffusion, autoencoder, Generator; no Lightning),
+``gpt_params.evaluation`` (needs only the core), ``gpt_params.training`` (Lightning) and ``gpt_params.cli``.
+The core is imported here; evaluation and the Lightning classes on first use, so ``import gpt_params``
+never imports Lightning.
 """
-from .diffusion import Diffusion, sample
-from .dit import PRESETS, ParameterDiT
-from .tokenizer import ParameterTokenizer
+from gpt_params.core import (PRESETS, Diffusion, ParameterAutoencoder, ParameterDiT, ParameterTokenizer,
+                             load_state_dict, sample, save_state_dict)
 
-_LAZY = {
-    "GeneratorModule": ".module",
-    "ParameterDataModule": ".data",
-    "AlignmentMonitor": ".callbacks",
-    "ParameterPrompter": ".callbacks",
-    "Generator": ".prompting",
-    "evaluate_all": ".evaluate",
-    "prompt_alignment": ".evaluate",
+_LAZY = {   # name -> module; imported on first access (Lightning or matplotlib behind them)
+    "Generator": "gpt_params.core.generator",
+    "GeneratorModule": "gpt_params.training",
+    "ParameterDataModule": "gpt_params.training",
+    "GeneratorEMA": "gpt_params.training",
+    "AlignmentMonitor": "gpt_params.training",
+    "ParameterPrompter": "gpt_params.training",
+    "evaluate_all": "gpt_params.evaluation",
+    "prompt_alignment": "gpt_params.evaluation",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        import importlib   # lazy: the Lightning layer is optional for inference
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ParameterTokenizer", "ParameterDiT", "PRESETS", "Diffusion", "sample", *_LAZY]
+__all__ = ["PRESETS", "Diffusion", "Generator", "ParameterAutoencoder", "ParameterDiT", "ParameterTokenizer",
+           "load_state_dict", "sample", "save_state_dict", "GeneratorModule", "ParameterDataModule", "GeneratorEMA",
+           "AlignmentMonitor", "ParameterPrompter", "evaluate_all", "prompt_alignment"]

@@ -78,7 +78,7 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
 def test_generator_ema_keeps_integer_buffers_and_plain_ema_is_refused(tiny_digits_store, tmp_path):
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
-    from gpt_params.callbacks import GeneratorEMA
+    from gpt_params.training.callbacks import GeneratorEMA
 
     data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
 

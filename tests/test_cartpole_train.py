@@ -122,7 +122,7 @@ def test_bad_options_are_refused(kwargs, match):
 
 def test_a_build_records_its_trainer_and_refuses_to_resume_with_another(tmp_path):
     from checkpoints_dataset import StoreError, build_population, open_store
-    from gpt_params.data import ParameterDataModule
+    from gpt_params.training.data import ParameterDataModule
 
     config = PopulationConfig(runs=8, epochs=1, num_checkpoints=2, group_size=4)
     es = get_task("cartpole", trainer="es", es_population=4)
@@ -143,7 +143,7 @@ def test_build_dataset_takes_task_options(tmp_path):
     line. The store keeps the options that shape it, and the data module evaluates with them."""
     from checkpoints_dataset import open_store
     from checkpoints_dataset.__main__ import main
-    from gpt_params.data import ParameterDataModule
+    from gpt_params.training.data import ParameterDataModule
 
     assert main(["--task", "cartpole", "--out", str(tmp_path), "--runs", "8", "--epochs", "1", "--checkpoints", "2",
                  "--group-size", "8", "--no-progress", "--task-option", "trainer=es", "--task-option", "hidden=8",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from checkpoints_dataset import get_task
 from gpt_params.cli import CONFIG_DIR, main
-from gpt_params.prompting import Generator
+from gpt_params.core.generator import Generator
 
 from conftest import refused, train_args as _train_args
 

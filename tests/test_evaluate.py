@@ -1,4 +1,4 @@
-"""Known answers for the evaluation suite (gpt_params.evaluate*).
+"""Known answers for the evaluation suite (gpt_params.evaluation*).
 
 Generators here are duck-typed stand-ins with known behaviour: a perfect one on a synthetic task whose
 metric is a single parameter, a do-nothing one (returns its start), and copiers that return permuted
@@ -17,9 +17,9 @@ from checkpoints_dataset.params import check_params
 from checkpoints_dataset.permute import apply_permutations, permute_params, random_permutations
 from checkpoints_dataset.store import create_store, finalize_store, open_store, write_shard
 from checkpoints_dataset.tasks import Task, get_task
-from gpt_params.evaluate import SECTIONS, alignment_r2, evaluate_all, prompt_alignment
-from gpt_params.evaluate_common import aligned_to, nearest_aligned, sorted_features, trained_checkpoints
-from gpt_params.evaluate_space import novelty
+from gpt_params.evaluation import SECTIONS, alignment_r2, evaluate_all, prompt_alignment
+from gpt_params.evaluation.common import aligned_to, nearest_aligned, sorted_features, trained_checkpoints
+from gpt_params.evaluation.space import novelty
 
 
 # ------------------------------------------------------------------ synthetic task: metric = output bias

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from checkpoints_dataset import get_task, open_store
 from conftest import refused
-from gpt_params.autoencoder import ParameterAutoencoder, reconstruction_quality
+from gpt_params.core.autoencoder import ParameterAutoencoder, reconstruction_quality
 from gpt_params.cli import main
-from gpt_params.dit import ParameterDiT
-from gpt_params.prompting import Generator
-from gpt_params.tokenizer import ParameterTokenizer
+from gpt_params.core.dit import ParameterDiT
+from gpt_params.core.generator import Generator
+from gpt_params.core.tokenizer import ParameterTokenizer
 
 TINY = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -53,6 +53,6 @@ def test_core_imports_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, gpt_params.tokenizer, gpt_params.dit, gpt_params.diffusion, checkpoints_dataset; "
+    code = ("import sys, gpt_params.core.tokenizer, gpt_params.core.dit, gpt_params.core.diffusion, checkpoints_dataset; "
             "assert 'pytorch_lightning' not in sys.modules, 'Lightning was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

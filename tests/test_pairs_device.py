@@ -51,7 +51,7 @@ def test_pair_batches_cover_each_target_once_per_pass(tiny_digits_store):
 
 
 def test_datamodule_pair_device(tiny_digits_store):
-    from gpt_params.data import ParameterDataModule
+    from gpt_params.training.data import ParameterDataModule
 
     dm = ParameterDataModule(root=str(tiny_digits_store), batch_size=8, pair_device="cpu:0")
     dm.setup("fit")

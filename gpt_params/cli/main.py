@@ -18,10 +18,10 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from gpt_params.data import ParameterDataModule
-from gpt_params.module import GeneratorModule
+from gpt_params.training.data import ParameterDataModule
+from gpt_params.training.module import GeneratorModule
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"   # a link to the repository's configs/, a folder in wheels
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"   # a link to the repository's configs/, a folder in wheels
 DEFAULT_CONFIG = CONFIG_DIR / "digits_mlp.yaml"
 VERBS = ("build-dataset", "train", "prompt", "evaluate")
 
@@ -82,8 +82,8 @@ def train(argv: list[str]) -> int:
     n_runs = cli.config.get("final_eval_runs", 32)
     if n_runs > 0 and data.task_name is not None:
         from checkpoints_dataset.tasks import get_task
-        from gpt_params.evaluate import prompt_alignment
-        from gpt_params.prompting import Generator
+        from gpt_params.evaluation import prompt_alignment
+        from gpt_params.core.generator import Generator
 
         task = get_task(data.task_name, **data._task_kwargs())
         gen = Generator(model)
@@ -135,7 +135,7 @@ def _prompt_parser() -> argparse.ArgumentParser:
 
 
 def prompt(argv: list[str]) -> int:
-    from gpt_params.prompting import run_prompt
+    from gpt_params.core.generator import run_prompt
     args = _prompt_parser().parse_args(argv)
     return run_prompt(args)
 
@@ -186,8 +186,8 @@ def _store_and_task(gen, args):
 
 
 def evaluate(argv: list[str]) -> int:
-    from gpt_params.evaluate import evaluate_all
-    from gpt_params.prompting import Generator, _prepare_report_dir
+    from gpt_params.evaluation import evaluate_all
+    from gpt_params.core.generator import Generator, _prepare_report_dir
 
     args = _evaluate_parser().parse_args(argv)
     if args.runs < 1 or args.steps < 1:
@@ -217,9 +217,9 @@ def evaluate(argv: list[str]) -> int:
 
 
 def _evaluate_compare(args) -> int:
-    """`gpt-params evaluate --compare NAME=CKPT ...`: one table over the modes (gpt_params.evaluate_modes)."""
-    from gpt_params.evaluate_modes import compare_modes
-    from gpt_params.prompting import Generator, _prepare_out
+    """`gpt-params evaluate --compare NAME=CKPT ...`: one table over the modes (gpt_params.evaluation.modes)."""
+    from gpt_params.evaluation.modes import compare_modes
+    from gpt_params.core.generator import Generator, _prepare_out
 
     ckpts = {}
     for item in args.compare:

@@ -22,8 +22,8 @@ import torch
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from gpt_params import evaluate_plots as plots
-from gpt_params.evaluate_common import (aligned_to, as_tensor, at_least_as_good, best_value, checkpoints_near,
+from gpt_params.evaluation import plots
+from gpt_params.evaluation.common import (aligned_to, as_tensor, at_least_as_good, best_value, checkpoints_near,
                                         generate, has_data, held_out_runs, metric_of, nearest_aligned,
                                         predictions, run_endpoints, start_points, summary, trained_checkpoints,
                                         wrong_iou)

@@ -19,8 +19,8 @@ from typing import Literal, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt_params.diffusion import sample
-from gpt_params.module import CHECKPOINT_MARKER, GeneratorModule
+from gpt_params.core.diffusion import sample
+from gpt_params.training.module import CHECKPOINT_MARKER, GeneratorModule
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]
 

@@ -17,9 +17,9 @@ from typing import Mapping
 
 import matplotlib.pyplot as plt
 
-from gpt_params.evaluate import one_step, prompt_alignment
-from gpt_params.evaluate_common import held_out_runs, to_json
-from gpt_params.evaluate_space import diversity, novelty
+from gpt_params.evaluation.suite import one_step, prompt_alignment
+from gpt_params.evaluation.common import held_out_runs, to_json
+from gpt_params.evaluation.space import diversity, novelty
 
 COLUMNS = ("mode", "space", "start", "condition", "alignment R2 (median)", "one step (median)",
            "novel (1 - near-copy fraction)", "aligned dist. to nearest train (gen / held-out)",
@@ -75,7 +75,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     ``runs``: held-out runs for prompt alignment (``num_prompts`` each); ``num_inits``: default-scheme
     inits for one step; ``num_networks``: generated networks for novelty and for diversity.
     """
-    from gpt_params.prompting import Generator
+    from gpt_params.core.generator import Generator
 
     if not ckpts:
         raise ValueError("compare_modes needs at least one NAME=CKPT generator")

@@ -1,4 +1,4 @@
-"""Figures of the evaluation suite, one per section of ``gpt_params.evaluate``.
+"""Figures of the evaluation suite, one per section of ``gpt_params.evaluation``.
 
 Each function takes plain arrays and returns a ``matplotlib.figure.Figure`` built without pyplot (no
 display, no global state; ``fig.savefig`` renders with Agg), ready to save or log to TensorBoard.

@@ -30,10 +30,10 @@ import torch
 
 from pytorch_lightning.utilities import rank_zero_info
 
-from gpt_params.autoencoder import ParameterAutoencoder
-from gpt_params.diffusion import Diffusion
-from gpt_params.dit import ParameterDiT
-from gpt_params.tokenizer import ParameterTokenizer
+from gpt_params.core.autoencoder import ParameterAutoencoder
+from gpt_params.core.diffusion import Diffusion
+from gpt_params.core.dit import ParameterDiT
+from gpt_params.core.tokenizer import ParameterTokenizer
 
 CHECKPOINT_MARKER = "gpt_params_format"   # key in hyper_parameters that marks our checkpoints
 CHECKPOINT_FORMAT = 1
@@ -168,7 +168,7 @@ class GeneratorModule(pl.LightningModule):
         of the first val batch (scoring networks can cost far more than a training step)."""
         if self._gap_task is None:
             return
-        from gpt_params.autoencoder import reconstruction_quality
+        from gpt_params.core.autoencoder import reconstruction_quality
 
         metric = self.hparams.data_info["metric"]
         q = reconstruction_quality(self.autoencoder, self.tokenizer, self._gap_task, params[:max_networks], [metric],
@@ -221,14 +221,14 @@ class GeneratorModule(pl.LightningModule):
         of training, so an EMA starting after the last step would hand back the untrained weights."""
         from pytorch_lightning.callbacks import EMAWeightAveraging
 
-        from gpt_params.callbacks import GeneratorEMA
+        from gpt_params.training.callbacks import GeneratorEMA
 
         max_steps = self.trainer.max_steps
         for cb in self.trainer.callbacks:
             if (isinstance(cb, EMAWeightAveraging) and not isinstance(cb, GeneratorEMA)
                     and getattr(cb, "_use_buffers", False) and any(not b.is_floating_point() for b in self.buffers())):
                 raise ValueError("EMAWeightAveraging would average the generator's integer buffers (token ids) and "
-                                 "round them down; use gpt_params.callbacks.GeneratorEMA (the same options, "
+                                 "round them down; use gpt_params.training.callbacks.GeneratorEMA (the same options, "
                                  "floating-point tensors only) in trainer.callbacks instead")
             start = getattr(cb, "update_starting_at_step", None)
             if isinstance(cb, EMAWeightAveraging) and start is not None and 0 < max_steps <= start:

@@ -34,10 +34,10 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from checkpoints_dataset.store import write_json_atomic
-from gpt_params import evaluate_plots as plots
-from gpt_params.evaluate_common import (at_least_as_good, best_value, generate, has_data, held_out_runs,
+from gpt_params.evaluation import plots
+from gpt_params.evaluation.common import (at_least_as_good, best_value, generate, has_data, held_out_runs,
                                         metric_of, run_endpoints, start_points, summary, to_json)
-from gpt_params.evaluate_space import diversity, landscape, novelty
+from gpt_params.evaluation.space import diversity, landscape, novelty
 
 Section = Literal["prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape"]
 SECTIONS: tuple[Section, ...] = ("prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape")

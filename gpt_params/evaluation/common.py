@@ -1,4 +1,4 @@
-"""Shared machinery of the evaluation suite (``gpt_params.evaluate``).
+"""Shared machinery of the evaluation suite (``gpt_params.evaluation``).
 
 Everything here works on whole populations at once: networks are evaluated with the task's batched
 ``evaluate`` in chunks, generated with one ``generate`` call per chunk, and run through the model with

@@ -71,8 +71,8 @@ class AlignmentMonitor(pl.Callback):
         pl_module.log("val/alignment", value, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data) -> float:
-        from gpt_params.evaluate import prompt_alignment
-        from gpt_params.prompting import Generator
+        from gpt_params.evaluation import prompt_alignment
+        from gpt_params.core.generator import Generator
 
         task = get_task(data.task_name, **data._task_kwargs())
         was_training = pl_module.training
@@ -118,7 +118,7 @@ class ParameterPrompter(pl.Callback):
         self._task = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from gpt_params.prompting import Generator
+        from gpt_params.core.generator import Generator
 
         self._gen = Generator.load(self.ckpt)
         self._prefix = self._find_prefix(float_layer_shapes(pl_module))
