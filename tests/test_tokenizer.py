@@ -1,6 +1,8 @@
 """ParameterTokenizer: exact round trips, layouts, permutation structure, normalization, errors, config."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ from torch import nn
 
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
 from checkpoints_dataset.permute import apply_permutations, infer_permutation_spec
+from checkpoints_dataset.tasks import get_task
 from gpt_params import ParameterTokenizer
-
 
 
 def mlp(sizes, batchnorm=False):
@@ -153,3 +155,117 @@ def test_bad_input_raises_clear_errors():
         ParameterTokenizer(shapes, layout="rows")
     with pytest.raises(ValueError, match="not a layer"):
         ParameterTokenizer(shapes, spec={"groups": [{"name": "x", "size": 3, "axes": [["nope.weight", 0]]}]})
+
+
+# ------------------------------------------------------------------- tokens recorded before the spec rewrite
+# Recorded from the tokenizer that inferred the hidden units itself (_infer_groups, before it took a
+# PermutationSpec): T, C, number of layer ids, a digest of index / mask / token_layer_ids / token_kinds, and
+# the last token kind. Every case must give the same with the task's spec, its JSON dict and spec=None.
+
+def _digest(tok) -> str:
+    h = hashlib.sha256()
+    for t in (tok.index, tok.mask, tok.token_layer_ids):
+        h.update(t.contiguous().numpy().tobytes())
+    h.update("|".join(tok.token_kinds).encode())
+    return h.hexdigest()[:16]
+
+
+TASK_SHAPES = {
+    "digits_mlp": {"0.weight": (32, 64), "0.bias": (32,), "2.weight": (10, 32), "2.bias": (10,)},
+    "fashion_mlp": {"1.weight": (32, 784), "1.bias": (32,), "3.weight": (10, 32), "3.bias": (10,)},
+    "fashion_cnn": {"0.weight": (16, 1, 3, 3), "2.weight": (32, 16, 3, 3), "6.weight": (10, 32), "6.bias": (10,)},
+    "fashion_cnn_bn": {"0.weight": (16, 1, 3, 3), "1.weight": (16,), "1.bias": (16,), "1.running_mean": (16,),
+                       "1.running_var": (16,), "3.weight": (32, 16, 3, 3), "4.weight": (32,), "4.bias": (32,),
+                       "4.running_mean": (32,), "4.running_var": (32,), "8.weight": (10, 32), "8.bias": (10,)},
+    "cartpole": {"0.weight": (32, 4), "0.bias": (32,), "2.weight": (32, 32), "2.bias": (32,), "4.weight": (2, 32),
+                 "4.bias": (2,)},
+}
+RECORDED_TASKS = {  # (task, layout, chunk_size) -> (T, C, layer ids, digest, last kind)
+    ("digits_mlp", "neuron", 1024): (33, 75, 2, "13ad01d3faefcdd7", "chunk:2.bias/0"),
+    ("digits_mlp", "neuron", 64): (65, 64, 3, "99e84e4a8939f069", "chunk:2.bias/0"),
+    ("digits_mlp", "chunk", 1024): (5, 1024, 5, "23006cd6b99ce1e1", "chunk:2.bias/0"),
+    ("digits_mlp", "chunk", 64): (39, 64, 39, "e49dbfb694689e83", "chunk:2.bias/0"),
+    ("fashion_mlp", "neuron", 1024): (33, 795, 2, "9e873bf9665166c7", "chunk:3.bias/0"),
+    ("fashion_mlp", "neuron", 64): (417, 64, 14, "b3a1352388e1741b", "chunk:3.bias/0"),
+    ("fashion_mlp", "chunk", 1024): (28, 1024, 28, "2813cec8d4e01916", "chunk:3.bias/0"),
+    ("fashion_mlp", "chunk", 64): (399, 64, 399, "afcfcfc1d03814cf", "chunk:3.bias/0"),
+    ("fashion_cnn", "neuron", 1024): (49, 154, 3, "44ff729c9482e643", "chunk:6.bias/0"),
+    ("fashion_cnn", "neuron", 64): (113, 64, 5, "025c090add1a1454", "chunk:6.bias/0"),
+    ("fashion_cnn", "chunk", 1024): (8, 1024, 8, "8a9c5965d49ce094", "chunk:6.bias/0"),
+    ("fashion_cnn", "chunk", 64): (81, 64, 81, "82d072c4ea07a83a", "chunk:6.bias/0"),
+    ("fashion_cnn_bn", "neuron", 1024): (49, 158, 3, "8f4d4d20d9b167bd", "chunk:8.bias/0"),
+    ("fashion_cnn_bn", "neuron", 64): (113, 64, 5, "e6f7b30ef5588e83", "chunk:8.bias/0"),
+    ("fashion_cnn_bn", "chunk", 1024): (16, 1024, 16, "b825d04e6eadfd4a", "chunk:8.bias/0"),
+    ("fashion_cnn_bn", "chunk", 64): (89, 64, 89, "6b07af61cdc0da26", "chunk:8.bias/0"),
+    ("cartpole", "neuron", 1024): (65, 35, 3, "c81d6c5febe0b7a2", "chunk:4.bias/0"),
+    ("cartpole", "neuron", 64): (65, 35, 3, "c81d6c5febe0b7a2", "chunk:4.bias/0"),
+    ("cartpole", "chunk", 1024): (6, 1024, 6, "e208559266baea7f", "chunk:4.bias/0"),
+    ("cartpole", "chunk", 64): (22, 64, 22, "fc0ac946d079d7a4", "chunk:4.bias/0"),
+}
+
+
+def _recorded(tok) -> tuple:
+    return tok.num_tokens, tok.token_dim, tok.num_layer_ids, _digest(tok), tok.token_kinds[-1]
+
+
+@pytest.mark.parametrize("name", list(TASK_SHAPES))
+def test_tokens_of_builtin_tasks_match_the_recorded_ones(name):
+    task = get_task(name)
+    assert dict(task.layer_shapes) == TASK_SHAPES[name]
+    spec = task.permutation_spec
+    for layout in ("neuron", "chunk"):
+        for chunk_size in (1024, 64):
+            expected = RECORDED_TASKS[(name, layout, chunk_size)]
+            for s in (spec, json.loads(json.dumps(spec.to_json())), None):
+                tok = ParameterTokenizer(TASK_SHAPES[name], layout=layout, chunk_size=chunk_size, spec=s)
+                assert _recorded(tok) == expected, (layout, chunk_size, s is None)
+                assert tok.index[0, :4].tolist() == [0, 1, 2, 3]
+
+
+RECORDED_INFERRED = {  # name -> (layer shapes, {chunk_size: (T, C, layer ids, digest)}, token kinds at 1024)
+    "unplaceable": ({"log_std": (1,), "body.weight": (4, 3), "body.bias": (4,), "odd": (2, 2, 2),
+                     "head.weight": (2, 4)}, {8: (6, 8, 3, "cd5247b587924fb4"), 1024: (6, 8, 3, "cd5247b587924fb4")},
+                    ["unit:body/piece0", "chunk:log_std/0", "chunk:odd/0"]),
+    "mlp_bn": ({"0.weight": (4, 6), "0.bias": (4,), "1.weight": (4,), "1.bias": (4,), "1.running_mean": (4,),
+                "1.running_var": (4,), "3.weight": (4, 4), "3.bias": (4,), "4.weight": (4,), "4.bias": (4,),
+                "4.running_mean": (4,), "4.running_var": (4,), "6.weight": (2, 4), "6.bias": (2,)},
+               {8: (17, 8, 5, "ad71f17c48b863d3"), 1024: (9, 11, 3, "17d3b34a19639747")},
+               ["unit:0/piece0", "unit:3/piece0", "chunk:6.bias/0"]),
+    "cnn_flatten": ({"0.weight": (6, 3, 3, 3), "1.weight": (6,), "1.bias": (6,), "1.running_mean": (6,),
+                     "1.running_var": (6,), "3.weight": (8, 6, 3, 3), "3.bias": (8,), "6.weight": (5, 72),
+                     "6.bias": (5,)}, {8: (129, 8, 18, "2e109b7862951cea"), 1024: (15, 100, 3, "7976273a96e7ff76")},
+                    ["unit:0/piece0", "unit:3/piece0", "chunk:6.bias/0"]),
+    "top_level": ({"weight": (3, 2), "bias": (3,), "out.weight": (2, 3)},
+                  {8: (3, 5, 1, "0b661b7505074a63"), 1024: (3, 5, 1, "0b661b7505074a63")}, ["unit:/piece0"]),
+    "scalar": ({"scale": (), "0.weight": (5, 3), "0.bias": (5,), "1.weight": (2, 5)},
+               {8: (6, 6, 2, "1c1e8d22bc040377"), 1024: (6, 6, 2, "1c1e8d22bc040377")},
+               ["unit:0/piece0", "chunk:scale/0"]),
+}
+
+
+@pytest.mark.parametrize("name", list(RECORDED_INFERRED))
+def test_inferred_structure_matches_the_recorded_tokens(name):
+    shapes, by_chunk, kinds = RECORDED_INFERRED[name]
+    for chunk_size, expected in by_chunk.items():
+        tok = ParameterTokenizer(shapes, layout="neuron", chunk_size=chunk_size)  # spec=None: inferred
+        assert (tok.num_tokens, tok.token_dim, tok.num_layer_ids, _digest(tok)) == expected
+        params = random_vectors(shapes)
+        assert torch.equal(tok.detokenize(tok.tokenize(params)), params)
+    assert tok.token_kinds == kinds
+
+
+def test_legacy_checkpoint_tokenizer_inputs_give_the_recorded_tokens():
+    """The tokenizer inputs a pre-redesign checkpoint saved (data_info: the store's JSON spec and stats)."""
+    ckpt = torch.load(Path(__file__).parent / "data" / "legacy_params.ckpt", map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    info = hp["data_info"]
+    tok = ParameterTokenizer(info["layer_shapes"], layout=hp["layout"], chunk_size=hp["chunk_size"],
+                             stats=info["stats"], spec=info["permutation_spec"])
+    assert (tok.num_tokens, tok.token_dim, tok.num_layer_ids, _digest(tok)) == (33, 75, 2, "13ad01d3faefcdd7")
+    tokens = tok.tokenize(torch.linspace(-1, 1, tok.num_params)[None])
+    assert float(tokens.double().sum()) == pytest.approx(-1045.5408072260907, rel=1e-9)
+    assert float(tokens.double().abs().sum()) == pytest.approx(14121.353446350782, rel=1e-9)
+    assert tok.config()["spec"] == info["permutation_spec"]  # saved again as the store wrote it
+    again = ParameterTokenizer.from_config(json.loads(json.dumps(tok.config())))
+    assert torch.equal(again.index, tok.index) and torch.equal(again.tokenize(tokens.new_ones(1, tok.num_params)),
+                                                               tok.tokenize(tokens.new_ones(1, tok.num_params)))
