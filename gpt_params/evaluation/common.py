@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from checkpoints_dataset.params import vector_to_tensors
+from checkpoints_dataset.params import LayerShapes, vector_to_tensors
 from checkpoints_dataset.permute import apply_permutations, weight_matching
 
 
@@ -227,12 +227,8 @@ def aligned_to(reference: Tensor, others: Tensor, spec, max_iter: int = 100) -> 
 def sorted_features(params: Tensor, layer_shapes) -> Tensor:
     """Each layer's entries sorted: ``[K, P]`` features invariant to every hidden-unit permutation. Their
     distance is a lower bound of the aligned distance (rearrangement inequality), a cheap prefilter."""
-    feats, offset = [], 0
-    for shape in layer_shapes.values():
-        n = math.prod(shape)
-        feats.append(params[:, offset:offset + n].sort(dim=1).values)
-        offset += n
-    return torch.cat(feats, dim=1)  # [K, P]
+    layers = LayerShapes.of(layer_shapes).split(params)  # name -> [K, *shape]
+    return torch.cat([t.reshape(t.shape[0], -1).sort(dim=1).values for t in layers.values()], dim=1)  # [K, P]
 
 
 def nearest_aligned(queries: Tensor, store, pool: np.ndarray, spec, *, candidates: int = 8,

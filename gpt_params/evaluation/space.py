@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from checkpoints_dataset.params import LayerShapes
 from gpt_params.evaluation import plots
 from gpt_params.evaluation.common import (aligned_to, as_tensor, at_least_as_good, best_value, checkpoints_near,
                                         generate, has_data, held_out_runs, metric_of, nearest_aligned,
@@ -41,12 +42,10 @@ def _generate_best(gen, task, store, run_ids, count: int, *, sampler, steps, gui
 def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int) -> torch.Tensor:
     """Gaussian noise ``[K, P]`` with ``scale`` x each layer's std (the store's stats, else the rows' own)."""
     stats = getattr(store, "stats", None) or {}
-    sigma, offset = [], 0
-    for name, shape in spec_shapes.items():
-        n = int(np.prod(shape))
-        std = float(stats[name][1]) if name in stats else float(like[:, offset:offset + n].std())
-        sigma.append(torch.full((n,), scale * std))
-        offset += n
+    shapes = LayerShapes.of(spec_shapes)
+    layers = shapes.split(like)  # name -> [K, *shape]
+    sigma = [torch.full((n,), scale * (float(stats[name][1]) if name in stats else float(layers[name].std())))
+             for name, n in shapes.sizes.items()]
     rng = torch.Generator().manual_seed(seed)
     return torch.randn(like.shape, generator=rng) * torch.cat(sigma)  # [K, P]
 
