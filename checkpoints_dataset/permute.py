@@ -22,7 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .params import LayerShapes, check_params, count_params, float_layer_shapes
+from .params import LayerShapes, check_params, float_layer_shapes
 
 Axis = tuple[str, int, int]  # (param name, axis, block)
 
@@ -45,7 +45,7 @@ class PermutationSpec:
     groups: list[PermGroup]
 
     def __post_init__(self):
-        self.layer_shapes = {k: tuple(int(s) for s in v) for k, v in self.layer_shapes.items()}
+        self.layer_shapes = LayerShapes(self.layer_shapes)
         for g in self.groups:
             for name, axis, block in g.axes:
                 if name not in self.layer_shapes:
@@ -58,19 +58,17 @@ class PermutationSpec:
 
     @property
     def num_params(self) -> int:
-        return count_params(self.layer_shapes)
+        return self.layer_shapes.num_params
 
     def to_json(self) -> dict:
         """A JSON-able dict: ``{"layer_shapes": [[name, shape], ...], "groups": [{name, size, axes}]}``."""
-        return {"layer_shapes": [[k, list(v)] for k, v in self.layer_shapes.items()],
+        return {"layer_shapes": self.layer_shapes.to_json(),
                 "groups": [{"name": g.name, "size": g.size, "axes": [list(a) for a in g.axes]}
                            for g in self.groups]}
 
     @classmethod
     def from_json(cls, d: Mapping) -> "PermutationSpec":
-        shapes = d["layer_shapes"]
-        shapes = dict(shapes.items()) if isinstance(shapes, Mapping) else {k: v for k, v in shapes}
-        return cls(shapes, [PermGroup(g["name"], int(g["size"]), [tuple(a) for a in g["axes"]])
+        return cls(LayerShapes.from_json(d["layer_shapes"]), [PermGroup(g["name"], int(g["size"]), [tuple(a) for a in g["axes"]])
                             for g in d["groups"]])
 
 
@@ -183,17 +181,15 @@ def apply_permutations(params: Tensor, spec: PermutationSpec | Mapping, perms: S
     params = check_params(params, spec.num_params)  # [K, P]
     K = params.shape[0]
     by_layer = _layer_axes(spec, perms, K, params.device)
-    pieces, offset = [], 0
-    for name, shape in spec.layer_shapes.items():
-        n = math.prod(shape)
-        t = params[:, offset:offset + n]  # [K, n]
-        for axis, block, perm in by_layer.get(name, []):
+    layers = spec.layer_shapes.split(params)  # name -> [K, *shape] views
+    for name, moves in by_layer.items():
+        shape, n, t = spec.layer_shapes[name], spec.layer_shapes.sizes[name], layers[name]
+        for axis, block, perm in moves:
             pre, size = math.prod(shape[:axis]), perm.shape[1]
             t = t.reshape(K, pre, size, n // (pre * size))  # [K, pre, size, block * post]
             t = torch.gather(t, 2, perm[:, None, :, None].expand(t.shape))
-        pieces.append(t.reshape(K, n))
-        offset += n
-    return torch.cat(pieces, dim=1)  # [K, P]
+        layers[name] = t.reshape(K, *shape)
+    return spec.layer_shapes.join(layers)  # [K, P]
 
 
 def permute_params(params: Tensor, spec: PermutationSpec | Mapping, generator: torch.Generator | None = None
@@ -225,11 +221,8 @@ def weight_matching(reference: Tensor, other: Tensor, spec: PermutationSpec | Ma
     spec = as_spec(spec)
     ref = check_params(reference, spec.num_params, what="reference")[0].double()
     oth = check_params(other, spec.num_params, what="other")[0].double()
-    ref_t, oth_t, off = {}, {}, 0
-    for name, shape in spec.layer_shapes.items():
-        n = math.prod(shape)
-        ref_t[name], oth_t[name] = ref[off:off + n].reshape(shape), oth[off:off + n].reshape(shape)
-        off += n
+    ref_t = {name: t[0] for name, t in spec.layer_shapes.split(ref).items()}  # name -> [*shape]
+    oth_t = {name: t[0] for name, t in spec.layer_shapes.split(oth).items()}
     touching: dict[str, list[tuple[int, int, int]]] = {}  # layer -> (group index, axis, block)
     for gi, g in enumerate(spec.groups):
         for name, axis, block in g.axes:

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from .params import count_params
+from .params import LayerShapes
 from .permute import PermutationSpec
 
 FORMAT_NAME = "checkpoints_dataset"
@@ -114,12 +114,13 @@ def create_store(root, *, task: str | None, layer_shapes: Mapping, metric_names,
     if isinstance(permutation_spec, PermutationSpec):
         permutation_spec = permutation_spec.to_json()
     root = Path(root)
-    base = {"task": task, "layer_shapes": [[k, [int(s) for s in v]] for k, v in layer_shapes.items()],
+    layer_shapes = LayerShapes.of(layer_shapes)
+    base = {"task": task, "layer_shapes": layer_shapes.to_json(),
             "metric_names": list(metric_names), "lower_is_better": {m: bool(lower_is_better[m]) for m in metric_names},
             "dtype": dtype, "build_config": build_config}
     base = json.loads(json.dumps(base))  # normalize tuples etc. as they will read back
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **base,
-                "num_params": count_params(layer_shapes), "permutation_spec": permutation_spec}
+                "num_params": layer_shapes.num_params, "permutation_spec": permutation_spec}
     (root / "shards").mkdir(parents=True, exist_ok=True)
     if not (root / "manifest.json").exists():
         if _atomic_write(root / "manifest.json", lambda f: f.write(_json_bytes(manifest)), exclusive=True):
@@ -139,10 +140,11 @@ def _shard_paths(root: Path, name: str) -> tuple[Path, Path]:
     return root / "shards" / f"{name}.params.npy", root / "shards" / f"{name}.index.npz"
 
 
-def _per_run_stats(params: np.ndarray, run_ids: np.ndarray, layer_shapes, chunk_values: int = 2**22) -> dict:
+def _per_run_stats(params: np.ndarray, run_ids: np.ndarray, layer_shapes: LayerShapes, chunk_values: int = 2**22
+                   ) -> dict:
     """Per run and layer: sum, sum of squares, count (float64), for normalization stats without rereading."""
-    sizes = np.array([math.prod(s) for s in layer_shapes.values()])
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sizes = np.array(list(layer_shapes.sizes.values()), dtype=np.int64)       # [L]
+    starts = np.array(list(layer_shapes.offsets.values()), dtype=np.int64)    # [L]
     runs, inverse = np.unique(run_ids, return_inverse=True)
     s, ss = np.zeros((len(runs), len(sizes))), np.zeros((len(runs), len(sizes)))
     chunk = max(1, chunk_values // max(params.shape[1], 1))  # rows per float64 chunk (32 MB)
@@ -198,7 +200,7 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     meta = {"params_file": params_path.name, "shape": list(stored.shape), "dtype": manifest["dtype"],
             "nbytes": params_path.stat().st_size, "crc32": crc,
             "dropped": {"nonfinite_params": int((~ok_params).sum()), "nonfinite_metrics": int((ok_params & ~ok_metrics).sum())},
-            "stats": _per_run_stats(stored, cols["run_id"], dict((k, v) for k, v in manifest["layer_shapes"])),
+            "stats": _per_run_stats(stored, cols["run_id"], LayerShapes.from_json(manifest["layer_shapes"])),
             "run_hparams": {str(k): v for k, v in (run_hparams or {}).items()}}
     _atomic_write(index_path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **cols))
     return int((~keep).sum())
@@ -319,7 +321,7 @@ class CheckpointStore:
                 pass  # read-only store: keep the refreshed manifest in memory
         self.manifest = manifest
         self.task = manifest["task"]
-        self.layer_shapes = {k: tuple(v) for k, v in manifest["layer_shapes"]}
+        self.layer_shapes = LayerShapes.from_json(manifest["layer_shapes"])
         self.num_params = manifest["num_params"]
         self.metric_names = list(manifest["metric_names"])
         self.lower_is_better = dict(manifest["lower_is_better"])
