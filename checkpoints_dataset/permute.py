@@ -68,8 +68,8 @@ class PermutationSpec:
 
     @classmethod
     def from_json(cls, d: Mapping) -> "PermutationSpec":
-        return cls(LayerShapes.from_json(d["layer_shapes"]), [PermGroup(g["name"], int(g["size"]), [tuple(a) for a in g["axes"]])
-                            for g in d["groups"]])
+        groups = [PermGroup(g["name"], int(g["size"]), [tuple(a) for a in g["axes"]]) for g in d["groups"]]
+        return cls(LayerShapes.from_json(d["layer_shapes"]), groups)
 
 
 def as_spec(spec: PermutationSpec | Mapping) -> PermutationSpec:
