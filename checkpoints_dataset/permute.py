@@ -148,6 +148,37 @@ def infer_permutation_spec(module: nn.Module) -> PermutationSpec:
     return PermutationSpec(shapes, groups)  # the last open group is the output layer: never permuted
 
 
+def spec_from_layer_shapes(layer_shapes: Mapping[str, Sequence[int]]) -> PermutationSpec:
+    """The spec of an MLP / plain CNN inferred from state_dict names and shapes alone (best effort; never
+    raises), for when there is no module to hand to ``infer_permutation_spec``.
+
+    Modules are name prefixes (``"0"`` of ``"0.weight"``). A weight module has a ``weight`` of rank >= 2
+    (Linear, Conv); a norm module has only rank-1 entries. Consecutive weight modules whose output size
+    matches the next one's input (or divides it: flattened conv channels, ``block = in // out``) form a
+    chain; every module of the chain but the last defines a group over its output units (its entries whose
+    first dim is that size), with the norm modules between. Anything else breaks the chain; layers in no
+    group are never permuted. For ``nn.Sequential`` MLPs and CNNs it agrees with ``infer_permutation_spec``.
+    """
+    modules: dict[str, list[str]] = {}
+    for name in layer_shapes:
+        modules.setdefault(name.rpartition(".")[0], []).append(name)
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in layer_shapes.items()}
+    groups: list[PermGroup] = []
+    prev: tuple[str, list, int] | None = None  # (module, axes so far, out units)
+    for mod, names in modules.items():
+        weight = f"{mod}.weight" if mod else "weight"
+        if weight in shapes and len(shapes[weight]) >= 2:
+            out, inp = shapes[weight][0], shapes[weight][1]
+            if prev is not None and inp % prev[2] == 0:
+                groups.append(PermGroup(prev[0], prev[2], prev[1] + [(weight, 1, inp // prev[2])]))
+            prev = (mod, [(n, 0, 1) for n in names if shapes[n] and shapes[n][0] == out], out)
+        elif prev is not None and all(len(shapes[n]) == 1 and shapes[n][0] == prev[2] for n in names):
+            prev[1].extend((n, 0, 1) for n in names)  # norm between two weight layers
+        else:
+            prev = None  # something unknown breaks the chain
+    return PermutationSpec(layer_shapes, groups)
+
+
 # ----------------------------------------------------------------------------- applying permutations
 def random_permutations(K: int, spec: PermutationSpec | Mapping, generator: torch.Generator | None = None
                         ) -> list[Tensor]:

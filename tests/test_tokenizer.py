@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
-from checkpoints_dataset.permute import apply_permutations, infer_permutation_spec
+from checkpoints_dataset.permute import apply_permutations, infer_permutation_spec, spec_from_layer_shapes
 from checkpoints_dataset.tasks import get_task
 from gpt_params import ParameterTokenizer
 
@@ -213,6 +213,7 @@ def test_tokens_of_builtin_tasks_match_the_recorded_ones(name):
     task = get_task(name)
     assert dict(task.layer_shapes) == TASK_SHAPES[name]
     spec = task.permutation_spec
+    assert spec_from_layer_shapes(task.layer_shapes) == spec  # shapes alone give the module's spec
     for layout in ("neuron", "chunk"):
         for chunk_size in (1024, 64):
             expected = RECORDED_TASKS[(name, layout, chunk_size)]
@@ -269,3 +270,16 @@ def test_legacy_checkpoint_tokenizer_inputs_give_the_recorded_tokens():
     again = ParameterTokenizer.from_config(json.loads(json.dumps(tok.config())))
     assert torch.equal(again.index, tok.index) and torch.equal(again.tokenize(tokens.new_ones(1, tok.num_params)),
                                                                tok.tokenize(tokens.new_ones(1, tok.num_params)))
+
+
+def test_spec_forms_and_inference_from_shapes():
+    model = cnn()
+    shapes = float_layer_shapes(model)
+    spec = infer_permutation_spec(model)
+    assert spec_from_layer_shapes(shapes) == spec
+    groups_only = {"groups": spec.to_json()["groups"]}  # a groups-only dict (older configs allowed it)
+    tok = ParameterTokenizer(shapes, chunk_size=64, spec=groups_only)
+    assert tok.spec == spec and torch.equal(tok.index, ParameterTokenizer(shapes, chunk_size=64).index)
+    assert ParameterTokenizer(shapes, chunk_size=64).spec is None  # inferred, not saved
+    with pytest.raises(TypeError, match="PermutationSpec"):
+        ParameterTokenizer(shapes, spec=[("0.weight", 0)])

@@ -25,11 +25,12 @@ Entries that belong to no hidden unit (output bias, layers the structure cannot 
 or layers after the last hidden group) go to ``chunk`` tokens of width ``C`` at the *end* of the
 sequence, one layer id per token.
 
-The structure comes from ``spec`` (a ``PermutationSpec`` or its JSON dict: groups of ``(name, size,
-axes)`` with axes ``(param, axis[, block])``) or, without one, is inferred from names and shapes of MLPs
-and plain CNNs (consecutive ``X.weight [out, in, ...]`` layers whose ``out`` matches the next layer's
-``in``, or divides it for a conv followed by a flattening Linear). Anything it cannot place falls back to
-chunk tokens; it never raises for an unusual architecture.
+The structure comes from ``spec``, a ``checkpoints_dataset.permute.PermutationSpec`` (or its JSON dict):
+its groups of ``(name, size, axes)`` with axes ``(param, axis, block)`` are the hidden units. Without one,
+``spec_from_layer_shapes`` infers it from names and shapes of MLPs and plain CNNs (consecutive
+``X.weight [out, in, ...]`` layers whose ``out`` matches the next layer's ``in``, or divides it for a conv
+followed by a flattening Linear). Anything it cannot place falls back to chunk tokens; it never raises for
+an unusual architecture.
 
 Normalization: with ``stats = {name: (mean, std)}`` every entry of a layer is mapped to
 ``(x - mean) / std`` on the way in and back on the way out (a layer with std 0 is only centred).
@@ -39,83 +40,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
+from einops import rearrange, repeat
 from torch import Tensor
 
-from checkpoints_dataset.params import check_params, count_params, float_layer_shapes, state_dict_to_vector
+from checkpoints_dataset.params import LayerShapes, check_params, float_layer_shapes, state_dict_to_vector
+from checkpoints_dataset.permute import PermutationSpec, as_spec, spec_from_layer_shapes
 
 Layout = Literal["neuron", "chunk"]
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-
-def _spec_to_json(spec: Any) -> dict | None:
-    """A PermutationSpec (object with ``to_json``/``groups``) or its JSON dict -> a JSON-able dict."""
-    if spec is None or isinstance(spec, Mapping):
-        return None if spec is None else dict(spec)
-    if hasattr(spec, "to_json"):
-        return spec.to_json()
-    if hasattr(spec, "groups"):
-        return {"groups": [{"name": g.name, "size": g.size, "axes": [list(a) for a in g.axes]} for g in spec.groups]}
-    raise TypeError(f"spec must be a PermutationSpec or its JSON dict, got {type(spec).__name__}")
-
-
-def _parse_axis(axis: Any) -> tuple[str, int, int]:
-    """``(param, axis)``, ``(param, axis, block)`` or a dict with those keys -> ``(param, axis, block)``."""
-    if isinstance(axis, Mapping):
-        name = axis.get("param", axis.get("name"))
-        return str(name), int(axis["axis"]), int(axis.get("block", 1))
-    axis = list(axis)
-    return str(axis[0]), int(axis[1]), int(axis[2]) if len(axis) > 2 else 1
-
-
-def _groups_from_spec(spec_json: dict, layer_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, int, list]]:
-    """Parse and check the groups of a spec: ``[(group name, size, [(param, axis, block), ...])]``."""
-    groups = []
-    for g in spec_json.get("groups", []):
-        name, size = str(g["name"]), int(g["size"])
-        axes = [_parse_axis(a) for a in g["axes"]]
-        for param, axis, block in axes:
-            if param not in layer_shapes:
-                raise ValueError(f"permutation spec group {name!r} names {param!r}, which is not a layer of "
-                                 f"this tokenizer ({list(layer_shapes)}); pass the spec of the same network")
-            shape = layer_shapes[param]
-            if axis >= len(shape) or shape[axis] != size * block:
-                raise ValueError(f"permutation spec group {name!r}: {param!r} has shape {list(shape)}, axis "
-                                 f"{axis} should have {size}x{block} entries; pass the spec of the same network")
-        groups.append((name, size, axes))
-    return groups
-
-
-def _infer_groups(layer_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, int, list]]:
-    """Hidden-unit groups of an MLP / plain CNN inferred from names and shapes (best effort).
-
-    Modules are name prefixes (``"0"`` of ``"0.weight"``). A weight module has a ``weight`` of rank >= 2
-    (Linear, Conv); a norm module has only rank-1 entries. Consecutive weight modules whose output size
-    matches the next one's input (or divides it: flattened conv channels) form a chain; every module of
-    the chain but the last defines a group over its output units, with the norm modules between.
-    """
-    modules: dict[str, list[str]] = {}
-    for name in layer_shapes:
-        modules.setdefault(name.rpartition(".")[0], []).append(name)
-    groups: list[tuple[str, int, list]] = []
-    prev: tuple[str, list, int] | None = None  # (module, axes so far, out units)
-    for mod, names in modules.items():
-        shapes = [layer_shapes[n] for n in names]
-        weight = f"{mod}.weight" if mod else "weight"
-        if weight in layer_shapes and len(layer_shapes[weight]) >= 2:
-            out, inp = layer_shapes[weight][0], layer_shapes[weight][1]
-            if prev is not None and inp % prev[2] == 0:
-                block = inp // prev[2]
-                groups.append((prev[0], prev[2], prev[1] + [(weight, 1, block)]))
-            prev = (mod, [(n, 0, 1) for n in names if layer_shapes[n] and layer_shapes[n][0] == out], out)
-        elif prev is not None and all(len(s) == 1 and s[0] == prev[2] for s in shapes):
-            prev[1].extend((n, 0, 1) for n in names)  # norm between two weight layers
-        else:
-            prev = None  # something unknown breaks the chain
-    return groups
+def _spec_for(spec: PermutationSpec | Mapping | None, layer_shapes: LayerShapes) -> PermutationSpec | None:
+    """``spec`` (a PermutationSpec, its JSON dict or None) as a PermutationSpec over ``layer_shapes``: its
+    groups must fit these layers (ValueError naming the layer otherwise). A JSON dict without
+    ``layer_shapes`` (configs of older versions could hold just the groups) gets the tokenizer's."""
+    if spec is None:
+        return None
+    if not isinstance(spec, (PermutationSpec, Mapping)):
+        raise TypeError(f"spec must be a PermutationSpec or its JSON dict, got {type(spec).__name__}")
+    if isinstance(spec, Mapping) and "layer_shapes" not in spec:
+        spec = {"groups": [], **spec, "layer_shapes": layer_shapes.to_json()}
+    spec = as_spec(spec)
+    return spec if spec.layer_shapes == layer_shapes else PermutationSpec(layer_shapes, spec.groups)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -129,8 +77,9 @@ class ParameterTokenizer:
         layout: ``"neuron"`` (one token per hidden unit) or ``"chunk"`` (G.pt's layer chunks).
         chunk_size: the most values per token; longer rows / layers are cut.
         stats: ``{name: (mean, std)}`` for every layer, or None (no normalization).
-        spec: permutation spec (``PermutationSpec`` or its JSON dict) giving the hidden units for
-            ``neuron``; None infers it from names and shapes.
+        spec: ``PermutationSpec`` (or its JSON dict) giving the hidden units for ``neuron``; None infers
+            them from names and shapes (``spec_from_layer_shapes``). Kept as ``self.spec`` (None if not
+            given) and saved by ``config()``.
 
     Attributes: ``num_tokens`` T, ``token_dim`` C, ``num_params`` P, ``token_layer_ids`` [T] long,
     ``num_layer_ids``, ``mask`` [T, C] bool (real entries), ``index`` [T, C] long (position in the
@@ -139,45 +88,40 @@ class ParameterTokenizer:
 
     def __init__(self, layer_shapes: Mapping[str, Sequence[int]], layout: Layout = "neuron",
                  chunk_size: int = 1024, stats: Mapping[str, Sequence[float]] | None = None,
-                 spec: Any = None):
+                 spec: PermutationSpec | Mapping | None = None):
         if layout not in ("neuron", "chunk"):
             raise ValueError(f"layout must be 'neuron' or 'chunk', got {layout!r}")
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.layer_shapes = {str(k): tuple(int(d) for d in v) for k, v in layer_shapes.items()}
+        self.layer_shapes = LayerShapes(layer_shapes)
         if not self.layer_shapes:
             raise ValueError("layer_shapes is empty: pass the floating state_dict entries of a network")
         self.layout, self.chunk_size = layout, int(chunk_size)
-        self.num_params = count_params(self.layer_shapes)
-        self.spec = _spec_to_json(spec)
-        offsets, off = {}, 0
-        for name, shape in self.layer_shapes.items():
-            offsets[name] = off
-            off += math.prod(shape)
+        self.num_params = self.layer_shapes.num_params
+        self.spec = _spec_for(spec, self.layer_shapes)
+        vector = torch.arange(self.num_params)  # [P] positions in the parameter vector
+        positions = {name: vector[sl] for name, sl in self.layer_shapes.slices.items()}  # name -> [n]
 
         # rows: list of (kind, LongTensor [units, L]) of parameter positions; each row becomes >= 1 token
         rows: list[tuple[str, Tensor]] = []
         placed: set[str] = set()
         if layout == "neuron":
-            groups = (_groups_from_spec(self.spec, self.layer_shapes) if self.spec is not None
-                      else _infer_groups(self.layer_shapes))
-            owner: dict[str, tuple[int, int, int]] = {}  # param -> (group idx, axis, block), lowest axis wins
-            for gi, (_, _, axes) in enumerate(groups):
-                for param, axis, block in axes:
+            structure = self.spec if self.spec is not None else spec_from_layer_shapes(self.layer_shapes)
+            owner: dict[str, tuple[int, int]] = {}  # param -> (group idx, axis), lowest axis wins
+            for gi, group in enumerate(structure.groups):
+                for param, axis, _ in group.axes:
                     if param not in owner or axis < owner[param][1]:
-                        owner[param] = (gi, axis, block)
-            for gi, (gname, size, _) in enumerate(groups):
+                        owner[param] = (gi, axis)
+            for gi, group in enumerate(structure.groups):
                 parts = []
                 for name, shape in self.layer_shapes.items():  # state_dict order inside a token
                     if name in owner and owner[name][0] == gi:
-                        _, axis, _ = owner[name]
-                        pos = torch.arange(math.prod(shape)).reshape(shape) + offsets[name]
-                        parts.append(pos.movedim(axis, 0).reshape(size, -1))  # [size, n / size]
+                        pos = positions[name].reshape(shape).movedim(owner[name][1], 0)  # [size * block, ...]
+                        parts.append(rearrange(pos, "(u b) ... -> u (b ...)", u=group.size))  # [size, n / size]
                         placed.add(name)
                 if parts:
-                    rows.append((f"unit:{gname}", torch.cat(parts, dim=1)))  # [size, L]
-        leftovers = [(f"chunk:{n}", torch.arange(math.prod(s)) + offsets[n])
-                     for n, s in self.layer_shapes.items() if n not in placed]
+                    rows.append((f"unit:{group.name}", torch.cat(parts, dim=1)))  # [size, L]
+        leftovers = [(f"chunk:{n}", positions[n]) for n in self.layer_shapes if n not in placed]
 
         longest = max([r.shape[1] for _, r in rows] + [p.numel() for _, p in leftovers])
         C = min(self.chunk_size, longest)
@@ -186,13 +130,13 @@ class ParameterTokenizer:
         for kind, r in rows:  # unit rows: [size, L] -> [size * pieces, C], unit-major
             pieces = -(-r.shape[1] // C)
             r = torch.nn.functional.pad(r, (0, pieces * C - r.shape[1]), value=pad)  # [size, pieces*C]
-            index.append(r.reshape(-1, C))  # [size * pieces, C]
-            piece_ids = torch.arange(pieces) + len(kinds)
-            ids.append(piece_ids.repeat(r.shape[0]))  # [size * pieces]
+            index.append(rearrange(r, "u (p c) -> (u p) c", c=C))  # [size * pieces, C]
+            ids.append(repeat(torch.arange(pieces) + len(kinds), "p -> (u p)", u=r.shape[0]))  # [size * pieces]
             kinds += [f"{kind}/piece{k}" for k in range(pieces)]
-        for kind, p in leftovers:  # chunk tokens, one layer id each
-            pieces = -(-p.numel() // C)
-            index.append(torch.nn.functional.pad(p, (0, pieces * C - p.numel()), value=pad).reshape(-1, C))
+        for kind, pos in leftovers:  # chunk tokens, one layer id each
+            pieces = -(-pos.numel() // C)
+            pos = torch.nn.functional.pad(pos, (0, pieces * C - pos.numel()), value=pad)  # [pieces * C]
+            index.append(rearrange(pos, "(p c) -> p c", c=C))  # [pieces, C]
             ids.append(torch.arange(pieces) + len(kinds))
             kinds += [f"{kind}/{k}" for k in range(pieces)]
         self.index = torch.cat(index)  # [T, C]
@@ -220,8 +164,8 @@ class ParameterTokenizer:
                 if s == 0:  # a constant layer (e.g. frozen): only centred
                     self.stats[n] = (m, 1.0)
                     s = 1.0
-                k = math.prod(self.layer_shapes[n])
-                mean[offsets[n]:offsets[n] + k], std[offsets[n]:offsets[n] + k] = m, s
+                sl = self.layer_shapes.slices[n]
+                mean[sl], std[sl] = m, s
         self._mean_tc, self._std_tc = mean[self.index], std[self.index]  # [T, C]
         self._mean_p, self._std_p = mean[:pad], std[:pad]  # [P]
         self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
@@ -260,7 +204,7 @@ class ParameterTokenizer:
             raise ValueError(f"tokens must have shape [N, {self.num_tokens}, {self.token_dim}], got "
                              f"{list(tokens.shape)}: were they made by this tokenizer?")
         _, inverse, _, _, mean_p, std_p = self._on(tokens.device)
-        params = tokens.reshape(tokens.shape[0], -1)[:, inverse]  # [N, P]
+        params = rearrange(tokens, "n t c -> n (t c)")[:, inverse]  # [N, P]
         if self.stats is not None:
             params = torch.addcmul(mean_p.to(params.dtype), params, std_p.to(params.dtype))  # [N, P]
         return params
@@ -268,15 +212,8 @@ class ParameterTokenizer:
     def to_state_dicts(self, params: Tensor) -> list[dict[str, Tensor]]:
         """``params [N, P]`` -> N dicts ``name -> tensor`` (independent copies, safetensors-ready)."""
         params = check_params(params, self.num_params)  # [N, P]
-        out = []
-        for row in params:
-            sd, off = {}, 0
-            for name, shape in self.layer_shapes.items():
-                k = math.prod(shape)
-                sd[name] = row[off:off + k].reshape(shape).clone()
-                off += k
-            out.append(sd)
-        return out
+        tensors = self.layer_shapes.split(params)  # name -> [N, *shape] views
+        return [{name: t[i].clone() for name, t in tensors.items()} for i in range(params.shape[0])]
 
     def from_state_dicts(self, state_dicts: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor]) -> Tensor:
         """N state_dicts (floating entries must match ``layer_shapes``; integer buffers ignored) -> ``[N, P]``."""
@@ -305,8 +242,9 @@ class ParameterTokenizer:
         return {"layer_shapes": {n: list(s) for n, s in self.layer_shapes.items()}, "layout": self.layout,
                 "chunk_size": self.chunk_size,
                 "stats": None if self.stats is None else {n: list(v) for n, v in self.stats.items()},
-                "spec": self.spec}
+                "spec": None if self.spec is None else self.spec.to_json()}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ParameterTokenizer":
+    def from_config(cls, config: Mapping) -> "ParameterTokenizer":
+        """Rebuild from ``config()`` (also those older versions saved: their spec is the same JSON dict)."""
         return cls(**config)
