@@ -31,6 +31,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+from einops import rearrange
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
@@ -45,8 +46,8 @@ PRESETS: dict[str, dict[str, int]] = {  # DiT's S/B/L plus a small CPU model
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN: ``x [N, T, D] * (1 + scale [N, D]) + shift [N, D]``."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: ``x [N, T, D] * (1 + scale [N, D]) + shift [N, D]``, the same for every token."""
+    return x * (1 + rearrange(scale, "n d -> n 1 d")) + rearrange(shift, "n d -> n 1 d")
 
 
 class ScalarEmbedder(nn.Module):
@@ -78,8 +79,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [N, D]
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))  # [N, T, D]
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [N, T, D]
+        x = x + rearrange(gate1, "n d -> n 1 d") * self.attn(modulate(self.norm1(x), shift1, scale1))  # [N, T, D]
+        x = x + rearrange(gate2, "n d -> n 1 d") * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [N, T, D]
         return x
 
 
@@ -252,7 +253,8 @@ class ParameterDiT(nn.Module):
         if self.condition == "target":
             target = self.target_embedder(self.normalize_metric(target_metric.expand(n)))  # [N, D]
             if drop_target is not None:
-                target = torch.where(drop_target.view(n, 1), self.null_target.to(target.dtype), target)  # [N, D]
+                drop = rearrange(drop_target, "n -> n 1")  # [N, 1]
+                target = torch.where(drop, self.null_target.to(target.dtype), target)  # [N, D]
             c = c + target
         if uses_start:
             c = c + self.start_embedder(self.normalize_metric(start_metric.expand(n)))  # [N, D]
