@@ -33,7 +33,8 @@ import torch
 from checkpoints_dataset import open_store
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import chunked_returns, greedy_act_fn, initial_states, policy_chunks
+from checkpoints_dataset.tasks.cartpole.env import initial_states
+from checkpoints_dataset.tasks.cartpole.evaluator import chunked_returns, greedy_act_fn, policy_chunks
 
 
 def make_policies(task, K: int, seed: int) -> torch.Tensor:

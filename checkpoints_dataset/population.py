@@ -2,7 +2,8 @@
 
 Runs are vectorized with torch.func: the parameters of R runs are stacked ``[R, ...]``, one
 ``vmap(grad(loss))`` gives every run's gradient on its own minibatch, and Adam / SGD-momentum are
-written as tensor ops over the stack with per-run learning rate, weight decay and momentum.
+written as tensor ops over the stack with per-run learning rate, weight decay and momentum (``optim``,
+below the tasks; its names are re-exported here).
 
 Every run ``r`` draws its seed and hyperparameters from ``(config.seed, r)`` alone (``draw_hparams``), so
 the dataset does not depend on grouping, sharding or interruptions. Runs are split into fixed groups
@@ -22,10 +23,18 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+
+from . import store
+from .optim import (GroupResult, _adamw_, _per_run, _sgd_, adam_first, checkpoint_schedule, init_optimizer_state,
+                    optimizer_step)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tasks.base import Task
+
+# GroupResult, checkpoint_schedule and the optimizers live in .optim (below the tasks); re-exported here
+__all__ = ["GroupResult", "InitScheme", "OptimizerName", "PopulationConfig", "adam_first", "build_config",
+           "build_population", "checkpoint_schedule", "draw_hparams", "init_optimizer_state", "optimizer_step",
+           "run_seed", "shard_name", "_adamw_", "_per_run", "_sgd_"]
 
 OptimizerName = Literal["adam", "sgd"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
@@ -64,16 +73,6 @@ class PopulationConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-@dataclass
-class GroupResult:
-    """The checkpoints of one group of R runs with C checkpoints each."""
-
-    params: Tensor                 # [R, C, P] float32, CPU
-    steps: Tensor                  # [C] int64, optimizer steps done (0 = init)
-    epochs: Tensor                 # [C] float64
-    metrics: dict[str, Tensor]     # name -> [R, C] float32
-
-
 def run_seed(seed: int, run_id: int) -> int:
     """A 63-bit seed for run ``run_id`` of a build seeded with ``seed`` (independent of grouping)."""
     state = np.random.SeedSequence([int(seed), int(run_id)]).generate_state(1, dtype=np.uint64)[0]
@@ -94,96 +93,6 @@ def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
         "init_scale": float(rng.uniform(*config.init_scale)),
         "init_scheme": config.init_scheme,
     }
-
-
-def checkpoint_schedule(total_steps: int, num_checkpoints: int) -> list[int]:
-    """Checkpoint steps: 0, then geometric spacing (dense early) up to ``total_steps``, distinct.
-
-    Gives ``min(num_checkpoints, total_steps + 1)`` steps.
-    """
-    if total_steps < 1:
-        raise ValueError(f"a run needs at least one training step, got total_steps={total_steps}")
-    k = min(num_checkpoints, total_steps + 1) - 1               # checkpoints after the init
-    steps = np.rint(np.geomspace(1, total_steps, k)).astype(np.int64) if k > 1 else np.array([total_steps])
-    for i in range(1, k):                                       # make them strictly increasing ...
-        steps[i] = max(steps[i], steps[i - 1] + 1)
-    steps[-1] = total_steps
-    for i in range(k - 2, -1, -1):                              # ... and end exactly at total_steps
-        steps[i] = min(steps[i], steps[i + 1] - 1)
-    return [0] + steps.tolist()
-
-
-# ---------------------------------------------------------------- vectorized optimizers
-
-def _per_run(x: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a per-run ``[R]`` tensor against ``like [R, ...]``."""
-    return x.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def init_optimizer_state(params: Tensor) -> dict:
-    """Zeroed first/second moments for flat stacked parameters ``[R, P]`` and a step counter."""
-    return {"step": 0, "m": torch.zeros_like(params), "v": torch.zeros_like(params)}
-
-
-def adam_first(is_adam: Tensor) -> Tensor:
-    """A stable order of the runs with the Adam runs first: ``optimizer_step`` on runs in this order works on
-    two contiguous blocks (views) instead of gathering and scattering rows."""
-    return torch.argsort((~is_adam.to(torch.bool)).to(torch.uint8), stable=True)
-
-
-def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, lr: Tensor,
-                   weight_decay: Tensor, momentum: Tensor, beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
-    """One optimizer step for a stack of runs ``params [R, P]``, ``grads [R, P]``; every hyperparameter is a
-    per-run ``[R]`` tensor.
-
-    Runs with ``is_adam`` follow ``torch.optim.AdamW(lr, betas=(momentum, beta2), eps, weight_decay)``;
-    the others ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 added to the gradient, no dampening).
-    ``is_adam`` is read (and ``lr > 0`` checked) at the first step of a ``state`` only.
-    ``params`` and ``state`` (from ``init_optimizer_state``) are updated in place, and ``grads`` is used as
-    scratch; returns ``params``. Runs ordered by ``adam_first`` are updated as two contiguous blocks; any
-    other order costs a gather and a scatter of the rows.
-    """
-    if "blocks" not in state:                               # the runs' optimizers are fixed: checked, split once
-        if bool((lr <= 0).any()):
-            raise ValueError(f"every run's learning rate must be > 0, got min {float(lr.min())}")
-        a = is_adam.to(torch.bool)
-        n = int(a.sum())
-        state["blocks"] = ([(slice(0, n), True), (slice(n, None), False)] if bool(a[:n].all())  # views
-                           else [(a.nonzero()[:, 0], True), ((~a).nonzero()[:, 0], False)])
-    state["step"] += 1
-    for rows, adam in state["blocks"]:
-        p, g, m, v = (x[rows] for x in (params, grads, state["m"], state["v"]))  # views, or copies of rows
-        if p.shape[0] == 0:
-            continue
-        h = [x[rows][:, None].to(p.dtype) for x in (lr, weight_decay, momentum)]         # [r, 1] each
-        (_adamw_ if adam else _sgd_)(p, g, m, v, *h, state["step"], beta2, eps)
-        if not isinstance(rows, slice):
-            for full, part in ((params, p), (state["m"], m), (state["v"], v)):
-                full[rows] = part
-    return params
-
-
-# Each pass below reads and writes whole [r, P] blocks in place: the update is memory-bound, so the number
-# of passes (and of fresh allocations, which page-fault) is what costs.
-
-def _adamw_(p, g, m, v, lr, wd, beta1, t: int, beta2: float, eps: float) -> None:
-    """torch.optim.AdamW's update, in place, with per-run ``lr, wd, beta1 [r, 1]``."""
-    p.mul_(1 - lr * wd)                                     # decoupled weight decay first, as AdamW
-    m.lerp_(g, 1 - beta1)                                   # m = beta1 m + (1 - beta1) g
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step = lr / (1 - beta1 ** t)                            # [r, 1] bias-corrected step size
-    bc2 = (1 - beta2 ** t) ** 0.5
-    # p -= step * m / (sqrt(v) / bc2 + eps)  ==  p -= m / (sqrt(v) * (1 / (step bc2)) + eps / step)
-    denom = torch.sqrt(v, out=g)                            # g is no longer needed: reuse its memory
-    torch.addcmul(eps / step, denom, 1 / (step * bc2), out=denom)
-    p.addcdiv_(m, denom, value=-1.0)
-
-
-def _sgd_(p, g, m, v, lr, wd, momentum, t: int, beta2: float, eps: float) -> None:
-    """torch.optim.SGD's update (L2 in the gradient, momentum without dampening), in place."""
-    g.addcmul_(p, wd)
-    m.mul_(momentum).add_(g)                                # the first step gives m = g, as torch's buffer
-    p.addcmul_(m, -lr)
 
 
 # ---------------------------------------------------------------- the builder
@@ -246,8 +155,6 @@ def _spec_json(task: "Task") -> dict | None:
 
 
 def _write_group(out: Path, group: int, run_ids: list[int], hparams: list[dict], result: GroupResult) -> int:
-    from . import store
-
     R, C, P = result.params.shape
     return store.write_shard(
         out, shard_name(group),
@@ -257,10 +164,3 @@ def _write_group(out: Path, group: int, run_ids: list[int], hparams: list[dict],
         epochs=np.tile(result.epochs.numpy().astype(np.float64), R),
         metrics={k: v.reshape(R * C).numpy() for k, v in result.metrics.items()},
         run_hparams={h["run_id"]: h for h in hparams})
-
-
-def main(argv=None):
-    """``python -m checkpoints_dataset build ...`` (see ``checkpoints_dataset.__main__``)."""
-    from .__main__ import main as cli_main
-
-    return cli_main(argv)

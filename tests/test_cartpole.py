@@ -8,8 +8,8 @@ import torch
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import (MAX_EPISODE_STEPS, batched_returns, cartpole_step, greedy_act_fn,
-                                                initial_states, policy_chunks, rollout)
+from checkpoints_dataset.tasks.cartpole.env import MAX_EPISODE_STEPS, cartpole_step, initial_states, rollout
+from checkpoints_dataset.tasks.cartpole.evaluator import batched_returns, greedy_act_fn, policy_chunks
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The cartpole task's REINFORCE population trainer (checkpoints_dataset/tasks/cartpole_train.py), the default."""
+"""The cartpole task's REINFORCE population trainer (checkpoints_dataset/tasks/cartpole/trainer.py), the default."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from torch.func import functional_call
 from checkpoints_dataset.params import tensors_to_vector, vector_to_tensors
 from checkpoints_dataset.population import PopulationConfig, draw_hparams
 from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.tasks.cartpole import MAX_EPISODE_STEPS, cartpole_step
-from checkpoints_dataset.tasks.cartpole_train import advantages, play_episodes, policy_gradient
+from checkpoints_dataset.tasks.cartpole.env import MAX_EPISODE_STEPS, cartpole_step
+from checkpoints_dataset.tasks.cartpole.trainer import advantages, play_episodes, policy_gradient
 
 CONFIG = PopulationConfig(runs=6, epochs=6, num_checkpoints=6, seed=3)  # 30 updates per run
 

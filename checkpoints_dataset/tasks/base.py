@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from ..params import (LayerShapes, check_params, count_params, float_layer_shapes, state_dict_to_vector,
-                      tensors_to_vector, vector_to_state_dict, vector_to_tensors)
+from ..optim import GroupResult, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..params import LayerShapes, check_params, float_layer_shapes, state_dict_to_vector, vector_to_state_dict
+from ..permute import PermutationSpec, infer_permutation_spec
 
 Split = Literal["train", "val", "test"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
@@ -51,53 +52,115 @@ def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 class Task:
-    """A network architecture plus how to score a batch of its parameter vectors."""
+    """A network architecture plus how to score a batch of its parameter vectors.
+
+    A subclass provides at least ``name``, ``metric_names``, ``lower_is_better``, ``metric_bounds``,
+    ``default_metric``, ``build_model`` and ``evaluate``, and ``train_population`` to be built into a store
+    (``ClassificationTask`` provides the last two for supervised data). The rest has working defaults.
+    """
 
     name: str = "task"
+    """The task's name: recorded in the store's manifest and its build config (a store of another task is
+    refused), and how ``get_task`` finds a built-in task again (for a user task, the import path)."""
+
     metric_names: tuple[str, ...] = ()
+    """The metrics ``evaluate`` returns, in order. Every checkpoint of a store carries each of them, and the
+    generator can be conditioned on any one."""
+
     lower_is_better: dict[str, bool] = {}
+    """Metric name -> whether lower values are better. Stored in the manifest; the generator's prompts and
+    the evaluation ("best", "at least as good") read it."""
+
     metric_bounds: dict[str, tuple[float, float]] = {}
+    """Metric name -> its valid ``(low, high)`` range (errors (0, 1), losses (0, inf), cartpole's return
+    (0, 500)): which values a prompt can sensibly ask for. Declarative: nothing in checkpoints_dataset reads
+    it; tools on top (prompting, evaluation) may."""
+
     default_metric: str = ""
+    """The metric a generator is conditioned on when none is chosen (``"val_error"``; cartpole ``"return"``);
+    one of ``metric_names``."""
 
     def build_model(self) -> nn.Module:
+        """A freshly initialized network of the task's architecture (PyTorch's own init).
+
+        Subclasses must provide it. The framework derives ``layer_shapes`` (the parameter vector's layout)
+        and the default ``permutation_spec`` from it, initializes runs with it (``init_params``) and uses it
+        as the template for ``functional_call`` when scoring and training stacked parameter vectors.
+        """
         raise NotImplementedError(f"{type(self).__name__} must define build_model()")
 
     def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """Score a batch of parameter vectors ``params [K, P]`` -> ``{metric: [K]}`` (float32, CPU), every
+        name of ``metric_names``; ``device`` is where to compute (default: where ``params`` are).
+
+        Subclasses must provide it (batched, e.g. with ``torch.func``). The population trainers call it at
+        every checkpoint to fill the store's metrics, and the evaluation calls it on generated networks.
+        """
         raise NotImplementedError(f"{type(self).__name__} must define evaluate(params [K, P])")
 
-    def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
+    def train_population(self, hparams: list[dict], config: "PopulationConfig", device: torch.device,
+                         progress: Callable[[float], None] | None = None) -> GroupResult:
+        """Train the R runs of ``hparams`` together -> their checkpoints (``GroupResult``).
+
+        ``hparams[i]`` is run i's dict from ``population.draw_hparams`` (its ``seed`` seeds the run's init
+        and data order; a trainer may add its own settings to it, which the manifest then records);
+        ``config`` is the build's ``PopulationConfig`` (epochs, checkpoints, batch size); ``progress(f)`` is
+        called with the fraction of the group's work just done (summing to 1). A task that is to be built
+        into a store provides it (``ClassificationTask`` has the generic supervised trainer; cartpole its
+        own). ``population.build_population`` calls it once per group and writes the result as one shard.
+        """
         raise NotImplementedError(f"{type(self).__name__} has no population trainer; define train_population "
                                   f"(see ClassificationTask.train_population)")
 
     @functools.cached_property
     def layer_shapes(self) -> LayerShapes:
+        """The layout of the task's parameter vectors (name -> shape, ``state_dict`` order, float entries).
+
+        Derived from ``build_model()`` once; a subclass rarely overrides it. Stores record it, and every
+        split of a vector into layers (scoring, training, tokenizing) goes through it.
+        """
         return float_layer_shapes(self.build_model())
 
     @property
     def num_params(self) -> int:
-        return count_params(self.layer_shapes)
+        """P, the length of the task's parameter vectors (from ``layer_shapes``); not meant to be overridden.
+        Inputs to ``evaluate`` and the store's rows are checked against it."""
+        return self.layer_shapes.num_params
 
     def build_options(self) -> dict:
         """The task's own settings that change what a population build produces (JSON values, keyed by its
-        constructor's argument names): recorded in the store's build config, so that resuming a build with other
-        settings is refused, and passed back to the task when the data module resumes one. None by default."""
+        constructor's argument names); ``{}`` by default.
+
+        A subclass with such settings returns them (cartpole: its trainer's). The framework records them as
+        the store's ``build_config["task_options"]``, so that resuming a build with other settings is
+        refused, and passes them back to ``get_task`` when the data module resumes a build.
+        """
         return {}
 
     @property
-    def permutation_spec(self):
-        """The neuron-permutation symmetry of ``build_model()`` (inferred; override to declare one)."""
-        from ..permute import infer_permutation_spec
+    def permutation_spec(self) -> PermutationSpec:
+        """The neuron-permutation symmetry of the task's networks.
 
+        Default: inferred from ``build_model()`` (MLPs and plain CNNs written as ``nn.Sequential``); a
+        subclass with another architecture declares its own, or lets the ValueError say the store has
+        none. Stored in the manifest; the pair dataset augments with it, the tokenizer groups units by it,
+        and the evaluation aligns networks with it (weight matching).
+        """
         return infer_permutation_spec(self.build_model())
 
     def to_state_dict(self, vec: Tensor) -> dict[str, Tensor]:
+        """One parameter vector ``[P]`` -> a ``state_dict`` that ``build_model().load_state_dict(...,
+        strict=True)`` accepts (integer buffers from a fresh model). Rarely overridden; for handing a stored
+        or generated network to plain PyTorch code."""
         return vector_to_state_dict(vec, self.build_model())
 
     def init_params(self, n: int, generator: torch.Generator | None = None, scheme: InitScheme = "default") -> Tensor:
         """``n`` freshly initialized parameter vectors ``[n, P]``.
 
         "default" is PyTorch's own init of ``build_model()``; the other schemes re-initialize Linear/Conv
-        weights (biases zero). With a generator the result depends on its state only.
+        weights (biases zero). With a generator the result depends on its state only. Rarely overridden;
+        the population trainers start their runs from it (scaled by each run's ``init_scale``), and the
+        evaluation draws fresh starting points with it.
         """
         rows = []
         for _ in range(n):
@@ -114,7 +177,8 @@ class Task:
 class ClassificationTask(Task):
     """A supervised classification task with fixed train/val/test splits.
 
-    Subclasses define ``build_model`` and ``load_splits() -> {split: (inputs float32, labels int64)}``.
+    Subclasses define ``name``, ``build_model`` and ``load_splits() -> {split: (inputs float32, labels
+    int64)}``; scoring (``evaluate``) and population training (``train_population``) are provided.
     Metrics: ``{split}_loss`` (mean cross-entropy) and ``{split}_error`` (fraction of wrong argmax
     predictions) for the names listed in ``metric_names``.
     """
@@ -127,13 +191,21 @@ class ClassificationTask(Task):
 
     @property
     def lower_is_better(self) -> dict[str, bool]:
+        """Every loss and error is better lower (see ``Task.lower_is_better``)."""
         return {m: True for m in self.metric_names}
 
     @property
     def metric_bounds(self) -> dict[str, tuple[float, float]]:
+        """Errors in (0, 1), losses in (0, inf) (see ``Task.metric_bounds``)."""
         return {m: (0.0, 1.0) if m.endswith("_error") else (0.0, float("inf")) for m in self.metric_names}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The task's data: ``{"train" | "val" | "test" (| others): (inputs float32, labels int64)}``, the same
+        on every call (fixed seeds, no shuffling left to chance).
+
+        Subclasses must provide it. It is called once, on first use of ``split``; training batches come
+        from ``"train"``, and the ``{split}_*`` metrics from ``eval_split(split)``.
+        """
         raise NotImplementedError(f"{type(self).__name__} must define load_splits()")
 
     @functools.cached_property
@@ -141,13 +213,22 @@ class ClassificationTask(Task):
         return self.load_splits()
 
     def split(self, name: Split) -> tuple[Tensor, Tensor]:
-        """``(inputs float32, labels int64)`` of split "train", "val" or "test" (deterministic)."""
+        """``(inputs float32, labels int64)`` of split "train", "val" or "test" (deterministic).
+
+        Served from ``load_splits()`` (loaded once); rarely overridden. ``train_population`` trains on
+        ``split("train")`` (and recomputes BatchNorm statistics from its first ``bn_stats_size`` samples);
+        the evaluation's data-based sections read the test split through it.
+        """
         if name not in self._splits:
             raise ValueError(f"unknown split {name!r}; use one of {sorted(self._splits)}")
         return self._splits[name]
 
     def eval_split(self, name: Split) -> tuple[Tensor, Tensor]:
-        """The data the ``{name}_*`` metrics are measured on (``split(name)`` unless a task says otherwise)."""
+        """The data the ``{name}_*`` metrics are measured on: ``split(name)`` by default.
+
+        A subclass overrides it to score on less or other data than it trains on (the Fashion tasks score
+        ``train_loss`` on a fixed 2,000-image subset and cap val/test). ``evaluate`` reads it.
+        """
         return self.split(name)
 
     # ------------------------------------------------------------ scoring
@@ -174,7 +255,7 @@ class ClassificationTask(Task):
         sums = {s: [] for s in splits}
         for k0 in range(0, params.shape[0], self.eval_networks_chunk):
             chunk = params[k0:k0 + self.eval_networks_chunk].to(device=device, dtype=torch.float32)  # [k, P]
-            p = vector_to_tensors(chunk, self.layer_shapes)                        # name -> [k, *shape]
+            p = self.layer_shapes.split(chunk)                                     # name -> [k, *shape]
             for s in splits:
                 x, y = self.eval_split(s)
                 loss = torch.zeros(chunk.shape[0], dtype=torch.float64, device=device)  # [k]
@@ -195,15 +276,15 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ training
 
-    def train_population(self, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
-        """Train the runs of ``hparams`` together (see docs/INTERFACES.md) -> ``GroupResult``.
+    def train_population(self, hparams: list[dict], config: "PopulationConfig", device: torch.device,
+                         progress: Callable[[float], None] | None = None) -> GroupResult:
+        """Train the runs of ``hparams`` together (see ``Task.train_population``) -> ``GroupResult``.
 
         Run i: init ``init_params(1, Generator(seed_i), scheme) * init_scale_i`` on trainable entries;
         each epoch a permutation of ``split("train")`` from the same generator, cut into
-        ``n // batch_size`` full batches; mean cross-entropy; ``optimizer_step``.
+        ``n // batch_size`` full batches; mean cross-entropy; ``optimizer_step`` (AdamW or SGD-momentum
+        per run, with the run's lr, weight decay and momentum).
         """
-        from ..population import GroupResult, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
-
         device = torch.device(device)
         order = adam_first(torch.tensor([h["optimizer"] == "adam" for h in hparams]))  # trained in this order
         hparams = [hparams[i] for i in order]
@@ -217,12 +298,12 @@ class ClassificationTask(Task):
         init = torch.cat([self.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
         model = copy.deepcopy(self._eval_model).train()
         replace_all_batch_norm_modules_(model)              # batch statistics only, no in-place buffers
-        trainable = {k: tuple(v.shape) for k, v in model.named_parameters()}  # layer shapes
-        init_t = vector_to_tensors(init.to(device), self.layer_shapes)       # name -> [R, *shape]
+        trainable = LayerShapes({k: v.shape for k, v in model.named_parameters()})  # no float buffers
+        init_t = self.layer_shapes.split(init.to(device))                    # name -> [R, *shape]
         hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
               for k in ("lr", "weight_decay", "momentum", "init_scale")}     # name -> [R]
         is_adam = torch.tensor([h["optimizer"] == "adam" for h in hparams], device=device)
-        flat = tensors_to_vector(init_t, trainable) * hp["init_scale"][:, None]  # [R, P'] trainable only
+        flat = trainable.join(init_t) * hp["init_scale"][:, None]          # [R, P'] trainable only
         fixed = {k: v for k, v in init_t.items() if k not in trainable}    # float buffers (BN stats)
 
         def loss_fn(p, x, y):
@@ -252,12 +333,12 @@ class ClassificationTask(Task):
             return stats
 
         def snapshot(flat) -> Tensor:
-            p = vector_to_tensors(flat, trainable)
+            p = trainable.split(flat)
             tensors = dict(fixed)
             if bn_names:
                 with torch.no_grad():
                     tensors.update(vmap(bn_stats, in_dims=(0, None))(p, bn_x))
-            return tensors_to_vector({**tensors, **p}, self.layer_shapes).float()  # [R, P]
+            return self.layer_shapes.join({**tensors, **p}).float()          # [R, P]
 
         state = init_optimizer_state(flat)
         vectors, metrics = [], []
@@ -279,8 +360,8 @@ class ClassificationTask(Task):
             idx = perms[:, s * batch:(s + 1) * batch].reshape(-1)            # [R*B]
             xb = x_train.index_select(0, idx).view(len(hparams), batch, *x_train.shape[1:])  # [R, B, ...]
             yb = y_train.index_select(0, idx).view(len(hparams), batch)     # [R, B]
-            grads = grad_fn(vector_to_tensors(flat, trainable), xb, yb)     # name -> [R, *shape]
-            flat = optimizer_step(flat, tensors_to_vector(grads, trainable), state, is_adam,
+            grads = grad_fn(trainable.split(flat), xb, yb)                   # name -> [R, *shape]
+            flat = optimizer_step(flat, trainable.join(grads), state, is_adam,
                                   hp["lr"], hp["weight_decay"], hp["momentum"])   # [R, P']
             step += 1
         if progress is not None:

@@ -2,7 +2,7 @@
 
 Both train the R runs of a group at once (weights stacked ``[R, P]``) in one loop, ``train_population``:
 the run's init, its settings drawn log-uniformly with its own seed and written into its ``hparams`` (so the
-manifest records them), one Adam ``population.optimizer_step`` per update with the trainer's gradient (beta1 =
+manifest records them), one Adam ``optim.optimizer_step`` per update with the trainer's gradient (beta1 =
 the run's ``momentum``, its ``weight_decay`` and ``init_scale``), checkpoints on ``checkpoint_schedule``,
 scored on the task's ``eval_seeds`` at the end. One epoch is ``task.generations_per_epoch`` updates; the
 config's lr range, optimizers and batch size do not apply. A run's result depends on its own seed and
@@ -45,8 +45,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..params import vector_to_tensors
-from .cartpole import MAX_EPISODE_STEPS, batched_returns, cartpole_step
+from ...optim import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ...params import vector_to_tensors
+from .env import MAX_EPISODE_STEPS, cartpole_step
+from .evaluator import batched_returns
+
+__all__ = ["advantages", "es_gradient", "play_episodes", "policy_gradient", "reinforce_gradient", "stacked_policy",
+           "train_population"]
 
 
 def _log_uniform(bounds: tuple[float, float], u: float) -> float:
@@ -161,11 +166,10 @@ def es_gradient(task, theta: Tensor, sigma: Tensor, gens: list[torch.Generator])
 
 # --------------------------------------------------------------------------- the shared loop
 
-def train_population(task, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None):
+def train_population(task, hparams: list[dict], config, device, progress: Callable[[float], None] | None = None
+                     ) -> GroupResult:
     """Train the runs of ``hparams`` together with ``task.trainer`` -> ``GroupResult`` with ``steps`` = updates
     and ``epochs`` = updates / ``task.generations_per_epoch``."""
-    from ..population import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
-
     device = torch.device(device)
     R, total = len(hparams), config.epochs * task.generations_per_epoch
     schedule = checkpoint_schedule(total, config.num_checkpoints)

@@ -22,6 +22,9 @@ import torch
 from gymnasium.utils import seeding
 from torch import Tensor
 
+__all__ = ["FORCE_MAG", "GRAVITY", "LENGTH", "MASSCART", "MASSPOLE", "MAX_EPISODE_STEPS", "POLEMASS_LENGTH", "TAU",
+           "THETA_THRESHOLD", "TOTAL_MASS", "X_THRESHOLD", "ActFn", "cartpole_step", "initial_states", "rollout"]
+
 # gymnasium/envs/classic_control/cartpole.py, CartPoleEnv.__init__ (CartPole-v1)
 GRAVITY = 9.8
 MASSCART = 1.0

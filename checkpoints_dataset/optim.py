@@ -1,0 +1,118 @@
+"""Below both the tasks and the builder: what a population trainer uses and returns.
+
+The vectorized optimizers (``optimizer_step`` over a stack of runs ``[R, P]`` with per-run hyperparameters,
+Adam and SGD-momentum runs side by side), the checkpoint schedule, and ``GroupResult``, the checkpoints of
+one group of runs that ``Task.train_population`` returns and ``population.build_population`` stores.
+Imports only torch and numpy, so ``tasks`` and ``population`` can both import it at module level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["GroupResult", "adam_first", "checkpoint_schedule", "init_optimizer_state", "optimizer_step"]
+
+
+@dataclass
+class GroupResult:
+    """The checkpoints of one group of R runs with C checkpoints each: what ``Task.train_population`` returns
+    and ``population.build_population`` writes as one store shard (row ``r * C + c`` = run r, checkpoint c)."""
+
+    params: Tensor                 # [R, C, P] float32, CPU (full parameter vectors, BatchNorm stats included)
+    steps: Tensor                  # [C] int64, optimizer steps done (0 = init); the same for every run
+    epochs: Tensor                 # [C] float64, steps / steps per epoch (cartpole: updates / generations_per_epoch)
+    metrics: dict[str, Tensor]     # name -> [R, C] float32
+
+
+def checkpoint_schedule(total_steps: int, num_checkpoints: int) -> list[int]:
+    """Checkpoint steps: 0, then geometric spacing (dense early) up to ``total_steps``, distinct.
+
+    Gives ``min(num_checkpoints, total_steps + 1)`` steps.
+    """
+    if total_steps < 1:
+        raise ValueError(f"a run needs at least one training step, got total_steps={total_steps}")
+    k = min(num_checkpoints, total_steps + 1) - 1               # checkpoints after the init
+    steps = np.rint(np.geomspace(1, total_steps, k)).astype(np.int64) if k > 1 else np.array([total_steps])
+    for i in range(1, k):                                       # make them strictly increasing ...
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    steps[-1] = total_steps
+    for i in range(k - 2, -1, -1):                              # ... and end exactly at total_steps
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return [0] + steps.tolist()
+
+
+# ---------------------------------------------------------------- vectorized optimizers
+
+def _per_run(x: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a per-run ``[R]`` tensor against ``like [R, ...]``."""
+    return x.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def init_optimizer_state(params: Tensor) -> dict:
+    """Zeroed first/second moments for flat stacked parameters ``[R, P]`` and a step counter."""
+    return {"step": 0, "m": torch.zeros_like(params), "v": torch.zeros_like(params)}
+
+
+def adam_first(is_adam: Tensor) -> Tensor:
+    """A stable order of the runs with the Adam runs first: ``optimizer_step`` on runs in this order works on
+    two contiguous blocks (views) instead of gathering and scattering rows."""
+    return torch.argsort((~is_adam.to(torch.bool)).to(torch.uint8), stable=True)
+
+
+def optimizer_step(params: Tensor, grads: Tensor, state: dict, is_adam: Tensor, lr: Tensor,
+                   weight_decay: Tensor, momentum: Tensor, beta2: float = 0.999, eps: float = 1e-8) -> Tensor:
+    """One optimizer step for a stack of runs ``params [R, P]``, ``grads [R, P]``; every hyperparameter is a
+    per-run ``[R]`` tensor.
+
+    Runs with ``is_adam`` follow ``torch.optim.AdamW(lr, betas=(momentum, beta2), eps, weight_decay)``;
+    the others ``torch.optim.SGD(lr, momentum, weight_decay)`` (L2 added to the gradient, no dampening).
+    ``is_adam`` is read (and ``lr > 0`` checked) at the first step of a ``state`` only.
+    ``params`` and ``state`` (from ``init_optimizer_state``) are updated in place, and ``grads`` is used as
+    scratch; returns ``params``. Runs ordered by ``adam_first`` are updated as two contiguous blocks; any
+    other order costs a gather and a scatter of the rows.
+    """
+    if "blocks" not in state:                               # the runs' optimizers are fixed: checked, split once
+        if bool((lr <= 0).any()):
+            raise ValueError(f"every run's learning rate must be > 0, got min {float(lr.min())}")
+        a = is_adam.to(torch.bool)
+        n = int(a.sum())
+        state["blocks"] = ([(slice(0, n), True), (slice(n, None), False)] if bool(a[:n].all())  # views
+                           else [(a.nonzero()[:, 0], True), ((~a).nonzero()[:, 0], False)])
+    state["step"] += 1
+    for rows, adam in state["blocks"]:
+        p, g, m, v = (x[rows] for x in (params, grads, state["m"], state["v"]))  # views, or copies of rows
+        if p.shape[0] == 0:
+            continue
+        h = [x[rows][:, None].to(p.dtype) for x in (lr, weight_decay, momentum)]         # [r, 1] each
+        (_adamw_ if adam else _sgd_)(p, g, m, v, *h, state["step"], beta2, eps)
+        if not isinstance(rows, slice):
+            for full, part in ((params, p), (state["m"], m), (state["v"], v)):
+                full[rows] = part
+    return params
+
+
+# Each pass below reads and writes whole [r, P] blocks in place: the update is memory-bound, so the number
+# of passes (and of fresh allocations, which page-fault) is what costs.
+
+def _adamw_(p, g, m, v, lr, wd, beta1, t: int, beta2: float, eps: float) -> None:
+    """torch.optim.AdamW's update, in place, with per-run ``lr, wd, beta1 [r, 1]``."""
+    p.mul_(1 - lr * wd)                                     # decoupled weight decay first, as AdamW
+    m.lerp_(g, 1 - beta1)                                   # m = beta1 m + (1 - beta1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step = lr / (1 - beta1 ** t)                            # [r, 1] bias-corrected step size
+    bc2 = (1 - beta2 ** t) ** 0.5
+    # p -= step * m / (sqrt(v) / bc2 + eps)  ==  p -= m / (sqrt(v) * (1 / (step bc2)) + eps / step)
+    denom = torch.sqrt(v, out=g)                            # g is no longer needed: reuse its memory
+    torch.addcmul(eps / step, denom, 1 / (step * bc2), out=denom)
+    p.addcdiv_(m, denom, value=-1.0)
+
+
+def _sgd_(p, g, m, v, lr, wd, momentum, t: int, beta2: float, eps: float) -> None:
+    """torch.optim.SGD's update (L2 in the gradient, momentum without dampening), in place."""
+    g.addcmul_(p, wd)
+    m.mul_(momentum).add_(g)                                # the first step gives m = g, as torch's buffer
+    p.addcmul_(m, -lr)
