@@ -16,25 +16,28 @@ training in ``ClassificationTask``; a task may bring its own, e.g. cartpole).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import store
 from .optim import (GroupResult, _adamw_, _per_run, _sgd_, adam_first, checkpoint_schedule, init_optimizer_state,
                     optimizer_step)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .tasks.base import Task
+from .tasks import Task, TaskRef, task_id
 
 # GroupResult, checkpoint_schedule and the optimizers live in .optim (below the tasks); re-exported here
 __all__ = ["GroupResult", "InitScheme", "OptimizerName", "PopulationConfig", "adam_first", "build_config",
            "build_population", "checkpoint_schedule", "draw_hparams", "init_optimizer_state", "optimizer_step",
-           "run_seed", "shard_name", "_adamw_", "_per_run", "_sgd_"]
+           "run_seed", "shard_name", "ensure_store", "store_is_complete", "_adamw_", "_per_run", "_sgd_"]
 
 OptimizerName = Literal["adam", "sgd"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
@@ -104,7 +107,7 @@ def shard_name(group: int) -> str:
 def build_config(task: "Task", config: PopulationConfig) -> dict:
     """What identifies a build: building into a store made with another one fails."""
     options = task.build_options()  # e.g. cartpole's trainer; absent when empty (stores built before keep matching)
-    return {"task": task.name, "num_params": task.num_params, **({"task_options": options} if options else {}),
+    return {"task": task_id(task), "num_params": task.num_params, **({"task_options": options} if options else {}),
             **config.to_json()}
 
 
@@ -116,16 +119,12 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     Returns the opened store once every group of every shard is present (the store is then finalized),
     else None (other shards still have groups to build).
     """
-    from tqdm.auto import tqdm
-
-    from . import store
-
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
     device = torch.device(device)
     out = Path(out)
-    store.create_store(out, task=task.name, layer_shapes=task.layer_shapes, metric_names=list(task.metric_names),
+    store.create_store(out, task=task_id(task), layer_shapes=task.layer_shapes, metric_names=list(task.metric_names),
                        lower_is_better=dict(task.lower_is_better), permutation_spec=_spec_json(task),
                        build_config=build_config(task, config), dtype=dtype)
     num_groups = math.ceil(config.runs / config.group_size)
@@ -164,3 +163,67 @@ def _write_group(out: Path, group: int, run_ids: list[int], hparams: list[dict],
         epochs=np.tile(result.epochs.numpy().astype(np.float64), R),
         metrics={k: v.reshape(R * C).numpy() for k, v in result.metrics.items()},
         run_hparams={h["run_id"]: h for h in hparams})
+
+
+log = logging.getLogger(__name__)
+
+
+def store_is_complete(s: "store.CheckpointStore") -> bool:
+    """Whether a store holds all its runs (a recorded store, or a build that was not cut short)."""
+    built = s.manifest.get("build_config") or {}
+    return "runs" not in built or s.num_runs >= built["runs"]
+
+
+def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfig, device: str | torch.device = "cpu",
+                 *, rank_zero: bool = True, option: str = "--task", timeout_s: float = 3600.0) -> "store.CheckpointStore":
+    """A complete store at ``root``: opened as it is, built with ``task`` and ``config`` when missing, or an
+    interrupted build finished with the settings it recorded (its task must be built in, or the import path
+    ``task`` names: a name read from a manifest is never imported otherwise; ``option`` is the user's flag
+    for it). One process builds at a time (a lock file in ``root``); with ``rank_zero`` False the caller
+    waits for another process's build (DDP ranks) instead."""
+    root = Path(root)
+    if (root / "manifest.json").exists():
+        existing = store.open_store(root)
+        if store_is_complete(existing):
+            return existing
+        built = existing.manifest.get("build_config") or {}
+        options = {**(task.options if task is not None else {}), **built.get("task_options", {})}
+        task = TaskRef.from_file(existing.task, options, given=None if task is None else task.name, option=option,
+                                 source=f"the interrupted build at {root}")
+        fields = {f.name for f in dataclasses.fields(PopulationConfig)}
+        config = PopulationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in built.items()
+                                     if k in fields})
+    elif task is None:
+        raise ValueError(f"no checkpoint store at {root}: give {option} NAME to build one there, or the "
+                         "directory of an existing store")
+    if not rank_zero:
+        return _wait_for_store(root, timeout_s)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # another build of this store finishes first; then we resume or return
+        try:
+            if (root / "manifest.json").exists() and store_is_complete(store.open_store(root)):
+                return store.open_store(root)
+            log.info("Building the %s checkpoint store at %s (%d runs x %d epochs) ...", task.name, root,
+                     config.runs, config.epochs)
+            built_store = build_population(task.task, root, config, device=device)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    if built_store is None:
+        raise RuntimeError(f"the store at {root} is built in shards and some are still missing; finish them with "
+                           "`gpt-params build-dataset ... --shard I/N` first")
+    return built_store
+
+
+def _wait_for_store(root: Path, timeout_s: float) -> "store.CheckpointStore":
+    """Wait for another process's build (a finalized manifest that lists every run)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            existing = store.open_store(root)
+            if store_is_complete(existing):
+                return existing
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(2.0)
+    raise TimeoutError(f"waited {timeout_s:.0f} s for another process to build the store at {root}")

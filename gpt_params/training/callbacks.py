@@ -1,17 +1,19 @@
-"""Callbacks: AlignmentMonitor (prompt alignment in TensorBoard while training) and ParameterPrompter
-(a trained generator as a learned optimizer inside another project's training)."""
+"""Callbacks: GeneratorEMA (the weights prompting uses), AlignmentMonitor (prompt alignment in TensorBoard
+while training) and ParameterPrompter (a trained generator as a learned optimizer inside another project's
+training)."""
 from __future__ import annotations
 
 from typing import Callable, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from checkpoints_dataset.tasks import get_task
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector, vector_to_tensors
+from gpt_params.core.generator import Generator
+from gpt_params.evaluation import prompt_alignment
 
 
 def ema_of_floats(decay: float) -> Callable:
@@ -29,7 +31,11 @@ class GeneratorEMA(EMAWeightAveraging):
     ``max_steps`` (the same config then suits a 12-step test and a 100k-step run; ``start_fraction: null``
     keeps ``update_starting_at_step``), and it averages floating-point tensors only, copying the generator's
     integer buffers (token ids) instead of rounding them. Prompting uses these weights: the checkpoint's
-    ``state_dict`` holds the average, and it is copied into the model when training ends."""
+    ``state_dict`` holds the average, and it is copied into the model when training ends.
+
+    Latent space: when the autoencoder is frozen (step ``autoencoder.steps``), its averaged copy takes the
+    frozen weights, so the averaged DiT is trained on and decoded by the autoencoder its latents came from.
+    """
 
     def __init__(self, decay: float = 0.995, start_fraction: Optional[float] = 0.1, **kwargs) -> None:
         super().__init__(decay=decay, **kwargs)
@@ -42,6 +48,38 @@ class GeneratorEMA(EMAWeightAveraging):
         super().setup(trainer, pl_module, stage)
         if self.start_fraction is not None and trainer.max_steps and trainer.max_steps > 0:
             self.update_starting_at_step = int(self.start_fraction * trainer.max_steps)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        gen = getattr(pl_module, "generator", None)
+        averaged = self._average_model
+        if (gen is not None and gen.autoencoder is not None and averaged is not None
+                and pl_module.global_step == gen.config.autoencoder.steps):
+            averaged.module.generator.autoencoder.load_state_dict(gen.autoencoder.state_dict())  # params + buffers
+            rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
+
+
+def check_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Refuse weight-averaging callbacks that would hand back wrong weights: Lightning's plain EMA rounds the
+    generator's integer buffers down and never syncs a frozen autoencoder, and an EMA starting after the last
+    step would hand back the untrained weights (the average is copied into the model when training ends)."""
+    gen = pl_module.generator
+    max_steps = trainer.max_steps
+    for cb in trainer.callbacks:
+        if not isinstance(cb, WeightAveraging) or isinstance(cb, GeneratorEMA):
+            pass
+        elif getattr(cb, "_use_buffers", False) and any(not b.is_floating_point() for b in pl_module.buffers()):
+            raise ValueError("EMAWeightAveraging would average the generator's integer buffers (token ids) and "
+                             "round them down; use gpt_params.training.GeneratorEMA (the same options, "
+                             "floating-point tensors only) in trainer.callbacks instead")
+        elif gen.autoencoder is not None:
+            raise ValueError(f"{type(cb).__name__} would keep averaging the autoencoder after it is frozen; in "
+                             "latent space use gpt_params.training.GeneratorEMA in trainer.callbacks instead")
+        start = getattr(cb, "update_starting_at_step", None)
+        if isinstance(cb, EMAWeightAveraging) and start is not None and 0 < max_steps <= start:
+            raise ValueError(f"EMAWeightAveraging starts at step {start} but training stops at step "
+                             f"{max_steps}: lower its update_starting_at_step (config trainer.callbacks) or "
+                             "raise --trainer.max_steps")
 
 
 class AlignmentMonitor(pl.Callback):
@@ -63,7 +101,7 @@ class AlignmentMonitor(pl.Callback):
         if trainer.sanity_checking or (epoch + 1) % self.every_n_epochs != 0:
             return
         data = trainer.datamodule
-        if data is None or getattr(data, "task_name", None) is None:
+        if data is None or getattr(data, "task", None) is None:
             return
         value = torch.tensor(float("nan"), device=pl_module.device)
         if trainer.is_global_zero:
@@ -71,15 +109,9 @@ class AlignmentMonitor(pl.Callback):
         pl_module.log("val/alignment", value, on_epoch=True, sync_dist=True, reduce_fx="max")
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data) -> float:
-        from gpt_params.evaluation import prompt_alignment
-        from gpt_params.core.generator import Generator
-
-        task = get_task(data.task_name, **data._task_kwargs())
-        was_training = pl_module.training
-        result, fig = prompt_alignment(Generator(pl_module), task, data.store,
+        result, fig = prompt_alignment(pl_module.generator, data.task, data.store,
                                        runs=data.store.test_runs[: self.runs], num_prompts=self.num_prompts,
                                        sampler=self.sampler, steps=self.steps)
-        pl_module.train(was_training)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("alignment/prompted_vs_achieved", fig, global_step=trainer.global_step)
@@ -105,27 +137,29 @@ class ParameterPrompter(pl.Callback):
             used as the start metric and the metric is not logged.
         sampler, steps, guidance: the sampling settings (guidance None: the generator's default).
         seed: seed of the sampling noise.
+        task: the task that scores the model (built-in name or "pkg.module:Class", imported); default: the
+            generator's own task when it is built in (an import path saved in a checkpoint is never imported).
     """
 
     def __init__(self, ckpt: str, target: float, at: Literal["fit_start", "never"] = "fit_start",
                  every_n_epochs: Optional[int] = None, metric_fn: Optional[Callable[[pl.LightningModule], float]] = None,
                  sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 50, guidance: Optional[float] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, task: Optional[str] = None) -> None:
         self.ckpt, self.target, self.at, self.every_n_epochs = ckpt, float(target), at, every_n_epochs
         self.metric_fn, self.sampler, self.steps, self.guidance, self.seed = metric_fn, sampler, steps, guidance, seed
+        self.task = task
         self.history: list[dict] = []
         self._gen = None
         self._task = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from gpt_params.core.generator import Generator
-
         self._gen = Generator.load(self.ckpt)
         self._prefix = self._find_prefix(float_layer_shapes(pl_module))
-        if self._gen.task_name is not None and self.metric_fn is None:
+        if self.metric_fn is None and (self.task is not None or self._gen.task_name is not None):
             try:
-                self._task = self._gen.make_task()
-            except Exception:
+                self._task = self._gen.make_task(self.task)
+            except Exception as err:   # e.g. a user task not named again, or its data missing here
+                rank_zero_info(f"ParameterPrompter: the metric is not measured ({err})")
                 self._task = None
         lo, hi = self._gen.data_range
         if not lo <= self.target <= hi:

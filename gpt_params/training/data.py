@@ -1,15 +1,15 @@
 """The LightningDataModule: a checkpoint store -> (start, target) pairs with permutation augmentation.
 
 Runs are split three ways: the store's own held-out test runs (never seen in training; prompt alignment
-is measured on them), a few validation runs (the val loss), and the rest for training. The store is
-built at ``root`` when it is missing (``--data.task`` names the task then); an existing store's
-manifest decides the task.
+is measured on them), a few validation runs (the val loss), and the rest for training. The module only
+opens its store: ``prepare_store`` (which ``gpt-params train`` calls before it builds anything) builds a
+missing store or finishes an interrupted build first. An existing store's manifest decides the task; a
+task it names by import path is imported only when ``--data.task`` names the same path.
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
-import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -18,10 +18,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.pairs import PairBatches, PairDataset
-from checkpoints_dataset.store import open_store
-from checkpoints_dataset.tasks import get_task
-from checkpoints_dataset.population import PopulationConfig, build_population
+from checkpoints_dataset.population import PopulationConfig, ensure_store, store_is_complete
+from checkpoints_dataset.store import CheckpointStore, open_store
+from checkpoints_dataset.tasks import Task, TaskRef
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -31,26 +34,38 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _make_task(name: str, kwargs: dict):
-    try:
-        return get_task(name, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"task {name!r} cannot be built with the options {kwargs}: {e}") from None
+def _task_kwargs(task_options: Optional[dict], data_dir: Optional[str], store: Optional[CheckpointStore]) -> dict:
+    """The task's keyword options: ``task_options``, ``data_dir``, and the options the store was built with
+    (which shape its networks, e.g. cartpole's ``hidden``)."""
+    kwargs = dict(task_options or {})
+    if data_dir:
+        kwargs["data_dir"] = data_dir
+    if store is not None:
+        kwargs.update((store.manifest.get("build_config") or {}).get("task_options", {}))
+    return kwargs
 
 
-def _complete(store) -> bool:
-    """Whether a store holds all its runs (a recorded store, or a build that was not cut short)."""
-    built = store.manifest.get("build_config") or {}
-    return "runs" not in built or store.num_runs >= built["runs"]
+def _check_task_options(root: Path, given: Optional[dict], built: dict) -> None:
+    """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
+    given = {k: _plain(v) for k, v in (given or {}).items()}  # tuples as lists, as the manifest
+    clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
+    if clash:
+        raise ValueError(f"the store at {root} was built with the task options {built}; "
+                         f"--data.task_options differ on {clash}: drop them to use (or finish) this store, "
+                         "or build another one with another --data.root")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 class ParameterDataModule(pl.LightningDataModule):
     """Pairs of checkpoints from one run of a store, for training the generator.
 
     Args:
-        root: the checkpoint store (built here when missing).
-        task: built-in task name or "pkg.module:Class"; only needed to build a store or to evaluate
-            the networks of a store recorded by another project.
+        root: the checkpoint store (``prepare_store`` builds it when missing).
+        task: built-in task name or "pkg.module:Class"; needed to build a store, to evaluate the networks of
+            a store recorded by another project, and to import a user task a store names (the same path).
         metric: the conditioning metric (default: the task's, e.g. val_error for digits_mlp, so that
             test metrics stay held out; test_error gives G.pt's setting).
         batch_size: pairs per step (per device).
@@ -97,14 +112,10 @@ class ParameterDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root).expanduser().resolve()
-        self.store = self._open_or_build()
-        self.task_name = self._resolve_task(task)
-        if task_options and self.task_name is not None:  # options given: they must build the store's networks
-            shapes = _make_task(self.task_name, self._task_kwargs()).layer_shapes
-            if {k: tuple(v) for k, v in shapes.items()} != dict(self.store.layer_shapes):
-                raise ValueError(f"--data.task_options {task_options} build {self.task_name} networks of other "
-                                 f"shapes than the store's at {self.root}: drop the options that change them")
-        metric = metric or self._default_metric()
+        self.store = self._open()
+        self.task_ref = self._resolve_task(task)
+        self.task: Optional[Task] = None if self.task_ref is None else self.task_ref.task
+        metric = metric or (self.task.default_metric if self.task is not None else None) or self._store_metric()
         if metric not in self.store.metric_names:
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
                              f"choose one of {list(self.store.metric_names)}")
@@ -117,122 +128,76 @@ class ParameterDataModule(pl.LightningDataModule):
                              "record more runs (at least 7)")
         n_val = min(val_runs, max(len(train) // 5, 1))
         self.val_run_ids, self.train_run_ids = train[-n_val:], train[:-n_val]
-        self.info = self._make_info()
+        self.info = DataInfo.from_store(
+            self.store, metric, np.concatenate([self.train_run_ids, self.val_run_ids]),
+            task=None if self.task_ref is None else self.task_ref.name,
+            task_kwargs=None if self.task_ref is None else self.task_ref.options)
 
     # ----------------------------------------------------------------- store
-    def _task_kwargs(self) -> dict:
-        """The task's keyword options: ``task_options``, ``data_dir``, and the options the store was built with
-        (which shape its networks, e.g. cartpole's ``hidden``)."""
-        kwargs = dict(self.hparams.task_options or {})
-        if self.hparams.data_dir:
-            kwargs["data_dir"] = self.hparams.data_dir
-        store = getattr(self, "store", None)  # None while the store is being opened or built
-        if store is not None:
-            kwargs.update((store.manifest.get("build_config") or {}).get("task_options", {}))
-        return kwargs
+    @staticmethod
+    def prepare_store(root: str = "data/digits_mlp", task: Optional[str] = "digits_mlp", build_runs: int = 512,
+                      build_epochs: int = 20, build_seed: int = 0, build_device: str = "cpu",
+                      data_dir: Optional[str] = None, task_options: Optional[dict] = None,
+                      **_other_options) -> CheckpointStore:
+        """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
+        (``task``, ``build_*``), finish an interrupted build with its own settings, refuse options that
+        contradict the store's. Under DDP only rank 0 builds; the other ranks wait for it. Takes the data
+        module's arguments (``**config.data``); ``gpt-params train`` calls it first."""
+        root_path = Path(root).expanduser().resolve()
+        if (root_path / "manifest.json").exists():
+            built = open_store(root_path).manifest.get("build_config") or {}
+            _check_task_options(root_path, task_options, built.get("task_options", {}))
+        ref = None
+        if task is not None:
+            ref = TaskRef(task, _task_kwargs(task_options, data_dir, None))
+        config = PopulationConfig(runs=build_runs, epochs=build_epochs, seed=build_seed)
+        return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
+                            option="--data.task")
 
-    def _check_task_options(self, built: dict) -> None:
-        """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
-        given = {k: _plain(v) for k, v in (self.hparams.task_options or {}).items()}  # tuples as lists, as the manifest
-        clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
-        if clash:
-            raise ValueError(f"the store at {self.root} was built with the task options {built}; "
-                             f"--data.task_options differ on {clash}: drop them to use (or finish) this store, "
-                             "or build another one with another --data.root")
-
-    def _open_or_build(self):
-        """Open the store; build it (rank 0 only) when missing, finish it when a build was cut short."""
-        rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-        config, task_name, options = None, self.hparams.task, {}
-        if (self.root / "manifest.json").exists():
-            store = open_store(self.root)
-            built = store.manifest.get("build_config") or {}
-            self._check_task_options(built.get("task_options", {}))
-            if _complete(store):
-                return store
-            task_name = store.task       # an interrupted build: resume it with its own settings
-            options = built.get("task_options", {})
-            fields = {f.name for f in dataclasses.fields(PopulationConfig)}
-            config = PopulationConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in built.items() if k in fields})
-        elif task_name is None:
-            raise ValueError(f"no checkpoint store at {self.root}: give --data.task NAME to build one "
-                             "there, or --data.root DIR of an existing store")
-        if not rank_zero:
-            return self._wait_for_store()
-        task = _make_task(task_name, {**self._task_kwargs(), **options})
-        config = config or PopulationConfig(runs=self.hparams.build_runs, epochs=self.hparams.build_epochs,
-                                            seed=self.hparams.build_seed)
-        print(f"Building the {task.name} checkpoint store at {self.root} "
-              f"({config.runs} runs x {config.epochs} epochs) ...", flush=True)
-        store = build_population(task, self.root, config, device=self.hparams.build_device)
-        if store is None:
-            raise RuntimeError(f"the store at {self.root} is built in shards and some are still missing; "
-                               "finish them with `gpt-params build-dataset ... --shard I/N` first")
+    def _open(self) -> CheckpointStore:
+        if not (self.root / "manifest.json").exists():
+            raise ValueError(f"no checkpoint store at {self.root}: build one first (`gpt-params train` does, with "
+                             "--data.task NAME; in Python call ParameterDataModule.prepare_store(root=..., task=...)"
+                             " or `gpt-params build-dataset --out DIR`), or give --data.root DIR of an existing store")
+        store = open_store(self.root)
+        _check_task_options(self.root, self.hparams.task_options,
+                            (store.manifest.get("build_config") or {}).get("task_options", {}))
+        if not store_is_complete(store):
+            raise ValueError(f"the store at {self.root} holds {store.num_runs} of its runs: finish the build first "
+                             "(`gpt-params train` resumes it, or `gpt-params build-dataset` with the same --out)")
         return store
 
-    def _wait_for_store(self, timeout_s: float = 3600.0):
-        """Other ranks wait for rank 0's build (a finalized manifest that lists every run)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+    def _resolve_task(self, given: Optional[str]) -> Optional[TaskRef]:
+        """The store's own task (a name from its manifest: built in, or the import path ``--data.task`` gives
+        again); for a store recorded by another project (no task in its manifest), the given task if it builds
+        this architecture (else None: networks are not evaluated)."""
+        kwargs = _task_kwargs(self.hparams.task_options, self.hparams.data_dir, self.store)
+        if self.store.task is None:
+            if given is None:
+                return None
+            ref = TaskRef(given, kwargs)
             try:
-                store = open_store(self.root)
-                if _complete(store):
-                    return store
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(2.0)
-        raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to build the store at {self.root}")
-
-    def _resolve_task(self, given: Optional[str]) -> Optional[str]:
-        """The store's own task; for a store recorded by another project (no task in its manifest), the
-        given task if it builds this architecture (else None: networks are not evaluated)."""
-        if self.store.task is not None or given is None:
-            return self.store.task
-        shapes = get_task(given, **self._task_kwargs()).layer_shapes
-        if {k: tuple(v) for k, v in shapes.items()} == dict(self.store.layer_shapes):
-            return given
-        print(f"note: the store at {self.root} was recorded by another project and --data.task {given} does "
-              "not build its architecture; generated networks will not be evaluated (pass --data.task "
-              "pkg.module:Class to evaluate them)", flush=True)
-        return None
-
-    def _default_metric(self) -> str:
-        if self.task_name is not None:
+                ref.check_shapes(self.store.layer_shapes, f"the store at {self.root}")
+            except ValueError:
+                log.warning("the store at %s was recorded by another project and --data.task %s does not build its "
+                            "architecture; generated networks will not be evaluated (pass --data.task "
+                            "pkg.module:Class to evaluate them)", self.root, given)
+                return None
+            return ref
+        ref = TaskRef.from_file(self.store.task, kwargs, given=given, option="--data.task",
+                                source=f"the store at {self.root}")
+        if self.hparams.task_options:  # options given: they must build the store's networks
             try:
-                return get_task(self.task_name, **self._task_kwargs()).default_metric
-            except Exception:   # a user task that cannot be imported here: fall back to the store
-                pass
+                ref.check_shapes(self.store.layer_shapes, f"the store at {self.root}")
+            except ValueError:
+                raise ValueError(f"--data.task_options {self.hparams.task_options} build {ref.name} networks of "
+                                 f"other shapes than the store's at {self.root}: drop the options that change "
+                                 "them") from None
+        return ref
+
+    def _store_metric(self) -> str:
         names = list(self.store.metric_names)
         return next((m for m in names if m.startswith("val")), names[0])
-
-    def _make_info(self) -> dict:
-        """Everything the generator needs to be rebuilt from its checkpoint (plain JSON types)."""
-        store, metric = self.store, self.metric
-        all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
-        values, init_values = [], []
-        for r in np.concatenate([self.train_run_ids, self.val_run_ids]):   # never the held-out test runs
-            idx = store.run_checkpoints(r)
-            finite = all_values[idx][np.isfinite(all_values[idx])]
-            values.append(finite)
-            if len(finite):
-                init_values.append(finite[0])    # the run's first checkpoint with a finite metric
-        values = np.concatenate(values)
-        lower = bool(store.lower_is_better.get(metric, True))
-        spec = store.manifest.get("permutation_spec")
-        return {
-            "store_root": str(self.root),
-            "task": self.task_name,
-            "task_kwargs": self._task_kwargs() if self.task_name is not None else {},
-            "metric": metric,
-            "lower_is_better": lower,
-            "metric_range": [float(values.min()), float(values.max())],
-            "best": float(values.min() if lower else values.max()),
-            "init_metric": float(np.nanmedian(init_values)),
-            "layer_shapes": {k: list(v) for k, v in store.layer_shapes.items()},
-            "stats": {k: [float(m), float(s)] for k, (m, s) in store.stats.items()},
-            "permutation_spec": spec,
-        }
 
     # ----------------------------------------------------------- dataloaders
     def _dataset(self, runs: np.ndarray, seed: int, device=None) -> PairDataset:

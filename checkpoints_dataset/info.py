@@ -1,0 +1,104 @@
+"""``DataInfo``: what a generator must know of the checkpoints it is trained on.
+
+The data module computes it from a store (``DataInfo.from_store``) and hands it to the model; the
+generator keeps it in its checkpoint as plain JSON (``to_json``), so a checkpoint alone rebuilds the
+tokenizer (layer shapes, normalization statistics, permutation spec) and knows its conditioning metric.
+The JSON form is the ``data_info`` dict of checkpoints written before this type existed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """The training data of a generator, as plain values.
+
+    Attributes:
+        layer_shapes: name -> shape of every entry of the parameter vector, in order.
+        metric: the conditioning metric's name (e.g. "val_error").
+        lower_is_better: whether lower values of ``metric`` are better.
+        metric_range: (min, max) of ``metric`` over the training and validation runs.
+        best: the best value of ``metric`` in those runs.
+        init_metric: the median ``metric`` of those runs' first checkpoints.
+        stats: layer name -> (mean, std) of its values in the store (per-layer normalization).
+        permutation_spec: the store's neuron-permutation spec (JSON), or None.
+        store_root: where the store was (informative; evaluation's default store).
+        task: the task's built-in name or import path (data: never imported unless the user names it again).
+        task_kwargs: the task's keyword options at training (e.g. data_dir, cartpole's hidden).
+    """
+
+    layer_shapes: Mapping[str, tuple[int, ...]]
+    metric: str
+    lower_is_better: bool
+    metric_range: tuple[float, float]
+    best: float
+    init_metric: float
+    stats: Mapping[str, tuple[float, float]] | None = None
+    permutation_spec: Mapping[str, Any] | None = None
+    store_root: str | None = None
+    task: str | None = None
+    task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        fix("layer_shapes", {k: tuple(int(d) for d in v) for k, v in dict(self.layer_shapes).items()})
+        fix("metric_range", (float(self.metric_range[0]), float(self.metric_range[1])))
+        if self.stats is not None:
+            fix("stats", {k: (float(v[0]), float(v[1])) for k, v in dict(self.stats).items()})
+        fix("task_kwargs", dict(self.task_kwargs or {}))
+
+    @classmethod
+    def from_store(cls, store, metric: str, runs: Sequence[int], *, task: str | None = None,
+                   task_kwargs: Mapping[str, Any] | None = None) -> DataInfo:
+        """Summarize ``store`` for ``metric`` over ``runs`` (the training and validation runs, never the
+        held-out test runs)."""
+        all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
+        values, init_values = [], []
+        for r in runs:
+            finite = all_values[store.run_checkpoints(r)]
+            finite = finite[np.isfinite(finite)]
+            values.append(finite)
+            if len(finite):
+                init_values.append(finite[0])    # the run's first checkpoint with a finite metric
+        values = np.concatenate(values)
+        lower = bool(store.lower_is_better.get(metric, True))
+        return cls(layer_shapes=store.layer_shapes, metric=metric, lower_is_better=lower,
+                   metric_range=(float(values.min()), float(values.max())),
+                   best=float(values.min() if lower else values.max()),
+                   init_metric=float(np.nanmedian(init_values)),
+                   stats={k: (float(m), float(s)) for k, (m, s) in store.stats.items()},
+                   permutation_spec=store.manifest.get("permutation_spec"), store_root=str(store.root),
+                   task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {})
+
+    def to_json(self) -> dict:
+        """Plain JSON types (the ``data_info`` of a checkpoint's hyperparameters)."""
+        return {
+            "store_root": self.store_root,
+            "task": self.task,
+            "task_kwargs": dict(self.task_kwargs),
+            "metric": self.metric,
+            "lower_is_better": self.lower_is_better,
+            "metric_range": list(self.metric_range),
+            "best": self.best,
+            "init_metric": self.init_metric,
+            "layer_shapes": {k: list(v) for k, v in self.layer_shapes.items()},
+            "stats": None if self.stats is None else {k: list(v) for k, v in self.stats.items()},
+            "permutation_spec": None if self.permutation_spec is None else dict(self.permutation_spec),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | DataInfo) -> DataInfo:
+        """From ``to_json``'s dict (unknown keys are ignored, missing optional ones take their defaults)."""
+        if isinstance(data, DataInfo):
+            return data
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("layer_shapes", "metric", "lower_is_better", "metric_range", "best", "init_metric")
+                   if k not in data]
+        if missing:
+            raise ValueError(f"data_info lacks {missing}: it must come from ParameterDataModule(...).info")
+        return cls(**{k: v for k, v in data.items() if k in fields})

@@ -1,0 +1,52 @@
+"""Shared by the verbs: output directories, task options, and the error that means "bad input"."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """Bad command-line input: the dispatcher prints its message as one line and exits with 2."""
+
+
+def prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> None:
+    """Refuse an --out that is a file, already holds results (unless overwrite) or is not writable."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory")
+    if out.is_dir() and ((out / marker).exists() or any(out.glob("*.safetensors"))) and not overwrite:
+        raise UsageError(f"--out {out} already holds results; pass --overwrite to replace them "
+                         "or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {out} is not writable ({err.strerror}); choose a directory you can write") from None
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1.0: off; default: the generator's, set at training by "
+                        "--model.guidance)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def add_task_options(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--task", default=None,
+                   help=f"task that builds and scores the networks (default: {default_help}, when built in); "
+                        "'pkg.module:Class' imports that task: a checkpoint or store naming one is only opened "
+                        "when you give the same path here")
+    p.add_argument("--data-dir", default=None,
+                   help="where the task's data files are (Fashion-MNIST; default: as at training)")
+    p.add_argument("--evaluator", choices=["batched", "gymnasium"], default=None,
+                   help="cartpole: score policies with the batched torch CartPole (default) or gymnasium's")
+
+
+def check_sampling(args) -> None:
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {args.steps})")
+    if args.guidance is not None and args.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")

@@ -1,0 +1,149 @@
+"""``gpt-params prompt``: generate networks for target metrics, save them, evaluate them, print a table."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from checkpoints_dataset.params import state_dict_to_vector
+from checkpoints_dataset.store import write_json_atomic
+from gpt_params.cli.common import (UsageError, add_sampling_options, add_task_options, check_sampling,
+                                   prepare_out)
+from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt-params prompt",
+        description="Generate networks for target metrics from a trained generator, save each as a "
+                    "safetensors state_dict, evaluate them (batched) and print target vs achieved.")
+    p.add_argument("--ckpt", required=True, help="generator checkpoint (.ckpt from gpt-params train)")
+    p.add_argument("--target", type=float, action="append", default=None,
+                   help="target value of the conditioning metric; repeat for several (required unless the "
+                        "generator is unconditional, which ignores it with a note)")
+    p.add_argument("--num", type=int, default=8, help="networks per target (default 8)")
+    p.add_argument("--out", required=True, help="output directory for the .safetensors files and results.json")
+    p.add_argument("--start", default=None,
+                   help="'random' (fresh inits of the task's model), a .safetensors state_dict, or 'none'; "
+                        "default: random for generators trained with a start, none for start-free ones "
+                        "(which refuse any other)")
+    add_sampling_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    add_task_options(p, "the checkpoint's")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if args.num < 1:
+        raise UsageError(f"--num must be at least 1 (got {args.num})")
+    check_sampling(args)
+    gen = Generator.load(args.ckpt, device=args.device)
+    guidance = gen.guidance if args.guidance is None else args.guidance  # used, and recorded in results.json
+    task = gen.make_task(args.task, data_dir=args.data_dir, evaluator=args.evaluator)
+    start_arg, target_values = _check_mode_arguments(gen, args)
+    out = Path(args.out)
+    prepare_out(out, args.overwrite)
+    bounds = task.metric_bounds.get(gen.metric) if task is not None else None
+    if gen.conditional:
+        for w in gen.check_target(target_values, bounds):
+            print(f"warning: {w}", file=sys.stderr)
+
+    g = torch.Generator().manual_seed(args.seed)
+    n = len(target_values) * args.num
+    if start_arg == "none":
+        start = None
+    elif start_arg == "random":
+        if task is None:
+            raise UsageError("--start random needs the task's model: give --task pkg.module:Class, "
+                             "or --start PATH to a .safetensors state_dict")
+        start = task.init_params(n, generator=g)                                   # [n, P]
+    else:
+        vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
+        start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
+    if start is None:
+        start_metric = None
+    elif task is not None:
+        start_metric = task.evaluate(start)[gen.metric]
+    else:
+        start_metric = torch.full((n,), gen.init_metric)
+        print(f"note: no task to evaluate the start; its {gen.metric} is taken as the data's median "
+              f"at init ({gen.init_metric:.4g})", file=sys.stderr)
+    targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
+    params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
+                          guidance=guidance, generator=g).cpu()                     # [n, P]
+    achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
+    if achieved is None:
+        print("note: no task given, so the generated networks are not evaluated "
+              "(pass --task pkg.module:Class to evaluate them)", file=sys.stderr)
+
+    records = []
+    for i in range(n):
+        target = target_values[i // args.num]
+        name = (f"target{i // args.num:02d}_{i % args.num:03d}.safetensors" if target is not None
+                else f"sample_{i:03d}.safetensors")
+        if task is not None:
+            sd = task.to_state_dict(params[i])
+        else:
+            sd = {k: v[0] for k, v in gen.layer_shapes.split(params[i:i + 1]).items()}
+        save_state_dict(out / name, sd, {"target": target, "metric": gen.metric})
+        rec = {"target": None if target is None else float(target), "file": name}
+        if achieved is not None:
+            rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
+        records.append(rec)
+    write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "records": records})
+    _print_table(gen.metric, records, args.num)
+    print(f"\n{n} networks written to {out} (results.json lists them)")
+    return 0
+
+
+def _check_mode_arguments(gen: Generator, args) -> tuple[str, list[Optional[float]]]:
+    """--start and --target against the generator's mode -> (start: "none" | "random" | PATH, targets).
+
+    Start-free generators take no start (``--start`` defaults to none for them, a given one is refused);
+    generators with a start default to random inits and refuse ``--start none``. Conditional generators
+    need ``--target``; unconditional ones ignore it with a note (each value then only names a group of
+    ``--num`` networks; without any, ``--num`` networks are made with target None)."""
+    start = args.start
+    if not gen.uses_start:
+        if start not in (None, "none"):
+            raise UsageError(f"this generator is start-free (trained with --model.start none): it takes no start "
+                             f"checkpoint; drop --start {start} (or pass --start none)")
+        start = "none"
+    elif start == "none":
+        raise UsageError("this generator was trained with start checkpoints (--model.start checkpoint): give "
+                         "--start random (fresh inits, the default) or --start PATH to a .safetensors state_dict")
+    else:
+        start = start or "random"
+    targets = list(args.target or [])
+    if gen.conditional and not targets:
+        raise UsageError(f"--target is required: this generator is conditioned on {gen.metric} "
+                         "(e.g. --target 0.05; repeat for several)")
+    if not gen.conditional:
+        if targets:
+            print(f"note: this generator is unconditional (trained with --model.condition none): --target "
+                  f"{' '.join(map(str, targets))} is ignored; each value only names a group of --num networks",
+                  file=sys.stderr)
+        else:
+            targets = [None]
+    return start, targets
+
+
+def _print_table(metric: str, records: list[dict], num: int) -> None:
+    if "achieved" not in records[0]:
+        return
+    names = [metric] + [k for k in records[0]["achieved"] if k != metric and ("val" in k or "test" in k)]
+    print(f"\n{'target':>10} | " + " | ".join(f"{k:>18}" for k in names))
+    print("-" * (13 + 21 * len(names)))
+    for i in range(0, len(records), num):
+        group = records[i:i + num]
+        cells = []
+        for k in names:
+            vals = torch.tensor([r["achieved"][k] for r in group])
+            cells.append(f"{vals.mean():>9.4f} ± {vals.std(unbiased=False):<6.4f}")
+        label = "-" if group[0]["target"] is None else f"{group[0]['target']:.4f}"
+        print(f"{label:>10} | " + " | ".join(cells))

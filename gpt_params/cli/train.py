@@ -1,0 +1,114 @@
+"""``gpt-params train``: a thin LightningCLI over ``GeneratorModule`` and ``ParameterDataModule``.
+
+Before LightningCLI builds anything, the store is made sure of (built when missing, an interrupted build
+finished; under DDP rank 0 builds and the others wait), so the data module only opens it.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from gpt_params.cli.common import UsageError
+from gpt_params.core.config import LEGACY_NAMES
+from gpt_params.evaluation import prompt_alignment
+from gpt_params.training import GeneratorModule, ParameterDataModule
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"   # a link to the repository's configs/, a folder in wheels
+DEFAULT_CONFIG = CONFIG_DIR / "digits_mlp.yaml"
+
+
+class LastOnException(Callback):
+    """On an exception (Ctrl-C included) save ``last.ckpt`` next to the run's other checkpoints, so that every
+    run, however it stops, leaves a last.ckpt to resume from. (Not Lightning's OnExceptionCheckpoint: with one
+    in the trainer, ``fit(ckpt_path=None)`` resumes from whatever ``last.ckpt`` it finds, and its teardown
+    deletes the file at its path, ./last.ckpt before any exception.)"""
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.dirpath:
+            trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
+
+
+class GeneratorCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Make sure the store exists; bf16 autocast on GPUs that support it, unless --trainer.precision says
+        otherwise."""
+        ParameterDataModule.prepare_store(**self.config.data.as_dict())
+        trainer = self.config.trainer
+        if (trainer.precision is None and str(trainer.accelerator) in ("auto", "gpu", "cuda")
+                and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            trainer.precision = "bf16-mixed"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data", "model.data_info", compute_fn=lambda data: data.info.to_json(),
+                              apply_on="instantiate")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="resume training from this checkpoint (e.g. a run's last.ckpt)")
+        parser.add_argument("--final_eval_runs", type=int, default=32,
+                            help="held-out runs for the prompt alignment printed at the end (0: skip)")
+
+
+def _renamed(name: str) -> str:
+    group, field = LEGACY_NAMES[name]
+    return f"--model.{group}.{field}"
+
+
+def check_old_option_names(argv: list[str]) -> None:
+    """Refuse the flat --model.* names of before the option groups, naming the new one (on the command line
+    and in --config files)."""
+    for arg in argv:
+        name = arg.partition("=")[0]
+        if name.startswith("--model.") and name[len("--model."):] in LEGACY_NAMES:
+            raise UsageError(f"{name} is now {_renamed(name[len('--model.'):])}; rename it")
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] \
+            if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+            old = [k for k in model if k in LEGACY_NAMES] if isinstance(model, dict) else []
+            if old:
+                raise UsageError(f"{path}: model options {old} moved into groups; rename them to "
+                                 f"{[_renamed(k)[2:] for k in old]} (nested under model:)")
+
+
+def main(argv: list[str]) -> int:
+    """Train a generator; prints the checkpoint, the TensorBoard command and the prompt alignment."""
+    check_old_option_names(argv)
+    parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.exists() else {}
+    parser_kwargs["description"] = "Train a gpt-params generator (LightningCLI; see configs/)."
+    with warnings.catch_warnings():   # our argv comes from the dispatcher, not LightningCLI's sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = GeneratorCLI(
+            GeneratorModule, ParameterDataModule, run=False, args=argv,
+            parser_kwargs=parser_kwargs, save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), LastOnException()]},
+        )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data, ckpt_path=cli.config.get("ckpt_path"), weights_only=True)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
+    if not trainer.is_global_zero:
+        return 0
+    last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    if not last.exists():   # a stop between checkpoint events: save the state it ended in
+        trainer.save_checkpoint(last)
+    print(f"\nCheckpoint: {last}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    n_runs = cli.config.get("final_eval_runs", 32)
+    if n_runs > 0 and data.task is not None:
+        gen = model.generator
+        t0 = time.perf_counter()
+        result, fig = prompt_alignment(gen, data.task, data.store, runs=data.store.test_runs[:n_runs],
+                                       sampler="ddim", steps=20)
+        fig.savefig(log_dir / "alignment.png", dpi=100)
+        print(f"Prompt alignment on {len(result['per_network'])} held-out runs ({gen.metric}): "
+              f"R^2 median {result['median']:.3f}, mean {result['mean']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)")
+    return 0
