@@ -25,6 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from .params import LayerShapes, float_layer_shapes
 from .permute import PermutationSpec, infer_permutation_spec
 from .store import _committed_shards, _load_index, create_store, finalize_store, write_shard
 
@@ -80,6 +81,7 @@ class CheckpointRecorder(pl.Callback):
         self.run_id: int | None = None
         self._resumed = False
         self._names: list[str] = []
+        self._shapes = LayerShapes()  # the recorded entries' layout, set at train start
         self._buffer: list[tuple[np.ndarray, int, float, list[float], list[bool]]] = []
         self._last_step = -1
 
@@ -109,7 +111,7 @@ class CheckpointRecorder(pl.Callback):
         if step <= self._last_step:  # a resumed fit replays steps already recorded
             return
         sd = pl_module.state_dict()
-        vec = torch.cat([sd[n].detach().reshape(-1).float().cpu() for n in self._names]).numpy()  # [P]
+        vec = self._shapes.join({n: sd[n].detach().float().cpu()[None] for n in self._names})[0].numpy()  # [P]
         logged = trainer.callback_metrics
         values = [float(logged[m]) if m in logged else math.nan for m in self.metric_names]
         not_yet = [initial or m not in logged for m in self.metric_names]   # NaN allowed: nothing logged yet
@@ -135,12 +137,12 @@ class CheckpointRecorder(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        shapes = {n: tuple(t.shape) for n, t in pl_module.state_dict().items() if torch.is_floating_point(t)}
+        shapes = float_layer_shapes(pl_module)
         self._names = _select(list(shapes), self.include)
         if not self._names:
             raise ValueError(f"CheckpointRecorder: include={self.include!r} matches no floating state_dict entry "
                              f"of {type(pl_module).__name__} (entries: {list(shapes)[:10]})")
-        shapes = {n: shapes[n] for n in self._names}
+        shapes = self._shapes = LayerShapes({n: shapes[n] for n in self._names})
         cls = type(pl_module)
         create_store(self.out_dir, task=None, layer_shapes=shapes, metric_names=self.metric_names,
                      lower_is_better=self.lower_is_better, permutation_spec=_restricted_spec(pl_module, shapes),

@@ -31,7 +31,8 @@ def tiny_digits_store(tmp_path_factory):
     return root
 
 
-TINY_MODEL = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2"]
+TINY_MODEL = ["--model.dit.size", "XS", "--model.dit.depth", "1", "--model.dit.hidden_size", "32",
+              "--model.dit.num_heads", "2"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 

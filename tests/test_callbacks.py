@@ -9,6 +9,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from checkpoints_dataset import get_task, state_dict_to_vector
 from gpt_params import AlignmentMonitor, GeneratorModule, ParameterDataModule, ParameterPrompter
+from gpt_params.core.config import DiTOptions
+
+TINY_DIT = DiTOptions(depth=1, hidden_size=32, num_heads=2)
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -60,9 +63,9 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
-    model = GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2)
+    model = GeneratorModule(data_info=data.info, dit=TINY_DIT)
     with pytest.raises(ValueError, match="--model.guidance must be a finite number >= 0"):
-        GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2, guidance=-1.0)
+        GeneratorModule(data_info=data.info, dit=TINY_DIT, guidance=-1.0)
     logger = pl.loggers.TensorBoardLogger(tmp_path)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -83,7 +86,7 @@ def test_generator_ema_keeps_integer_buffers_and_plain_ema_is_refused(tiny_digit
     data = ParameterDataModule(root=str(tiny_digits_store), batch_size=16)
 
     def fit(ema):
-        model = GeneratorModule(data_info=data.info, depth=1, hidden_size=32, num_heads=2)
+        model = GeneratorModule(data_info=data.info, dit=TINY_DIT)
         ints = {n: b.clone() for n, b in model.named_buffers() if not b.is_floating_point()}
         trainer = pl.Trainer(max_steps=30, limit_val_batches=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[ema],

@@ -65,7 +65,7 @@ def test_prompt_writes_loadable_networks_and_results(trained, tmp_path, capsys):
 def test_the_default_guidance_is_the_one_set_at_training(trained, tmp_path):
     """--model.guidance is saved with the generator; prompt (and generate) use it when given no --guidance."""
     ckpt = torch.load(trained, map_location="cpu", weights_only=True)
-    ckpt["hyper_parameters"]["guidance"] = 3.0  # what `gpt-params train --model.guidance 3` saves
+    ckpt["gpt_params"]["generator"]["guidance"] = 3.0  # what `gpt-params train --model.guidance 3` saves
     guided = tmp_path / "guided.ckpt"
     torch.save(ckpt, guided)
     gen, plain = Generator.load(guided), Generator.load(trained)

@@ -16,11 +16,11 @@ from gpt_params.core.dit import ParameterDiT
 from gpt_params.core.generator import Generator
 from gpt_params.core.tokenizer import ParameterTokenizer
 
-TINY = ["--model.size", "XS", "--model.depth", "1", "--model.hidden_size", "32", "--model.num_heads", "2",
+TINY = ["--model.dit.size", "XS", "--model.dit.depth", "1", "--model.dit.hidden_size", "32", "--model.dit.num_heads", "2",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--data.batch_size", "16", "--final_eval_runs", "2"]
-TINY_AE = ["--model.space", "latent", "--model.latent_dim", "8", "--model.autoencoder_hidden_size", "16",
-           "--model.autoencoder_heads", "2"]
+TINY_AE = ["--model.space", "latent", "--model.autoencoder.latent_dim", "8", "--model.autoencoder.hidden_size", "16",
+           "--model.autoencoder.num_heads", "2"]
 
 
 
@@ -35,7 +35,7 @@ def _train(store, root, steps: int, extra: list[str]):
 def pdiff_ckpt(tiny_digits_store, tmp_path_factory):
     """Latent space, start-free, unconditional (p-diff): 10 autoencoder steps, then 10 DiT steps."""
     return _train(tiny_digits_store, tmp_path_factory.mktemp("pdiff"), 20,
-                  [*TINY_AE, "--model.autoencoder_steps", "10", "--model.start", "none", "--model.condition", "none"])
+                  [*TINY_AE, "--model.autoencoder.steps", "10", "--model.start", "none", "--model.condition", "none"])
 
 
 @pytest.fixture(scope="module")

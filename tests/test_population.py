@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from checkpoints_dataset import PopulationConfig, build_population, get_task, open_store
 from checkpoints_dataset.__main__ import main
-from checkpoints_dataset.population import (adam_first, checkpoint_schedule, draw_hparams, init_optimizer_state,
-                                            optimizer_step)
+from checkpoints_dataset.optim import adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from checkpoints_dataset.population import draw_hparams
 
 TINY = dict(runs=6, epochs=1, seed=3, group_size=2, num_checkpoints=5)
 
@@ -20,6 +20,15 @@ TINY = dict(runs=6, epochs=1, seed=3, group_size=2, num_checkpoints=5)
 @pytest.fixture(scope="module")
 def digits():
     return get_task("digits_mlp")
+
+
+def test_population_still_exports_what_moved_to_optim():
+    from checkpoints_dataset import optim, population
+
+    for name in ("GroupResult", "checkpoint_schedule", "optimizer_step", "init_optimizer_state", "adam_first",
+                 "_per_run", "_adamw_", "_sgd_"):
+        assert getattr(population, name) is getattr(optim, name) and name in population.__all__
+    assert not hasattr(population, "main")  # the command line is checkpoints_dataset.__main__.main
 
 
 def test_schedule_is_dense_early_and_exact():

@@ -111,6 +111,22 @@ def test_imports_inside_functions_are_counted(tmp_path):
     assert sorted(t for n in nodes for t in _targets("m", False, n, mods)) == ["a", "b"]
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_only_where_it_belongs(package):
+    """checkpoints_dataset never imports gpt_params, and only its recorder imports Lightning; nothing imports the
+    ``lightning`` package (we use ``pytorch_lightning``); the core and evaluation import no Lightning at all."""
+    for path in (ROOT / package).rglob("*.py"):
+        mod = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        found = {a.name if isinstance(n, ast.Import) else n.module or "" for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, (ast.Import, ast.ImportFrom)) and not getattr(n, "level", 0) for a in n.names}
+        roots = {name.split(".")[0] for name in found}
+        assert "lightning" not in roots, f"{mod}: use pytorch_lightning, never lightning"
+        if package == "checkpoints_dataset":
+            assert "gpt_params" not in roots, f"{mod} imports gpt_params"
+        if "pytorch_lightning" in roots:
+            assert mod == "checkpoints_dataset.recorder" or _layer(mod) >= LAYERS.index("gpt_params.training"), mod
+
+
 def test_no_file_is_over_400_lines():
     long = [f"{p.relative_to(ROOT)}: {n}" for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400]

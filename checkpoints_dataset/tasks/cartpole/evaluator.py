@@ -27,8 +27,9 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
 
     The weights are laid out once for a lean inference forward, and the rows' weights are gathered only
     when the packing changes. The first Linear is 4 ``addcmul``s over its inputs when the first call's rows
-    hold fewer than 4 episodes (MKL's batched matmul costs ~0.2 us per matrix, 5x the arithmetic of a
-    [1, 4] x [4, 32] product), else one ``baddbmm`` (4 passes over [K'', L, 32] cost more than one matmul);
+    hold fewer than 4 episodes (a batched matmul's fixed cost per matrix outweighs the arithmetic of a
+    [1, 4] x [4, 32] product; bench/NOTES.md), else one ``baddbmm`` (4 passes over [K'', L, 32] cost more
+    than one matmul);
     the choice is kept for later calls, so every step of a rollout rounds alike. Hidden Linears are ``baddbmm``s;
     the output layer is the difference of its two rows, so the action is ``z > 0``: argmax of the two logits
     (ties -> action 0, as argmax) with one dot product instead of two. Rounding differs from the module's
@@ -108,8 +109,7 @@ def greedy_act_fn(model: nn.Sequential, params: dict[str, Tensor]) -> ActFn:
 def policy_chunks(K: int, E: int, max_episodes: int = 65536) -> list[slice]:
     """Slices of K policies of E episodes each, at most ``max_episodes`` episodes (and at least one policy)
     per slice: past ~64K episodes a rollout's working set (activations, dynamics buffers) outgrows the
-    caches and each step costs more per episode (4096 policies x 100 episodes: 18-24 s in one rollout,
-    ~12 s in chunks)."""
+    caches and each step costs more per episode (bench/NOTES.md, "Chunked rollouts")."""
     per = max(1, max_episodes // max(E, 1))
     return [slice(k, min(k + per, K)) for k in range(0, K, per)]
 
