@@ -17,9 +17,9 @@ from checkpoints_dataset.params import check_params
 from checkpoints_dataset.permute import apply_permutations, permute_params, random_permutations
 from checkpoints_dataset.store import create_store, finalize_store, open_store, write_shard
 from checkpoints_dataset.tasks import Task, get_task
-from gpt_params.evaluation import SECTIONS, alignment_r2, evaluate_all, prompt_alignment
-from gpt_params.evaluation.common import aligned_to, nearest_aligned, sorted_features, trained_checkpoints
-from gpt_params.evaluation.space import novelty
+from gpt_params.evaluation import SECTIONS, alignment_r2, evaluate_all, prompt_alignment, run_sections
+from gpt_params.evaluation.common import aligned_to, nearest_aligned, sorted_features, to_json, trained_checkpoints
+from gpt_params.evaluation.novelty import novelty
 
 
 # ------------------------------------------------------------------ synthetic task: metric = output bias
@@ -109,6 +109,27 @@ def test_higher_is_better_task_without_data_runs_every_section(tmp_path):
     assert "wrong_iou" not in report["novelty"] and any("no data split" in n for n in report["notes"])
     assert report["summary"] and (tmp_path / "out" / "landscape.png").exists()
 
+
+def test_run_sections_is_the_section_loop_and_evaluate_all_asks_the_generator_for_its_task(tmp_path):
+    task = BiasTask(lower=True)
+    store = _bias_store(tmp_path / "store", task)
+    gen = SetBias(store, lower=True)
+    seconds, figures = {}, []
+    res = run_sections(gen, task, store, ("novelty", "prompt_alignment"), runs=4, seconds=seconds,
+                       on_figure=lambda name, fig: figures.append(name),
+                       options={"prompt_alignment": {"num_prompts": 5}, "novelty": {"num_networks": 2}})
+    assert list(res) == figures == ["prompt_alignment", "novelty"] and set(seconds) == set(res)  # SECTIONS order
+    direct, _ = prompt_alignment(gen, task, store, 4, num_prompts=5)
+    assert res["prompt_alignment"] == to_json(direct)
+    with pytest.raises(ValueError, match="unknown sections"):
+        run_sections(gen, task, store, ("nope",))
+    with pytest.raises(ValueError, match="names no task"):  # no task given and none from the generator
+        evaluate_all(gen, tmp_path / "out", store=store, sections=("prompt_alignment",))
+    gen.make_task, gen.store_root = (lambda: task), str(store.root)  # like Generator.make_task / store_root
+    report = evaluate_all(gen, tmp_path / "out", runs=4, sections=("prompt_alignment",), progress=False,
+                          options={"prompt_alignment": {"num_prompts": 5}})
+    assert report["prompt_alignment"] == res["prompt_alignment"] and report["one_step"] == {"skipped": "not requested"}
+    assert report["config"]["task"] == task.name and report["config"]["store"] == str(store.root)
 
 def test_weight_matching_recovers_a_known_permutation():
     task = get_task("digits_mlp")

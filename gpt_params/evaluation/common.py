@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -258,3 +259,43 @@ def nearest_aligned(queries: Tensor, store, pool: np.ndarray, spec, *, candidate
         j = int(dist.argmin())
         nearest_d[q], nearest_i[q] = float(dist[j]), int(pool[cand[j]])
     return nearest_d, nearest_i
+
+
+# ------------------------------------------------------------------ helpers shared by the sections
+InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
+OOD_SCHEMES: tuple[InitScheme, ...] = ("xavier", "kaiming", "orthogonal")
+
+
+def mode_notes(gen, section: str, notes: list[str]) -> None:
+    """Say when the generator ignores the start (start-free) or the target (unconditional)."""
+    if not getattr(gen, "uses_start", True):
+        notes.append(f"{section}: start-free generator: the starts are ignored (conditioned on the prompts only)")
+    if not getattr(gen, "conditional", True):
+        notes.append(f"{section}: unconditional generator: the prompts are ignored")
+
+
+def random_inits(task, schemes: Sequence[str], num_inits: int, seed: int):
+    """``num_inits`` inits per scheme ``[S*n, P]``, their per-network seeds and scheme labels. Network i is
+    ``task.init_params(1, Generator(seed_i), scheme)``, which ``train_population`` rebuilds from the seed."""
+    seeds = np.random.default_rng(seed).integers(2**62, size=(len(schemes), num_inits))
+    labels = [s for s in schemes for _ in range(num_inits)]
+    inits = torch.cat([task.init_params(1, torch.Generator().manual_seed(int(s)), scheme)
+                       for scheme, row in zip(schemes, seeds) for s in row])  # [S*n, P]
+    return inits, seeds.ravel().tolist(), labels
+
+
+def final_median(gen, store) -> float | None:
+    """Median final metric of the training runs (None without a store)."""
+    if store is None or len(store.train_runs) == 0:
+        return None
+    _, last = run_endpoints(store, store.train_runs)
+    return summary(store.metrics(last)[gen.metric])["median"]
+
+
+def generate_best(gen, task, store, run_ids, count: int, *, sampler, steps, guidance, seed, device):
+    """Networks prompted to the data's best metric from the first ``count`` runs' initial checkpoints
+    -> (params [G, P], achieved metric [G])."""
+    start, start_metric = start_points(task, store, run_ids[:count], gen.metric, device=device)
+    out = generate(gen, start, start_metric, np.full(len(start), best_value(gen)), sampler=sampler, steps=steps,
+                   guidance=guidance, seed=seed)  # [G, P]
+    return out, metric_of(task, out, gen.metric, device=device)

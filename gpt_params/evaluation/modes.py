@@ -1,8 +1,8 @@
 """Mode comparison: G.pt-style (params space, start checkpoint) vs latent (p-diff-style) generators.
 
 ``compare_modes({"params+start": ckpt_a, "pdiff": ckpt_b, ...}, task, store)`` loads each generator, runs
-the same four sections of the evaluation suite on the same held-out runs and seeds (prompt alignment,
-one step, novelty, diversity) and writes one table: ``out_dir/modes.md`` (markdown) and
+the same four sections of the evaluation suite (``suite.run_sections``: prompt alignment, one step, novelty,
+diversity) on the same held-out runs and seeds and writes one table: ``out_dir/modes.md`` (markdown) and
 ``out_dir/modes.json`` (the table's rows plus each mode's full section results). One step here is the
 generated networks' metric only (no Adam/SGD curves: ``gpt-params evaluate --ckpt`` measures those).
 """
@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-import matplotlib.pyplot as plt
-
-from gpt_params.evaluation.suite import one_step, prompt_alignment
+from gpt_params.core.generator import Generator
 from gpt_params.evaluation.common import held_out_runs, to_json
-from gpt_params.evaluation.space import diversity, novelty
+from gpt_params.evaluation.suite import run_sections
 
 COLUMNS = ("mode", "space", "start", "condition", "alignment R2 (median)", "one step (median)",
            "novel (1 - near-copy fraction)", "aligned dist. to nearest train (gen / held-out)",
@@ -75,13 +73,15 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     ``runs``: held-out runs for prompt alignment (``num_prompts`` each); ``num_inits``: default-scheme
     inits for one step; ``num_networks``: generated networks for novelty and for diversity.
     """
-    from gpt_params.core.generator import Generator
-
     if not ckpts:
         raise ValueError("compare_modes needs at least one NAME=CKPT generator")
     notes: list[str] = []
     run_ids = held_out_runs(store, runs, notes)
     common = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, device=device)
+    sections = ("prompt_alignment", "one_step", "novelty", "diversity")
+    options = {"prompt_alignment": {"num_prompts": num_prompts},
+               "one_step": {"num_inits": num_inits, "schemes": ("default",), "optimizers": {}},
+               "novelty": {"num_networks": num_networks}, "diversity": {"num_networks": num_networks}}
     rows, results, seconds, metric, scales = [], {}, {}, None, {}
     for name, path in ckpts.items():
         gen = Generator.load(path, device=device)
@@ -94,19 +94,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
         scales[name] = gen.guidance if guidance is None else guidance  # None: each generator's own default
         mode_notes: list[str] = []
         t0 = time.perf_counter()
-        res = {}
-        for section, call in (
-                ("prompt_alignment", lambda: prompt_alignment(gen, task, store, run_ids, num_prompts,
-                                                              notes=mode_notes, **common)),
-                ("one_step", lambda: one_step(gen, task, store, num_inits=num_inits, schemes=("default",),
-                                              optimizers={}, notes=mode_notes, **common)),
-                ("novelty", lambda: novelty(gen, task, store, run_ids, num_networks=num_networks,
-                                            notes=mode_notes, **common)),
-                ("diversity", lambda: diversity(gen, task, store, run_ids, num_networks=num_networks,
-                                                notes=mode_notes, **common))):
-            result, fig = call()
-            plt.close(fig)
-            res[section] = to_json(result)
+        res = run_sections(gen, task, store, sections, runs=run_ids, options=options, notes=mode_notes, **common)
         seconds[name] = time.perf_counter() - t0
         notes += [f"{name}: {n}" for n in dict.fromkeys(mode_notes)]
         results[name] = res
