@@ -2,7 +2,9 @@
 
 Stands alone (never imports gpt_params); only the recorder callback imports Lightning, on first use.
 """
-from .params import float_layer_shapes, state_dict_to_vector, vector_to_state_dict
+import importlib
+
+from .params import LayerShapes, float_layer_shapes, state_dict_to_vector, vector_to_state_dict
 from .permute import (PermGroup, PermutationSpec, apply_permutations, infer_permutation_spec, permute_params,
                       random_permutations, weight_matching)
 from .population import PopulationConfig, build_population
@@ -14,13 +16,12 @@ _LAZY = {"PairDataset": ".pairs", "CheckpointRecorder": ".recorder"}  # the reco
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["float_layer_shapes", "state_dict_to_vector", "vector_to_state_dict", "PermGroup", "PermutationSpec",
-           "apply_permutations", "infer_permutation_spec", "permute_params", "random_permutations",
+__all__ = ["LayerShapes", "float_layer_shapes", "state_dict_to_vector", "vector_to_state_dict", "PermGroup",
+           "PermutationSpec", "apply_permutations", "infer_permutation_spec", "permute_params", "random_permutations",
            "weight_matching", "PopulationConfig", "build_population", "CheckpointStore", "StoreError",
            "create_store", "finalize_store", "open_store", "shard_exists", "write_shard", "ClassificationTask",
            "Task", "get_task", "PairDataset", "CheckpointRecorder"]

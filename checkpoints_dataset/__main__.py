@@ -11,6 +11,7 @@ import ast
 import sys
 
 from .population import PopulationConfig, build_population
+from .store import StoreError
 from .tasks import BUILTIN_TASKS, get_task
 
 
@@ -83,8 +84,6 @@ def main(argv=None, prog: str | None = None) -> int:
                                   optimizers=tuple(o.strip() for o in args.optimizers.split(",")))
     except ValueError as e:
         parser.error(str(e))
-    from .store import StoreError
-
     try:
         store = build_population(task, args.out, config, device=args.device, shard=args.shard,
                                  progress=not args.no_progress, dtype=args.dtype)

@@ -24,7 +24,7 @@ class DigitsMLP(ClassificationTask):
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # heavy (about a second): only when the data is first needed
 
         data = load_digits()
         x = torch.tensor(data.data / 16.0, dtype=torch.float32)          # [1797, 64]
