@@ -208,3 +208,17 @@ def test_a_last_ckpt_in_the_working_directory_is_neither_resumed_nor_deleted(tra
     assert (tmp_path / "last.ckpt").read_bytes() == before
     new = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     assert torch.load(new, map_location="cpu", weights_only=True)["global_step"] == 3   # a fresh run, not resumed
+
+
+@pytest.mark.parametrize("old, new", [("--model.hidden_size", "--model.dit.hidden_size"),
+                                      ("--model.lr", "--model.optim.lr"),
+                                      ("--model.autoencoder_steps", "--model.autoencoder.steps")])
+def test_a_flat_model_option_names_its_new_name(old, new, tiny_digits_store, tmp_path, capsys):
+    assert f"{old} is now {new}" in refused(_train_args(tiny_digits_store, tmp_path) + [old, "1"], capsys)
+
+
+def test_a_config_with_flat_model_options_names_their_new_names(tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text("model:\n  size: XS\n  lr: 1.0e-3\n  layout: neuron\n")
+    err = refused(["train", "--config", str(config)], capsys)
+    assert "['size', 'lr']" in err and "dit.size" in err and "optim.lr" in err

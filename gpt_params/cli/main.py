@@ -4,6 +4,7 @@ Library code raises; this is the one place that turns bad input into one line on
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Optional
@@ -21,9 +22,29 @@ USAGE = """usage: gpt-params {build-dataset,train,prompt,evaluate} [options]
 `gpt-params VERB --help` explains each verb."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which a test harness or a notebook may have replaced)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def show_library_notes() -> None:
+    """The libraries' notes and warnings (``logging``) go to stderr, one plain line each."""
+    for name in ("checkpoints_dataset", "gpt_params"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``gpt-params`` console script and ``python -m gpt_params``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_library_notes()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
