@@ -21,7 +21,7 @@ from gpt_params.evaluation import plots
 from gpt_params.evaluation.common import (OOD_SCHEMES, InitScheme, at_least_as_good, best_value, final_median,
                                           generate, has_data, metric_of, mode_notes, random_inits, summary)
 
-# Optimizers compared with one generated step: hyperparameters of population.optimizer_step.
+# Optimizers compared with one generated step: hyperparameters of checkpoints_dataset.optim.optimizer_step.
 DEFAULT_OPTIMIZERS = {"adam": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},
                       "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}}
 
