@@ -5,6 +5,8 @@ Layers, bottom up: ``gpt_params.core`` (tokenizer, DiT, diffusion, autoencoder, 
 The core is imported here; evaluation and the Lightning classes on first use, so ``import gpt_params``
 never imports Lightning.
 """
+import importlib
+
 from gpt_params.core import (PRESETS, Diffusion, ParameterAutoencoder, ParameterDiT, ParameterTokenizer,
                              load_state_dict, sample, save_state_dict)
 
@@ -22,7 +24,6 @@ _LAZY = {   # name -> module; imported on first access (Lightning or matplotlib 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib   # lazy: the Lightning layer is optional for inference
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
