@@ -131,8 +131,11 @@ def test_a_build_records_its_trainer_and_refuses_to_resume_with_another(tmp_path
     with pytest.raises(StoreError, match="build_config"):  # the default trainer would mix REINFORCE runs in
         build_population(get_task("cartpole"), tmp_path, config, shard=(1, 2), progress=False)
     with pytest.raises(ValueError, match=r"differ on \['trainer'\]"):  # finishing it with REINFORCE is refused
-        ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1, task_options={"trainer": "reinforce"})
-    data = ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)  # resumes with the store's options
+        ParameterDataModule.prepare_store(root=str(tmp_path), task="cartpole", task_options={"trainer": "reinforce"})
+    with pytest.raises(ValueError, match="finish the build first"):   # the data module only opens complete stores
+        ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)
+    ParameterDataModule.prepare_store(root=str(tmp_path), task="cartpole")  # resumes with the store's options
+    data = ParameterDataModule(root=str(tmp_path), task="cartpole", val_runs=1)
     assert data.store.num_runs == 8 and all(data.store.run_hparams(r)["trainer"] == "es" for r in data.store.runs)
     assert ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={  # the same options, tuples or lists
         "trainer": "es", "es_sigma": (0.03, 0.2), "es_population": np.int64(4)}).store.num_runs == 8
