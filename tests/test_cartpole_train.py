@@ -156,7 +156,7 @@ def test_build_dataset_takes_task_options(tmp_path):
     assert options["trainer"] == "es" and options["es_population"] == 2 and options["es_lr"] == [0.01, 0.02]
     assert options["hidden"] == 8 and store.num_params == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 2 + 2
     data = ParameterDataModule(root=str(tmp_path), val_runs=1)
-    assert get_task(data.task_name, **data._task_kwargs()).num_params == store.num_params  # scored as built
+    assert data.task.num_params == store.num_params and data.task_ref.options["hidden"] == 8  # scored as built
     with pytest.raises(ValueError, match=r"differ on \['hidden'\]"):
         ParameterDataModule(root=str(tmp_path), val_runs=1, task_options={"hidden": 32})
     with pytest.raises(ValueError, match="cannot be built with the options"):

@@ -187,6 +187,7 @@ class ParameterDataModule(pl.LightningDataModule):
         ref = TaskRef.from_file(self.store.task, kwargs, given=given, option="--data.task",
                                 source=f"the store at {self.root}")
         if self.hparams.task_options:  # options given: they must build the store's networks
+            ref.task   # a task that cannot be built with them says so first
             try:
                 ref.check_shapes(self.store.layer_shapes, f"the store at {self.root}")
             except ValueError:
