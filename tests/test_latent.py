@@ -138,3 +138,14 @@ def test_compare_modes_writes_one_table(pdiff_ckpt, start_free_ckpt, tiny_digits
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3   # header + one row per mode
     assert "pdiff" in table and "unconditional" in table                   # the notes say what was ignored
     assert "pdiff" in capsys.readouterr().out
+
+
+def test_the_averaged_autoencoder_is_the_frozen_one(pdiff_ckpt):
+    """The EMA starts before the switch (step 2 of 20, the switch at 10); from the switch on, the averaged
+    autoencoder is the frozen one, bit for bit, while the averaged DiT is an average."""
+    ckpt = torch.load(pdiff_ckpt, map_location="cpu", weights_only=True)
+    averaged, live = ckpt["state_dict"], ckpt["current_model_state"]
+    ae = [k for k in averaged if k.startswith("generator.autoencoder.")]
+    assert ae and all(torch.equal(averaged[k], live[k]) for k in ae)
+    dit = [k for k in averaged if k.startswith("generator.model.") and averaged[k].is_floating_point()]
+    assert any(not torch.equal(averaged[k], live[k]) for k in dit)

@@ -16,25 +16,17 @@ from gpt_params.core.generator import Generator
 from gpt_params.evaluation import prompt_alignment
 
 
-def ema_of_floats(decay: float) -> Callable:
-    """An ``avg_fn`` for ``AveragedModel``: the EMA of floating-point tensors; other tensors (token ids, masks)
-    are copied. (The plain EMA of an integer buffer truncates: 0.95 * 13 + 0.05 * 13 = 12.999... -> 12.)"""
-    ema = get_ema_avg_fn(decay)
-
-    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        return ema(averaged, current, num_averaged) if averaged.is_floating_point() else current
-    return avg
-
-
 class GeneratorEMA(EMAWeightAveraging):
     """Lightning's ``EMAWeightAveraging`` for generators: its updates start after ``start_fraction`` of
     ``max_steps`` (the same config then suits a 12-step test and a 100k-step run; ``start_fraction: null``
     keeps ``update_starting_at_step``), and it averages floating-point tensors only, copying the generator's
-    integer buffers (token ids) instead of rounding them. Prompting uses these weights: the checkpoint's
-    ``state_dict`` holds the average, and it is copied into the model when training ends.
+    integer buffers (token ids) instead of rounding them (0.95 * 13 + 0.05 * 13 = 12.999... -> 12). Prompting
+    uses these weights: the checkpoint's ``state_dict`` holds the average, and it is copied into the model when
+    training ends.
 
-    Latent space: when the autoencoder is frozen (step ``autoencoder.steps``), its averaged copy takes the
-    frozen weights, so the averaged DiT is trained on and decoded by the autoencoder its latents came from.
+    Latent space: once the autoencoder is frozen (step ``autoencoder.steps``), its averaged copy takes the frozen
+    weights at every update instead of averaging them, so the averaged DiT is trained on and decoded by the
+    autoencoder its latents came from. All of it goes through ``AveragedModel``'s public ``avg_fn``.
     """
 
     def __init__(self, decay: float = 0.995, start_fraction: Optional[float] = 0.1, **kwargs) -> None:
@@ -42,7 +34,14 @@ class GeneratorEMA(EMAWeightAveraging):
         if start_fraction is not None and not 0.0 <= start_fraction < 1.0:
             raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
         self.start_fraction = start_fraction
-        self._kwargs["avg_fn"] = ema_of_floats(decay)   # handed to AveragedModel by WeightAveraging.setup
+        self._ema = get_ema_avg_fn(decay)
+        self._copied: set[int] = set()   # storages of live tensors whose average is a copy (a frozen autoencoder)
+        self._kwargs["avg_fn"] = self._average   # handed to AveragedModel by WeightAveraging.setup
+
+    def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point() or current.data_ptr() in self._copied:
+            return current
+        return self._ema(averaged, current, num_averaged)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -52,10 +51,9 @@ class GeneratorEMA(EMAWeightAveraging):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         gen = getattr(pl_module, "generator", None)
-        averaged = self._average_model
-        if (gen is not None and gen.autoencoder is not None and averaged is not None
-                and pl_module.global_step == gen.config.autoencoder.steps):
-            averaged.module.generator.autoencoder.load_state_dict(gen.autoencoder.state_dict())  # params + buffers
+        if (not self._copied and gen is not None and gen.autoencoder is not None
+                and pl_module.global_step >= gen.config.autoencoder.steps):
+            self._copied = {t.data_ptr() for t in gen.autoencoder.state_dict().values()}   # params + buffers
             rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
 
 
