@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .params import LayerShapes
+
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
@@ -32,7 +34,7 @@ class DataInfo:
         task_kwargs: the task's keyword options at training (e.g. data_dir, cartpole's hidden).
     """
 
-    layer_shapes: Mapping[str, tuple[int, ...]]
+    layer_shapes: LayerShapes
     metric: str
     lower_is_better: bool
     metric_range: tuple[float, float]
@@ -46,7 +48,7 @@ class DataInfo:
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        fix("layer_shapes", {k: tuple(int(d) for d in v) for k, v in dict(self.layer_shapes).items()})
+        fix("layer_shapes", LayerShapes(self.layer_shapes))
         fix("metric_range", (float(self.metric_range[0]), float(self.metric_range[1])))
         if self.stats is not None:
             fix("stats", {k: (float(v[0]), float(v[1])) for k, v in dict(self.stats).items()})

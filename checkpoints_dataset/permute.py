@@ -162,7 +162,7 @@ def spec_from_layer_shapes(layer_shapes: Mapping[str, Sequence[int]]) -> Permuta
     modules: dict[str, list[str]] = {}
     for name in layer_shapes:
         modules.setdefault(name.rpartition(".")[0], []).append(name)
-    shapes = {name: tuple(int(d) for d in shape) for name, shape in layer_shapes.items()}
+    shapes = LayerShapes(layer_shapes)
     groups: list[PermGroup] = []
     prev: tuple[str, list, int] | None = None  # (module, axes so far, out units)
     for mod, names in modules.items():

@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..params import LayerShapes
 from .base import Task
 from .cartpole import CartpoleTask
 from .digits import DigitsMLP
@@ -143,8 +144,7 @@ class TaskRef:
 
     def check_shapes(self, layer_shapes: Mapping[str, Any], where: str) -> Task:
         """The task, after checking that it builds networks of ``layer_shapes`` (those of ``where``)."""
-        mine = {k: tuple(v) for k, v in self.task.layer_shapes.items()}
-        theirs = {k: tuple(v) for k, v in layer_shapes.items()}
+        mine, theirs = LayerShapes(self.task.layer_shapes), LayerShapes(layer_shapes)
         if mine != theirs:
             raise ValueError(f"task {self.name} with options {dict(self.options)} builds other networks than "
                              f"{where} ({self.task.num_params} params in {len(mine)} entries vs {len(theirs)} "

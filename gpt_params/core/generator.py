@@ -126,7 +126,7 @@ class Generator(nn.Module):
 
     @property
     def layer_shapes(self) -> LayerShapes:
-        return LayerShapes(self.info.layer_shapes)
+        return self.info.layer_shapes
 
     @property
     def device(self) -> torch.device:
