@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints_dataset import PopulationConfig, get_task
-from checkpoints_dataset.population import checkpoint_schedule, draw_hparams
+from checkpoints_dataset.optim import checkpoint_schedule
+from checkpoints_dataset.population import draw_hparams
 
 
 def plain_run(task, h: dict, config: PopulationConfig, device) -> int:

@@ -4,7 +4,8 @@
     python bench/compare_modes.py --store data/fashion_cnn_64 --out runs/bench_modes_fashion --steps 600
     python bench/compare_modes.py --combine runs/bench_modes runs/bench_modes_fashion --out runs/bench_modes_all
 
-(any store works: its task replaces the config's digits_mlp; --combine prints one table of several).
+(any store works: its task replaces the config's digits_mlp; a store of your own task needs --task
+pkg.module:Class, the same import path its manifest names; --combine prints one table of several).
 
 Modes: params+start (G.pt-style, the default), latent+start, and p-diff (latent, start-free,
 unconditional). Each trains with bench/modes_digits.yaml (same steps and wall-time cap), then
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints_dataset import get_task, open_store
+from checkpoints_dataset import open_store
+from checkpoints_dataset.tasks import TaskRef
 from gpt_params.cli import main
 from gpt_params.evaluation.modes import compare_modes
 
@@ -30,10 +32,23 @@ MODES = {
 }
 
 
-def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: int) -> None:
+def store_task(store: str, given: str | None) -> TaskRef:
+    """The store's task: a built-in name from its manifest, or the import path ``--task`` gives again (a path
+    read from a manifest is never imported on its own); ``--task`` for a store recorded without one."""
+    s = open_store(store)
+    if s.task is None:
+        if given is None:
+            raise SystemExit(f"the store at {store} names no task (recorded by another project): pass --task")
+        return TaskRef(given)
+    options = (s.manifest.get("build_config") or {}).get("task_options", {})
+    return TaskRef.from_file(s.task, options, given=given, option="--task", source=f"the store at {store}")
+
+
+def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: int, given: str | None) -> None:
     torch.set_num_threads(1)
     config = Path(__file__).with_name("modes_digits.yaml")
-    task = open_store(store).task                          # the config names digits_mlp; the store decides
+    ref = store_task(store, given)                         # the config names digits_mlp; the store decides
+    task = ref.name
     ckpts = {}
     for i, (name, extra) in enumerate(MODES.items()):
         root = Path(out) / f"mode{i}"
@@ -42,13 +57,13 @@ def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: in
             total = steps + (ae_steps if "latent" in extra else 0)   # the same DiT steps for every mode
             assert main(["train", "--config", str(config), "--data.root", store, "--data.task", task,
                          "--trainer.default_root_dir",
-                         str(root), "--trainer.max_steps", str(total), "--model.autoencoder_steps", str(ae_steps),
+                         str(root), "--trainer.max_steps", str(total), "--model.autoencoder.steps", str(ae_steps),
                          "--trainer.max_time", max_time,
                          "--final_eval_runs", "0", *extra]) == 0
             last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
         ckpts[name] = last[-1]
     s = open_store(store)
-    report = compare_modes(ckpts, get_task(s.task), s, Path(out) / "compare", runs=runs, steps=20)
+    report = compare_modes(ckpts, ref.task, s, Path(out) / "compare", runs=runs, steps=20)
     print(report["markdown"])
     for note in report["notes"]:
         print("note:", note)
@@ -78,10 +93,12 @@ if __name__ == "__main__":
     p.add_argument("--ae_steps", type=int, default=80, help="autoencoder steps of the latent modes")
     p.add_argument("--max_time", default="00:00:06:00")
     p.add_argument("--runs", type=int, default=16)
+    p.add_argument("--task", default=None, help="a store of your own task: the import path pkg.module:Class its "
+                   "manifest names (default: the store's built-in task)")
     p.add_argument("--combine", nargs="+", metavar="OUT",
                    help="instead of training: print one table of the comparisons already in these --out dirs")
     a = p.parse_args()
     if a.combine:
         combine(a.combine, a.out)
     else:
-        run(a.store, a.out, a.steps, a.ae_steps, a.max_time, a.runs)
+        run(a.store, a.out, a.steps, a.ae_steps, a.max_time, a.runs, a.task)

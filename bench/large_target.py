@@ -11,7 +11,7 @@ seconds of each stage and the peak memory (CUDA: max allocated; CPU: the process
     python bench/large_target.py                               # CPU: resnet18.layer3, a 2-block DiT
     python bench/large_target.py --device cuda --size S       # resnet18.layer4: --target resnet18.layer4
 
-Memory: ``TokenLinear`` (gpt_params/dit.py) gathers its weight per token, ``weight[ids]`` = ``[T, 2C, D]``
+Memory: ``TokenLinear`` (gpt_params/core/dit.py) gathers its weight per token, ``weight[ids]`` = ``[T, 2C, D]``
 floats, i.e. about 2 * P * D values for a P-parameter target (4.3 GB at P = 2.1M, D = 256, fp32), plus as
 much again for its gradient; that, not attention, dominates the peak memory printed here.
 """

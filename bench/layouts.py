@@ -20,8 +20,8 @@ VARIANTS = {
     "neuron": [],
     "chunk64": ["--model.layout", "chunk", "--model.chunk_size", "64"],
     "chunk128": ["--model.layout", "chunk", "--model.chunk_size", "128"],
-    "residual": ["--model.residual", "true"],
-    "position": ["--model.projection", "position"],
+    "residual": ["--model.dit.residual", "true"],
+    "position": ["--model.dit.projection", "position"],
 }
 
 
@@ -33,12 +33,14 @@ def main() -> None:
     p.add_argument("--sampler-steps", type=int, default=20)
     p.add_argument("--variants", nargs="+", default=["neuron", "chunk64", "residual"], choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--task", default=None, help="a store of your own task: its import path pkg.module:Class (also "
+                   "give --extra --data.task pkg.module:Class); default: the store's built-in task")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="more `gpt-params train` options for every variant (e.g. --model.hidden_size 128)")
+                   help="more `gpt-params train` options for every variant (e.g. --model.dit.hidden_size 128)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from checkpoints_dataset import get_task, open_store
+    from checkpoints_dataset import open_store
     from gpt_params.cli import main as cli
     from gpt_params.evaluation import prompt_alignment
     from gpt_params.core.generator import Generator
@@ -55,7 +57,7 @@ def main() -> None:
             train_s = time.perf_counter() - t0
             gen = Generator.load(next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt")))
             store = open_store(args.store)
-            result, _ = prompt_alignment(gen, get_task(store.task), store, runs=args.runs,
+            result, _ = prompt_alignment(gen, gen.make_task(args.task), store, runs=args.runs,
                                          sampler="ddim", steps=args.sampler_steps)
             rows[name] = {"median": float(result["median"]), "mean": float(result["mean"]), "train_s": train_s,
                           "params": sum(p.numel() for p in gen.model.parameters())}

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints_dataset import get_task, open_store
+from checkpoints_dataset import open_store
 from gpt_params.cli import main as cli_main
 from gpt_params.evaluation import prompt_alignment
 from gpt_params.core.generator import Generator
@@ -49,8 +49,8 @@ def train_small(steps: int, workdir: Path) -> Path:
     config.write_text(EMA_CONFIG % (steps // 3))
     argv = ["train", "--config", str(config), "--data.root", str(store), "--trainer.default_root_dir",
             str(workdir / "run"), "--trainer.max_steps", str(steps), "--data.batch_size", "32",
-            "--model.hidden_size", "128", "--model.depth", "2", "--model.num_heads", "4",
-            "--model.warmup_steps", "50", "--model.lr", "1e-3", "--final_eval_runs", "0",
+            "--model.dit.hidden_size", "128", "--model.dit.depth", "2", "--model.dit.num_heads", "4",
+            "--model.optim.warmup_steps", "50", "--model.optim.lr", "1e-3", "--final_eval_runs", "0",
             "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "50",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns about this script's own arguments
@@ -87,6 +87,8 @@ def throughput(gen: Generator, task, sampler: str, steps: int, n: int, precision
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="a generator checkpoint (default: train a small one here)")
+    p.add_argument("--task", default=None, help="the task of a --ckpt trained on your own task (pkg.module:Class; "
+                   "a path saved in the checkpoint is imported only when given here); default: its built-in task")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=None, help="held-out runs prompted (CPU: 4, CUDA: 32)")
     p.add_argument("--prompts", type=int, default=None, help="targets per run (CPU: 5, CUDA: 20)")
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
             print(f"trained a small generator with `gpt-params train` in {time.perf_counter() - t0:.0f} s")
         gen = Generator.load(ckpt, device=device)
         store = open_store(gen.store_root)
-        task = get_task(gen.task_name)
+        task = gen.make_task(args.task)
         n_params = sum(p.numel() for p in gen.model.parameters())
         print(f"generator {ckpt.name}: {n_params / 1e6:.2f}M params, task {task.name}, metric {gen.metric}, "
               f"device {device}; {runs} held-out runs x {prompts} prompts")

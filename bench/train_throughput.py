@@ -1,7 +1,8 @@
 """Benchmark: denoiser training throughput, fp32 eager (G.pt's setting) vs bf16 autocast (+ torch.compile).
 
-One training step is exactly what ``gpt-params train`` does per batch: ``GeneratorModule``'s tokenizer and
-``ParameterDiT``, ``Diffusion.training_loss``, backward and an AdamW step (the module's parameter groups).
+One training step is exactly what ``gpt-params train`` does per batch: ``Generator.denoising_loss`` of the
+``GeneratorModule``'s generator (its tokenizer, ``ParameterDiT`` and ``Diffusion.training_loss``), backward and
+an AdamW step (the module's parameter groups).
 Batches are real pairs from a digits_mlp store, drawn beforehand (``PairDataset(device=...)``) so that the
 data pipeline is not measured here (bench/data_pipeline.py measures it). Variants, side by side in one run
 on the same model size, batch and pairs:
@@ -35,8 +36,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoints_dataset import get_task
+from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.pairs import PairDataset
 from checkpoints_dataset.population import PopulationConfig, build_population
+from gpt_params.core.config import DiTOptions
 from gpt_params.training.data import ParameterDataModule
 from gpt_params.training.module import GeneratorModule
 
@@ -64,25 +67,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_module(info: dict, size: str, compile: bool, device: torch.device) -> GeneratorModule:
+def make_module(info: DataInfo, size: str, compile: bool, device: torch.device) -> GeneratorModule:
     torch.manual_seed(0)
-    return GeneratorModule(data_info=info, size=size, compile=compile).to(device).train()
+    return GeneratorModule(data_info=info, dit=DiTOptions(size=size), compile=compile).to(device).train()
 
 
 def make_step(module: GeneratorModule, precision: str, device: torch.device):
     """One training step (loss, backward, AdamW) as the Lightning loop runs it, under ``precision``."""
-    params = [p for p in module.model.parameters() if p.requires_grad]
+    gen = module.generator
+    params = [p for p in gen.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-4)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
-    mask = module.token_mask
+    denoiser = module._denoiser  # the DiT, or its torch.compile wrapper with compile=True (as the training step)
 
     def step(batch: dict) -> torch.Tensor:
-        with autocast:
-            start = module.tokenizer.tokenize(batch["start"])  # [N, T, C]
-            target = module.tokenizer.tokenize(batch["target"])  # [N, T, C]
-            loss = module.diffusion.training_loss(module._forward_model, target, start, batch["start_metric"],
-                                                  batch["target_metric"], cond_drop_prob=0.1, mask=mask)
+        with autocast:  # tokenize start and target, noise, denoise, masked MSE
+            loss = gen.denoising_loss(batch, cond_drop_prob=0.1, denoiser=denoiser)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -101,7 +102,7 @@ def count_flops(module: GeneratorModule, batch: dict) -> int:
     return counter.get_total_flops()
 
 
-def run_variant(name: str, info: dict, args, batches: list[dict], device: torch.device) -> dict:
+def run_variant(name: str, info: DataInfo, args, batches: list[dict], device: torch.device) -> dict:
     precision, compile = ("fp32", False) if name == "fp32" else ("bf16", name.endswith("compile"))
     module = make_module(info, args.size, compile, device)
     step = make_step(module, precision, device)
@@ -156,8 +157,8 @@ def main(argv=None) -> None:
     batches = [pairs.get_batch(torch.randint(0, len(pairs), (args.batch_size,), generator=g).numpy())
                for _ in range(4)]
     probe = make_module(data.info, args.size, False, device)
-    n_params = sum(p.numel() for p in probe.model.parameters())
-    tokens, width = probe.tokenizer.num_tokens, probe.tokenizer.token_dim
+    n_params = sum(p.numel() for p in probe.generator.model.parameters())
+    tokens, width = probe.generator.tokenizer.num_tokens, probe.generator.tokenizer.token_dim
     flops = count_flops(probe, batches[0])
     del probe
     name = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()} CPU"
