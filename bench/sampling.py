@@ -9,7 +9,7 @@ generated AND evaluated per second from fresh random inits (``task.evaluate``: e
 fp32 and, on CUDA, under bf16 autocast (goal on one GPU: >= 10,000 digits networks/s).
 
 Without ``--ckpt`` a small generator is trained first with the very code path of ``gpt-params train``
-(``gpt_params.cli.main``) on a small store in a temporary directory. The LAST two lines are
+(``gpt_params.cli.main``, the dispatcher) on a small store in a temporary directory. The LAST two lines are
 "evaluations ratio" (DDPM NFE / best few-step NFE) and "alignment difference" (best few-step median
 alignment - DDPM's).
 

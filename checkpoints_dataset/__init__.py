@@ -7,11 +7,12 @@ import importlib
 from .params import LayerShapes, float_layer_shapes, state_dict_to_vector, vector_to_state_dict
 from .permute import (PermGroup, PermutationSpec, apply_permutations, infer_permutation_spec, permute_params,
                       random_permutations, weight_matching)
-from .population import PopulationConfig, build_population
+from .info import DataInfo
+from .population import PopulationConfig, build_population, ensure_store
 from .store import CheckpointStore, StoreError, create_store, finalize_store, open_store, shard_exists, write_shard
-from .tasks import ClassificationTask, Task, get_task
+from .tasks import BUILTIN_TASKS, ClassificationTask, Task, TaskRef, UntrustedTaskError, get_task
 
-_LAZY = {"PairDataset": ".pairs", "CheckpointRecorder": ".recorder"}  # the recorder imports Lightning
+_LAZY = {"PairDataset": ".pairs", "PairBatches": ".pairs", "CheckpointRecorder": ".recorder"}  # the recorder imports Lightning
 
 
 def __getattr__(name):
@@ -24,4 +25,5 @@ __all__ = ["LayerShapes", "float_layer_shapes", "state_dict_to_vector", "vector_
            "PermutationSpec", "apply_permutations", "infer_permutation_spec", "permute_params", "random_permutations",
            "weight_matching", "PopulationConfig", "build_population", "CheckpointStore", "StoreError",
            "create_store", "finalize_store", "open_store", "shard_exists", "write_shard", "ClassificationTask",
-           "Task", "get_task", "PairDataset", "CheckpointRecorder"]
+           "Task", "get_task", "PairDataset", "CheckpointRecorder", "BUILTIN_TASKS", "DataInfo", "PairBatches",
+           "TaskRef", "UntrustedTaskError", "ensure_store"]

@@ -15,6 +15,7 @@ training in ``ClassificationTask``; a task may bring its own, e.g. cartpole).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -29,15 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
-from .optim import (GroupResult, _adamw_, _per_run, _sgd_, adam_first, checkpoint_schedule, init_optimizer_state,
-                    optimizer_step)
-
+from .optim import GroupResult, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
 from .tasks import Task, TaskRef, task_id
 
 # GroupResult, checkpoint_schedule and the optimizers live in .optim (below the tasks); re-exported here
 __all__ = ["GroupResult", "InitScheme", "OptimizerName", "PopulationConfig", "adam_first", "build_config",
            "build_population", "checkpoint_schedule", "draw_hparams", "init_optimizer_state", "optimizer_step",
-           "run_seed", "shard_name", "ensure_store", "store_is_complete", "_adamw_", "_per_run", "_sgd_"]
+           "run_seed", "shard_name", "ensure_store", "store_is_complete"]
 
 OptimizerName = Literal["adam", "sgd"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
@@ -124,26 +123,39 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
         raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
     device = torch.device(device)
     out = Path(out)
-    store.create_store(out, task=task_id(task), layer_shapes=task.layer_shapes, metric_names=list(task.metric_names),
-                       lower_is_better=dict(task.lower_is_better), permutation_spec=_spec_json(task),
-                       build_config=build_config(task, config), dtype=dtype)
-    num_groups = math.ceil(config.runs / config.group_size)
-    mine = [g for g in range(num_groups) if g % count == index]
-    todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
-    bar = tqdm(total=len(todo), unit="group", disable=not progress,
-               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
-               bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
-    for g in todo:
-        run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
-        hparams = [draw_hparams(config, r) for r in run_ids]
-        result = task.train_population(hparams, config, device, progress=lambda f: bar.update(f))
-        _write_group(out, g, run_ids, hparams, result)
-        bar.set_postfix(group=g)
-    bar.close()
-    if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
-        store.finalize_store(out)
-        return store.open_store(out)
+    with _build_lock(out, shard):   # a second build of this shard waits, then resumes (finds the groups done)
+        store.create_store(out, task=task_id(task), layer_shapes=task.layer_shapes,
+                           metric_names=list(task.metric_names), lower_is_better=dict(task.lower_is_better),
+                           permutation_spec=_spec_json(task), build_config=build_config(task, config), dtype=dtype)
+        num_groups = math.ceil(config.runs / config.group_size)
+        mine = [g for g in range(num_groups) if g % count == index]
+        todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
+        bar = tqdm(total=len(todo), unit="group", disable=not progress,
+                   desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
+                   bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
+        for g in todo:
+            run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
+            hparams = [draw_hparams(config, r) for r in run_ids]
+            result = task.train_population(hparams, config, device, progress=lambda f: bar.update(f))
+            _write_group(out, g, run_ids, hparams, result)
+            bar.set_postfix(group=g)
+        bar.close()
+        if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
+            store.finalize_store(out)
+            return store.open_store(out)
     return None
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path, shard: tuple[int, int]):
+    """An exclusive lock on one shard of the build at ``out`` (other shards build in parallel)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f".build-{shard[0]}of{shard[1]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _spec_json(task: "Task") -> dict | None:
@@ -179,8 +191,8 @@ def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfi
     """A complete store at ``root``: opened as it is, built with ``task`` and ``config`` when missing, or an
     interrupted build finished with the settings it recorded (its task must be built in, or the import path
     ``task`` names: a name read from a manifest is never imported otherwise; ``option`` is the user's flag
-    for it). One process builds at a time (a lock file in ``root``); with ``rank_zero`` False the caller
-    waits for another process's build (DDP ranks) instead."""
+    for it). A build already running on ``root`` is waited for (``build_population``'s lock); with ``rank_zero``
+    False the caller only waits for another process's build (DDP ranks)."""
     root = Path(root)
     if (root / "manifest.json").exists():
         existing = store.open_store(root)
@@ -198,20 +210,12 @@ def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfi
                          "directory of an existing store")
     if not rank_zero:
         return _wait_for_store(root, timeout_s)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # another build of this store finishes first; then we resume or return
-        try:
-            if (root / "manifest.json").exists() and store_is_complete(store.open_store(root)):
-                return store.open_store(root)
-            log.info("Building the %s checkpoint store at %s (%d runs x %d epochs) ...", task.name, root,
-                     config.runs, config.epochs)
-            built_store = build_population(task.task, root, config, device=device)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    log.info("Building the %s checkpoint store at %s (%d runs x %d epochs) ...", task.name, root, config.runs,
+             config.epochs)
+    built_store = build_population(task.task, root, config, device=device)   # waits for a build already running
     if built_store is None:
-        raise RuntimeError(f"the store at {root} is built in shards and some are still missing; finish them with "
-                           "`gpt-params build-dataset ... --shard I/N` first")
+        raise ValueError(f"the store at {root} is built in shards and some are still missing; finish them with "
+                         "`gpt-params build-dataset ... --shard I/N` first")
     return built_store
 
 

@@ -7,11 +7,10 @@ never imports Lightning.
 """
 import importlib
 
-from gpt_params.core import (PRESETS, Diffusion, ParameterAutoencoder, ParameterDiT, ParameterTokenizer,
-                             load_state_dict, sample, save_state_dict)
+from gpt_params.core import (PRESETS, Diffusion, Generator, GeneratorConfig, ParameterAutoencoder, ParameterDiT,
+                             ParameterTokenizer, load_state_dict, sample, save_state_dict)
 
 _LAZY = {   # name -> module; imported on first access (Lightning or matplotlib behind them)
-    "Generator": "gpt_params.core.generator",
     "GeneratorModule": "gpt_params.training",
     "ParameterDataModule": "gpt_params.training",
     "GeneratorEMA": "gpt_params.training",
@@ -28,6 +27,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PRESETS", "Diffusion", "Generator", "ParameterAutoencoder", "ParameterDiT", "ParameterTokenizer",
+__all__ = ["PRESETS", "Diffusion", "Generator", "GeneratorConfig", "ParameterAutoencoder", "ParameterDiT", "ParameterTokenizer",
            "load_state_dict", "sample", "save_state_dict", "GeneratorModule", "ParameterDataModule", "GeneratorEMA",
            "AlignmentMonitor", "ParameterPrompter", "evaluate_all", "prompt_alignment"]

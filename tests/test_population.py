@@ -25,8 +25,7 @@ def digits():
 def test_population_still_exports_what_moved_to_optim():
     from checkpoints_dataset import optim, population
 
-    for name in ("GroupResult", "checkpoint_schedule", "optimizer_step", "init_optimizer_state", "adam_first",
-                 "_per_run", "_adamw_", "_sgd_"):
+    for name in ("GroupResult", "checkpoint_schedule", "optimizer_step", "init_optimizer_state", "adam_first"):
         assert getattr(population, name) is getattr(optim, name) and name in population.__all__
     assert not hasattr(population, "main")  # the command line is checkpoints_dataset.__main__.main
 

@@ -81,12 +81,12 @@ def task_id(task: Task) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
     """JSON-like plain values, as manifests and checkpoints keep them (tuples as lists, numpy scalars as numbers)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
 
 
@@ -105,16 +105,18 @@ class TaskRef:
         if self.name not in BUILTIN_TASKS and not is_import_path(self.name):
             raise ValueError(f"unknown task {self.name!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}) "
                              f"or an import path 'my_pkg.module:MyTask'")
-        object.__setattr__(self, "options", _plain(dict(self.options or {})))
+        object.__setattr__(self, "options", plain_json(dict(self.options or {})))
 
     def __hash__(self) -> int:
         return hash((self.name, json.dumps(self.options, sort_keys=True, default=str)))
 
     @classmethod
-    def from_file(cls, name: str, options: Mapping[str, Any] | None = None, *, given: str | None = None,
+    def from_file(cls, name: str | None, options: Mapping[str, Any] | None = None, *, given: str | None = None,
                   option: str = "--task", source: str = "the file") -> TaskRef:
         """A task name read from a file (``source``, e.g. "the store at DIR"): a built-in task, or the import
         path the user gave again (``given``); anything else raises ``UntrustedTaskError`` naming ``option``."""
+        if name is None:
+            raise ValueError(f"{source} names no task; pass {option} NAME")
         if name in BUILTIN_TASKS or (given is not None and given == name):
             return cls(name, options or {})
         if is_import_path(name):

@@ -36,8 +36,10 @@ def store_and_task(gen: Generator, args):
     else the store's), both checked against the generator's architecture. A task name read from the
     checkpoint or the store is imported only when --task gives the same path."""
     store_root = args.store or gen.store_root
-    if store_root is None or not Path(store_root).exists():
-        raise UsageError(f"the checkpoint's store {store_root} is not there; pass --store DIR")
+    if store_root is None:
+        raise UsageError("the checkpoint names no store: pass --store DIR")
+    if not Path(store_root).exists():
+        raise UsageError(f"the store {store_root} is not there; pass --store DIR")
     store = open_store(store_root)
     if dict(store.layer_shapes) != dict(gen.layer_shapes):
         raise UsageError(f"the store at {store_root} holds another architecture than the generator's; "
@@ -46,7 +48,8 @@ def store_and_task(gen: Generator, args):
     if args.task is not None or gen.task_name is not None:
         task = gen.make_task(args.task, **options)
     elif store.task is not None:
-        ref = TaskRef.from_file(store.task, option="--task", source=f"the store at {store_root}")
+        built = (store.manifest.get("build_config") or {}).get("task_options", {})
+        ref = TaskRef.from_file(store.task, built, option="--task", source=f"the store at {store_root}")
         task = ref.with_options(**options).check_shapes(gen.layer_shapes, "the generator's")
     else:
         raise UsageError("this store has no task (recorded by another project): pass --task pkg.module:Class")

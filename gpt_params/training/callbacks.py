@@ -16,32 +16,41 @@ from gpt_params.core.generator import Generator
 from gpt_params.evaluation import prompt_alignment
 
 
-class GeneratorEMA(EMAWeightAveraging):
-    """Lightning's ``EMAWeightAveraging`` for generators: its updates start after ``start_fraction`` of
-    ``max_steps`` (the same config then suits a 12-step test and a 100k-step run; ``start_fraction: null``
-    keeps ``update_starting_at_step``), and it averages floating-point tensors only, copying the generator's
-    integer buffers (token ids) instead of rounding them (0.95 * 13 + 0.05 * 13 = 12.999... -> 12). Prompting
-    uses these weights: the checkpoint's ``state_dict`` holds the average, and it is copied into the model when
-    training ends.
+class GeneratorEMA(WeightAveraging):
+    """The exponential moving average of a generator's weights (Lightning's ``WeightAveraging`` with an EMA
+    ``avg_fn``, as ``EMAWeightAveraging``), which prompting uses: the checkpoint's ``state_dict`` holds the
+    average, and it is copied into the model when training ends.
 
-    Latent space: once the autoencoder is frozen (step ``autoencoder.steps``), its averaged copy takes the frozen
-    weights at every update instead of averaging them, so the averaged DiT is trained on and decoded by the
-    autoencoder its latents came from. All of it goes through ``AveragedModel``'s public ``avg_fn``.
+    - Updates start after ``start_fraction`` of ``max_steps``, so the same config suits a 12-step test and a
+      100k-step run (``start_fraction: null`` keeps ``update_starting_at_step``), then every
+      ``update_every_n_steps`` steps.
+    - Floating-point tensors are averaged; the generator's integer buffers (token ids) are copied, where a plain
+      EMA would round them down (0.95 * 13 + 0.05 * 13 = 12.999... -> 12).
+    - Latent space: once the autoencoder is frozen (step ``autoencoder.steps``), its averaged copy takes the
+      frozen weights at every update instead of averaging them, so the averaged DiT is trained on and decoded by
+      the autoencoder its latents came from.
     """
 
-    def __init__(self, decay: float = 0.995, start_fraction: Optional[float] = 0.1, **kwargs) -> None:
-        super().__init__(decay=decay, **kwargs)
+    def __init__(self, decay: float = 0.995, start_fraction: Optional[float] = 0.1,
+                 update_starting_at_step: Optional[int] = None, update_every_n_steps: int = 1,
+                 device: Optional[str] = None, use_buffers: bool = True) -> None:
         if start_fraction is not None and not 0.0 <= start_fraction < 1.0:
             raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
-        self.start_fraction = start_fraction
+        super().__init__(device=device, use_buffers=use_buffers, avg_fn=self._average)
+        self.decay, self.start_fraction = decay, start_fraction
+        self.update_starting_at_step, self.update_every_n_steps = update_starting_at_step, update_every_n_steps
         self._ema = get_ema_avg_fn(decay)
         self._copied: set[int] = set()   # storages of live tensors whose average is a copy (a frozen autoencoder)
-        self._kwargs["avg_fn"] = self._average   # handed to AveragedModel by WeightAveraging.setup
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         if not averaged.is_floating_point() or current.data_ptr() in self._copied:
             return current
         return self._ema(averaged, current, num_averaged)
+
+    def should_update(self, step_idx: Optional[int] = None, epoch_idx: Optional[int] = None) -> bool:
+        start = self.update_starting_at_step
+        return (step_idx is not None and (start is None or step_idx >= start)
+                and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -51,10 +60,10 @@ class GeneratorEMA(EMAWeightAveraging):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         gen = getattr(pl_module, "generator", None)
-        if (not self._copied and gen is not None and gen.autoencoder is not None
-                and pl_module.global_step >= gen.config.autoencoder.steps):
+        if gen is not None and gen.autoencoder is not None and pl_module.global_step >= gen.config.autoencoder.steps:
+            if not self._copied:
+                rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
             self._copied = {t.data_ptr() for t in gen.autoencoder.state_dict().values()}   # params + buffers
-            rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
 
 
 def check_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -74,8 +83,8 @@ def check_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -
             raise ValueError(f"{type(cb).__name__} would keep averaging the autoencoder after it is frozen; in "
                              "latent space use gpt_params.training.GeneratorEMA in trainer.callbacks instead")
         start = getattr(cb, "update_starting_at_step", None)
-        if isinstance(cb, EMAWeightAveraging) and start is not None and 0 < max_steps <= start:
-            raise ValueError(f"EMAWeightAveraging starts at step {start} but training stops at step "
+        if isinstance(cb, (EMAWeightAveraging, GeneratorEMA)) and start is not None and 0 < max_steps <= start:
+            raise ValueError(f"{type(cb).__name__} starts at step {start} but training stops at step "
                              f"{max_steps}: lower its update_starting_at_step (config trainer.callbacks) or "
                              "raise --trainer.max_steps")
 

@@ -23,15 +23,9 @@ from checkpoints_dataset.pairs import PairBatches, PairDataset
 from checkpoints_dataset.population import PopulationConfig, ensure_store, store_is_complete
 from checkpoints_dataset.store import CheckpointStore, open_store
 from checkpoints_dataset.tasks import Task, TaskRef
+from checkpoints_dataset.tasks.ref import plain_json
 
 log = logging.getLogger(__name__)
-
-
-def _plain(value):
-    """A JSON-like value as the manifest keeps it: tuples as lists, numpy scalars as Python numbers."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _task_kwargs(task_options: Optional[dict], data_dir: Optional[str], store: Optional[CheckpointStore]) -> dict:
@@ -47,7 +41,7 @@ def _task_kwargs(task_options: Optional[dict], data_dir: Optional[str], store: O
 
 def _check_task_options(root: Path, given: Optional[dict], built: dict) -> None:
     """Refuse task options that contradict the ones the store was built with (e.g. another trainer)."""
-    given = {k: _plain(v) for k, v in (given or {}).items()}  # tuples as lists, as the manifest
+    given = {k: plain_json(v) for k, v in (given or {}).items()}  # tuples as lists, as the manifest
     clash = sorted(k for k, v in built.items() if k in given and given[k] != v)
     if clash:
         raise ValueError(f"the store at {root} was built with the task options {built}; "
@@ -186,6 +180,8 @@ class ParameterDataModule(pl.LightningDataModule):
             return ref
         ref = TaskRef.from_file(self.store.task, kwargs, given=given, option="--data.task",
                                 source=f"the store at {self.root}")
+        if given is not None and given != ref.name:
+            log.warning("the store at %s holds %s networks; --data.task %s is ignored", self.root, ref.name, given)
         if self.hparams.task_options:  # options given: they must build the store's networks
             ref.task   # a task that cannot be built with them says so first
             try:

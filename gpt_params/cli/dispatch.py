@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"gpt-params {verb}: error: {exit_.code}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, KeyError) as err:   # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, KeyError, TimeoutError) as err:   # bad input: one line, no traceback
         if os.environ.get("GPT_PARAMS_DEBUG"):
             raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
