@@ -55,6 +55,17 @@ def tiny_generator_ckpt(tiny_digits_store, tmp_path_factory):
     return ckpts[0]
 
 
+def builtin_task(name: str, **options):
+    """``get_task(name)``, or skip the test when the task's data files are missing here (Fashion-MNIST on a fresh
+    machine: the reason names the Debian package and ``download_fashion_mnist``)."""
+    from checkpoints_dataset import get_task
+
+    try:
+        return get_task(name, **options)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+
+
 def refused(args: list[str], capsys) -> str:
     """Run a gpt-params command that must be refused: it returns non-zero; its message (stderr)."""
     from gpt_params.cli import main

@@ -10,6 +10,7 @@ from torch import nn
 from checkpoints_dataset.params import state_dict_to_vector, vector_to_state_dict
 from checkpoints_dataset.permute import (PermutationSpec, apply_permutations, infer_permutation_spec,
                                          permute_params, random_permutations, weight_matching)
+from conftest import builtin_task
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -68,8 +69,7 @@ def _builtin_tasks():
 
 @pytest.mark.parametrize("name", _builtin_tasks())
 def test_builtin_task_permutation_preserves_function(name):
-    from checkpoints_dataset.tasks import get_task
-    task = get_task(name)
+    task = builtin_task(name)
     model = _randomize(task.build_model())
     first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     x = torch.randn(4, first.in_features) if isinstance(first, nn.Linear) else torch.randn(4, first.in_channels, 28, 28)

@@ -143,6 +143,15 @@ def test_fashion_idx_reader_and_tasks_on_small_files(tmp_path):
     assert get_task("fashion_cnn", data_dir=tmp_path).num_params == 16 * 9 + 32 * 16 * 9 + 330
 
 
+def test_fashion_data_dir_defaults_to_the_environment(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    assert FashionTask("mlp", val_size=10).data_dir == tmp_path
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="set FASHION_MNIST_DIR=DIR"):
+        FashionTask("mlp")
+
+
 def test_fashion_missing_files_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*download_fashion_mnist"):
         FashionTask("mlp", data_dir=tmp_path)

@@ -12,7 +12,7 @@ from torch import nn
 
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector
 from checkpoints_dataset.permute import apply_permutations, infer_permutation_spec, spec_from_layer_shapes
-from checkpoints_dataset.tasks import get_task
+from conftest import builtin_task
 from gpt_params import ParameterTokenizer
 
 
@@ -210,7 +210,7 @@ def _recorded(tok) -> tuple:
 
 @pytest.mark.parametrize("name", list(TASK_SHAPES))
 def test_tokens_of_builtin_tasks_match_the_recorded_ones(name):
-    task = get_task(name)
+    task = builtin_task(name)
     assert dict(task.layer_shapes) == TASK_SHAPES[name]
     spec = task.permutation_spec
     assert spec_from_layer_shapes(task.layer_shapes) == spec  # shapes alone give the module's spec

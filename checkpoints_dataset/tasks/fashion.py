@@ -1,7 +1,7 @@
 """Fashion-MNIST tasks: fashion_mlp, fashion_cnn, fashion_cnn_bn.
 
-Data: the four standard gzip IDX files, read with numpy from ``data_dir`` (default: where Debian's
-``dataset-fashion-mnist`` package puts them). Pixels are scaled to [0, 1]; the MLP sees 784 features,
+Data: the four standard gzip IDX files, read with numpy from ``data_dir`` (default: ``$FASHION_MNIST_DIR``,
+else where Debian's ``dataset-fashion-mnist`` package puts them). Pixels are scaled to [0, 1]; the MLP sees 784 features,
 the CNNs 1x28x28 images.
 
 Splits: the last 5,000 images of the training file (after a fixed shuffle by ``split_seed``) are "val",
@@ -32,7 +32,13 @@ from torch import Tensor, nn
 
 from .base import ClassificationTask
 
-DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist/"
+DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist/"   # where Debian's dataset-fashion-mnist puts the files
+DATA_DIR_ENV = "FASHION_MNIST_DIR"                          # overrides DEFAULT_DATA_DIR when set
+
+
+def default_data_dir() -> Path:
+    """``$FASHION_MNIST_DIR`` when set, else Debian's location."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 DEFAULT_BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -71,7 +77,7 @@ def missing_files_message(data_dir: str | Path) -> str:
     return (f"Fashion-MNIST files not found in {data_dir} (need {', '.join(FILES.values())}). Get them with "
             f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts them in {DEFAULT_DATA_DIR}), or "
             f"with a network: `python -c \"from checkpoints_dataset.tasks.fashion import download_fashion_mnist; "
-            f"download_fashion_mnist('DIR')\"` and pass --data-dir DIR.")
+            f"download_fashion_mnist('DIR')\"` and pass --data-dir DIR (or set {DATA_DIR_ENV}=DIR).")
 
 
 def _gunzipped_sha256(path: Path) -> str:
@@ -111,9 +117,9 @@ def download_fashion_mnist(dest: str | Path, base_url: str = DEFAULT_BASE_URL,
     return dest
 
 
-def load_fashion_mnist(data_dir: str | Path = DEFAULT_DATA_DIR) -> dict[str, np.ndarray]:
+def load_fashion_mnist(data_dir: str | Path | None = None) -> dict[str, np.ndarray]:
     """The four arrays (``train_images [60000, 28, 28] uint8``, ``train_labels``, ``test_*``)."""
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not all((data_dir / f).exists() for f in FILES.values()):
         raise FileNotFoundError(missing_files_message(data_dir))
     return {k: read_idx(data_dir / f) for k, f in FILES.items()}
@@ -130,7 +136,7 @@ class FashionTask(ClassificationTask):
         if arch not in ("mlp", "cnn", "cnn_bn"):
             raise ValueError(f"unknown Fashion-MNIST architecture {arch!r}; use mlp, cnn or cnn_bn")
         self.arch, self.name = arch, f"fashion_{arch}"
-        self.data_dir = Path(data_dir or DEFAULT_DATA_DIR)
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.eval_size, self.val_size, self.split_seed, self.hidden = eval_size, val_size, split_seed, hidden
         if not all((self.data_dir / f).exists() for f in FILES.values()):  # fail early, before any work
             raise FileNotFoundError(missing_files_message(self.data_dir))
