@@ -4,6 +4,8 @@ Library code raises; this is the one place that turns bad input into one line on
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import logging
 import os
 import sys
@@ -57,14 +59,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exit_:                # argparse: a message means bad input
         if not isinstance(exit_.code, str):
             raise
-        print(f"gpt-params {verb}: error: {exit_.code}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, KeyError, TimeoutError) as err:   # bad input: one line, no traceback
+        return _error(verb, exit_.code)
+    except argparse.ArgumentError as err:      # LightningCLI's parser (train)
+        return _error(verb, f"{err} (see gpt-params {verb} --help)")
+    except (ValueError, KeyError, TimeoutError, OSError) as err:   # bad input or environment: one line, no traceback
         if os.environ.get("GPT_PARAMS_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"gpt-params {verb}: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(verb, _message(err))
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno is not None:
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return f"no space left on the device{where}: free some space or write somewhere else; nothing was replaced"
+        return f"{err.strerror}{where}: check the path and its permissions"
+    return str(err)
+
+
+def _error(verb: str, message: str) -> int:
+    """Bad input: one line on stderr (the problem and the fix), exit code 2."""
+    print(f"gpt-params {verb}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

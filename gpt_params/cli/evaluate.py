@@ -40,7 +40,7 @@ def store_and_task(gen: Generator, args):
         raise UsageError("the checkpoint names no store: pass --store DIR")
     if not Path(store_root).exists():
         raise UsageError(f"the store {store_root} is not there; pass --store DIR")
-    store = open_store(store_root)
+    store = open_store(store_root, verify="full")
     if dict(store.layer_shapes) != dict(gen.layer_shapes):
         raise UsageError(f"the store at {store_root} holds another architecture than the generator's; "
                          "pass the --store it was trained on")

@@ -63,7 +63,11 @@ def main(argv: list[str]) -> int:
                              "or --start PATH to a .safetensors state_dict")
         start = task.init_params(n, generator=g)                                   # [n, P]
     else:
-        vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
+        try:
+            vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
+        except (KeyError, ValueError) as err:
+            raise UsageError(f"--start {start_arg} does not hold the generator's network ({err}); give a state_dict "
+                             f"with its {len(gen.layer_shapes)} entries {list(gen.layer_shapes)[:4]}...") from None
         start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
     if start is None:
         start_metric = None

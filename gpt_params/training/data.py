@@ -81,6 +81,8 @@ class ParameterDataModule(pl.LightningDataModule):
             ``num_workers`` processes). A device such as "cuda": the training runs' parameters are loaded
             once onto it and whole batches are sampled and permuted there (no workers; needs the store's
             training runs to fit in its memory). "cuda" means the trainer's own device.
+        verify: "full" checks every shard's checksum when opening the store (reads it once); "size" only
+            checks that the files have their recorded sizes.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class ParameterDataModule(pl.LightningDataModule):
         task_options: Optional[dict] = None,
         seed: int = 0,
         pair_device: str = "cpu",
+        verify: Literal["size", "full"] = "full",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,7 +112,7 @@ class ParameterDataModule(pl.LightningDataModule):
         self.store = self._open()
         self.task_ref = self._resolve_task(task)
         self.task: Optional[Task] = None if self.task_ref is None else self.task_ref.task
-        metric = metric or (self.task.default_metric if self.task is not None else None) or self._store_metric()
+        metric = metric or self._default_metric()
         if metric not in self.store.metric_names:
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
                              f"choose one of {list(self.store.metric_names)}")
@@ -153,7 +156,12 @@ class ParameterDataModule(pl.LightningDataModule):
             raise ValueError(f"no checkpoint store at {self.root}: build one first (`gpt-params train` does, with "
                              "--data.task NAME; in Python call ParameterDataModule.prepare_store(root=..., task=...)"
                              " or `gpt-params build-dataset --out DIR`), or give --data.root DIR of an existing store")
-        store = open_store(self.root)
+        store = open_store(self.root, verify=self.hparams.verify)
+        dropped = store.manifest.get("dropped") or {}
+        if any(dropped.values()):
+            log.warning("the store at %s left out %d checkpoints with non-finite parameters and %d with non-finite "
+                        "metrics when they were written; training uses the rest", self.root,
+                        dropped.get("nonfinite_params", 0), dropped.get("nonfinite_metrics", 0))
         _check_task_options(self.root, self.hparams.task_options,
                             (store.manifest.get("build_config") or {}).get("task_options", {}))
         if not store_is_complete(store):
@@ -192,8 +200,11 @@ class ParameterDataModule(pl.LightningDataModule):
                                  "them") from None
         return ref
 
-    def _store_metric(self) -> str:
+    def _default_metric(self) -> str:
+        """The task's default metric when the store has it, else the store's first validation metric."""
         names = list(self.store.metric_names)
+        if self.task is not None and self.task.default_metric in names:
+            return self.task.default_metric
         return next((m for m in names if m.startswith("val")), names[0])
 
     # ----------------------------------------------------------- dataloaders
