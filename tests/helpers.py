@@ -7,15 +7,19 @@ import pytorch_lightning as pl
 
 
 class RecordBatches(pl.Callback):
-    """Writes, per rank, a fingerprint of every training target it saw to $RECORD_BATCHES_DIR/rank{r}.json."""
+    """Writes, per rank, the ``[epoch, run_id, target_step]`` of every training pair it trained on to
+    $RECORD_BATCHES_DIR/rank{r}.json (one list per batch). A pair's target is one checkpoint of the store,
+    named by its run and step; the start and the permutation are drawn per rank and say nothing of which
+    checkpoints a rank reads."""
 
     def __init__(self) -> None:
-        self.seen: list[str] = []
+        self.batches: list[list[list[int]]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        targets = batch["target"]
-        self.seen += [f"{float(t.abs().sum()):.6f}:{float(t[:4].sum()):.6f}" for t in targets]
+        epoch = trainer.current_epoch
+        self.batches.append([[epoch, int(r), int(s)] for r, s in zip(batch["run_id"].tolist(),
+                                                                      batch["target_step"].tolist())])
 
     def on_train_end(self, trainer, pl_module) -> None:
         out = Path(os.environ["RECORD_BATCHES_DIR"]) / f"rank{trainer.global_rank}.json"
-        out.write_text(json.dumps(self.seen))
+        out.write_text(json.dumps(self.batches))

@@ -40,17 +40,35 @@ def _fit(module, callbacks, tmp_path):
     return trainer
 
 
+class _Snapshot(pl.Callback):
+    """The network's parameters at fit start, after the callbacks before it (the prompter) have run."""
+
+    def __init__(self, layer_shapes):
+        self.layer_shapes, self.params = layer_shapes, None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.params = state_dict_to_vector(pl_module.net.state_dict(), self.layer_shapes).clone()
+
+
 def test_prompter_replaces_parameters_and_logs_before_after(tiny_generator_ckpt, tmp_path):
+    from gpt_params import Generator
+
     task = get_task("digits_mlp")
     module = DigitsClassifier(task.build_model())
     before = state_dict_to_vector(module.net.state_dict(), task.layer_shapes).clone()
     prompter = ParameterPrompter(str(tiny_generator_ckpt), target=0.3, steps=2)
-    _fit(module, [prompter], tmp_path)
+    snapshot = _Snapshot(task.layer_shapes)
+    _fit(module, [prompter, snapshot], tmp_path)
     (record,) = prompter.history
-    assert 0 <= record["before"] <= 1 and 0 <= record["after"] <= 1
-    assert record["before"] == pytest.approx(task.evaluate(before[None])["val_error"].item())
-    after = state_dict_to_vector(module.net.state_dict(), task.layer_shapes)
-    assert not torch.allclose(before, after)
+    before_error = task.evaluate(before[None])["val_error"]                     # [1]
+    assert record["before"] == pytest.approx(before_error.item())
+    # the loaded parameters are one generation from the model's own (seed 0, ddim, 2 steps), and "after" is
+    # their metric
+    want = Generator.load(tiny_generator_ckpt).generate(before[None], before_error, torch.tensor([0.3]),
+                                                        sampler="ddim", steps=2,
+                                                        generator=torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(snapshot.params, want, atol=1e-6) and not torch.allclose(before, want)
+    assert record["after"] == pytest.approx(task.evaluate(want[None])["val_error"].item())
 
 
 def test_prompter_refuses_another_architecture(tiny_generator_ckpt, tmp_path):

@@ -23,7 +23,7 @@ def trained(tiny_generator_ckpt):
     return tiny_generator_ckpt
 
 
-def test_train_writes_last_ckpt_config_and_reports_alignment(trained, capsys):
+def test_train_writes_last_ckpt_config_and_reports_alignment(trained, tiny_digits_store):
     version_dir = trained.parent.parent
     assert (version_dir / "config.yaml").exists()          # the resolved config is saved with the run
     assert (version_dir / "alignment.png").exists()
@@ -32,6 +32,21 @@ def test_train_writes_last_ckpt_config_and_reports_alignment(trained, capsys):
     info = ckpt["hyper_parameters"]["data_info"]
     assert info["metric"] == "val_error" and info["task"] == "digits_mlp"
     assert set(info["stats"]) == set(info["layer_shapes"])
+    # the printed alignment is prompt_alignment of the saved generator with train's settings (--final_eval_runs 2)
+    import re
+
+    from checkpoints_dataset import open_store
+    from gpt_params.evaluation import prompt_alignment
+
+    printed = (trained.parents[3] / "stdout.txt").read_text()
+    found = re.search(r"Prompt alignment on (\d+) held-out runs \((\w+)\): R\^2 median (\S+), mean (\S+) ", printed)
+    assert found, printed[-2000:]
+    store = open_store(tiny_digits_store)
+    result, _ = prompt_alignment(Generator.load(trained), get_task("digits_mlp"), store, runs=store.test_runs[:2],
+                                 sampler="ddim", steps=20)
+    assert (int(found[1]), found[2]) == (2, "val_error") and len(result["per_network"]) == 2
+    assert float(found[3]) == pytest.approx(result["median"], abs=1e-3)
+    assert float(found[4]) == pytest.approx(result["mean"], abs=1e-3)
 
 
 def test_resume_from_last_ckpt_continues_the_step_count(trained, tiny_digits_store, tmp_path):
@@ -123,7 +138,7 @@ def test_prompt_refuses_bad_input(case, trained, tmp_path, capsys):
 def test_unknown_config_key_is_refused(tiny_digits_store, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(_train_args(tiny_digits_store, tmp_path) + ["--model.no_such_option", "1"])
-    assert exit_.value.code != 0
+    assert exit_.value.code == 2
     assert "no_such_option" in capsys.readouterr().err
 
 
@@ -148,18 +163,47 @@ def test_help_explains_every_verb(capsys):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_see_different_pairs(tiny_digits_store, tmp_path):
-    """Lightning DDP with 2 gloo processes: each rank trains on its own pairs, one checkpoint results."""
+    """Lightning DDP with 2 gloo processes for one epoch: the ranks train on disjoint (run, step) targets that
+    together are the epoch, and one checkpoint results.
+
+    Lightning wraps the training loader in a DistributedSampler (seed 0, shuffle, drop_last False): one shared
+    permutation of the N training checkpoints, padded to 2 * ceil(N / 2), rank r taking every 2nd entry from r;
+    each rank's DataLoader then drops its last partial batch. So an epoch is B = ceil(N / 2) // batch_size
+    batches per rank, 2 * B * batch_size distinct checkpoints in all (no padded repeat is reached), and the
+    N - 2 * B * batch_size left are the drop_last remainder. Ranks that both read the whole data (a sampler
+    that ignores the rank) would train on the same checkpoints: their sets would be equal, not disjoint."""
+    from checkpoints_dataset.pairs import PairDataset
+    from gpt_params.training import ParameterDataModule
+
+    batch_size, ranks = 16, 2
+    data = ParameterDataModule(root=str(tiny_digits_store), batch_size=batch_size)  # the split train uses
+    train = PairDataset(data.store, runs=data.train_run_ids, metric=data.metric, fields="metrics")
+    every = train.get_batch(range(len(train)))
+    epoch = set(zip(every["run_id"].tolist(), every["target_step"].tolist()))   # each training checkpoint once
+    assert len(epoch) == len(train)
+    per_rank = -(-len(train) // ranks) // batch_size                            # batches per rank and epoch
+    assert per_rank >= 2
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "RECORD_BATCHES_DIR": str(tmp_path)}
-    args = _train_args(tiny_digits_store, tmp_path / "run", steps=4, extra=[
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    args = _train_args(tiny_digits_store, tmp_path / "run", steps=per_rank, extra=[
+        "--trainer.accelerator", "cpu", "--trainer.devices", str(ranks), "--trainer.strategy", "ddp",
         "--trainer.callbacks+=helpers.RecordBatches", "--final_eval_runs", "0"])
+    assert args[args.index("--data.batch_size") + 1] == str(batch_size)
     proc = subprocess.run([sys.executable, "-m", "gpt_params", *args], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert seen[0] and seen[1]
-    assert not set(seen[0]) & set(seen[1])                     # disjoint targets across ranks
+    batches = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    seen = []
+    for rank_batches in batches:
+        assert [len(b) for b in rank_batches] == [batch_size] * per_rank   # one whole epoch, full batches
+        pairs = [(run, step) for b in rank_batches for e, run, step in b]
+        assert {e for b in rank_batches for e, _, _ in b} == {0}
+        assert len(set(pairs)) == len(pairs)                                 # no checkpoint twice on a rank
+        seen.append(set(pairs))
+    assert not seen[0] & seen[1]                                             # disjoint across ranks
+    union = seen[0] | seen[1]
+    assert union <= epoch                                                    # training runs only
+    assert len(epoch - union) == len(train) - ranks * per_rank * batch_size  # all but the drop_last remainder
     assert len(list((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))) == 1
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -132,8 +133,15 @@ def test_compare_modes_writes_one_table(pdiff_ckpt, start_free_ckpt, tiny_digits
     assert [r["mode"] for r in report["rows"]] == ["pdiff", "free"]
     assert [(r["space"], r["start"], r["condition"]) for r in report["rows"]] == [
         ("latent", "none", "none"), ("params", "none", "target")]
-    for row in report["rows"]:
-        assert 0.0 <= row["one_step_median"] <= 1.0 and row["pairwise_distance_trained"] > 0
+    task = get_task("digits_mlp")
+    for row, ckpt in zip(report["rows"], (pdiff_ckpt, start_free_ckpt)):
+        # start-free: one step is 8 networks generated for the data's best metric (seed 0, ddim, --steps 1)
+        gen = Generator.load(ckpt)
+        made = gen.generate(None, None, torch.full((8,), gen.data_range[0]), sampler="ddim", steps=1,
+                            generator=torch.Generator().manual_seed(0))
+        assert row["one_step_target"] == pytest.approx(gen.data_range[0])
+        assert row["one_step_median"] == pytest.approx(statistics.median(task.evaluate(made)["val_error"].tolist()))
+        assert row["pairwise_distance_trained"] > 0
     table = (out / "modes.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3   # header + one row per mode
     assert "pdiff" in table and "unconditional" in table                   # the notes say what was ignored

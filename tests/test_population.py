@@ -162,13 +162,13 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
                           (["--task-option", "trainer=es", *out], "does not take these options"),
                           (["--task", "cartpole", "--task-option", "trainer=ppo", *out], "trainer must be"),
                           (["--task", "cartpole", "--task-option", "pg_lr=(0.1, 0.01)", *out], "pg_lr must be a range")]:
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             main(argv)
-        assert message in capsys.readouterr().err
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     main(["--runs", "2", "--epochs", "1", "--group-size", "2", "--checkpoints", "2", "--no-progress", *out])
-    with pytest.raises(SystemExit):  # same directory, another build
+    with pytest.raises(SystemExit) as exit_:  # same directory, another build
         main(["--runs", "2", "--epochs", "2", "--group-size", "2", "--checkpoints", "2", "--no-progress", *out])
-    assert "different dataset" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "different dataset" in capsys.readouterr().err
 
 
 def test_non_finite_checkpoints_are_dropped_and_counted(digits, tmp_path):

@@ -74,4 +74,4 @@ def test_recorded_store_trains_and_prompts_from_the_users_state_dict(recorded, c
 def test_random_start_without_a_task_is_refused(recorded, capsys):
     ckpt = next((recorded / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     rc = main(["prompt", "--ckpt", str(ckpt), "--target", "0.5", "--num", "1", "--out", str(recorded / "p2")])
-    assert rc != 0
+    assert rc == 2 and "--start random needs the task's model: give --task pkg.module:Class" in capsys.readouterr().err
