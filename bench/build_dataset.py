@@ -6,7 +6,8 @@ trained one after another as a plain ``nn.Module`` with ``torch.optim`` and scor
 each checkpoint; only the first ``--loop-runs`` runs are timed, to keep the benchmark short. Both report
 model-steps per second (optimizer steps summed over runs; by default only the init and last
 checkpoints are scored, see --checkpoints); ``--rounds`` rounds each time the loop side just before and just
-after the vectorized build, and the LAST line printed is the median ratio, e.g. ``17.3x``.
+after the vectorized build; each round prints its ratio, and the LAST line printed is their median
+(``statistics.median``: the mean of the two middle rounds for an even count) alone, e.g. ``17.3x``.
 
     python bench/build_dataset.py [--task digits_mlp] [--runs 256] [--epochs 20] [--device cpu] [--threads N]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -108,8 +110,8 @@ def main(argv=None) -> None:
         print(f"round {i + 1}: vectorized {args.runs} runs in {vec_time:.1f} s = {vec_rate:,.0f} model-steps/s; "
               f"loop {len(loop_runs)} runs in {before[1] + after[1]:.1f} s = {loop_rate:,.0f} model-steps/s; "
               f"{ratios[-1]:.1f}x")
-    print(f"median of {len(ratios)} rounds:")
-    print(f"{sorted(ratios)[len(ratios) // 2]:.1f}x")
+    print(f"median of {len(ratios)} rounds ({', '.join(f'{r:.2f}x' for r in ratios)}):")
+    print(f"{statistics.median(ratios):.1f}x")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Policies (``--policy mlp``, the task's): half random inits scaled by U(0.5, 3), 
 controller plus noise, so returns spread from ~9 to 500 like a checkpoint dataset's. ``--policy linear``
 instead gives each policy 4 weights (action = obs . w > 0; half random, half lean-following), so the
 policy costs almost nothing and the environments' own speed is what is compared. ``--rounds`` rounds time
-both sides one after the other; the LAST printed line is the median speed ratio.
+both sides one after the other and each prints its ratio; the LAST printed line is their median speed ratio
+alone (``statistics.median``: the mean of the two middle rounds for an even count).
 
     python bench/cartpole.py --policies 4096
     python bench/cartpole.py --policies 4096 --store data/cartpole_reinforce   # a real checkpoint dataset's policies
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import gymnasium
@@ -160,8 +162,8 @@ def main(argv=None):
         ratios.append(t_gym / t_ours)
         print(f"round {i + 1}: batched torch {t_ours:.2f} s = {steps / t_ours:,.0f} steps/s; gymnasium vector "
               f"{t_gym:.2f} s = {steps / t_gym:,.0f} steps/s ({raw / t_gym:,.0f} raw env steps/s); {ratios[-1]:.1f}x")
-    print(f"median of {len(ratios)} rounds:")
-    print(f"{sorted(ratios)[len(ratios) // 2]:.1f}x")
+    print(f"median of {len(ratios)} rounds ({', '.join(f'{r:.2f}x' for r in ratios)}):")
+    print(f"{statistics.median(ratios):.1f}x")
 
 
 if __name__ == "__main__":
