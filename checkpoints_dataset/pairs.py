@@ -180,24 +180,30 @@ class PairDataset(Dataset):
 class PairBatches(IterableDataset):
     """Whole batches of a ``PairDataset`` for ``DataLoader(PairBatches(...), batch_size=None)``.
 
-    Each pass is a fresh random order of the dataset's positions (from the dataset's own generator)
-    cut into ``len(dataset) // (batch_size * num_replicas)`` batches of ``batch_size`` (the rest
-    dropped, like ``drop_last``); ``num_replicas`` ranks of a DDP job each give their dataset its own
-    seed and so see different pairs, with the same number of batches on every rank.
+    Each pass is a fresh random order of the dataset's positions, the same on every rank (drawn from
+    ``(seed, pass)``), of which rank ``rank`` of ``num_replicas`` takes every ``num_replicas``-th position
+    (DistributedSampler's split), cut into ``len(dataset) // (batch_size * num_replicas)`` batches of
+    ``batch_size`` (the rest dropped, like ``drop_last``): the ranks of a DDP job train on disjoint targets,
+    the same number of batches each. Start checkpoints and permutations come from each rank's dataset.
     """
 
-    def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1):
+    def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         if batch_size < 1 or num_replicas < 1:
             raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         if len(dataset) < batch_size * num_replicas:
             raise ValueError(f"{len(dataset)} pairs make no full batch of {batch_size} on {num_replicas} "
                              "replica(s); lower the batch size or add runs")
         self.dataset, self.batch_size, self.num_replicas = dataset, batch_size, num_replicas
+        self.rank, self.seed, self._passes = rank, seed, 0
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.num_replicas)
 
     def __iter__(self):
-        order = self.dataset._rng.permutation(len(self.dataset))  # [N] positions
+        shared = np.random.default_rng([self.seed, self._passes]).permutation(len(self.dataset))  # [N] positions
+        self._passes += 1
+        order = shared[self.rank::self.num_replicas]                                              # [N / replicas]
         for b in range(len(self)):
             yield self.dataset.get_batch(order[b * self.batch_size:(b + 1) * self.batch_size])

@@ -50,6 +50,22 @@ def test_pair_batches_cover_each_target_once_per_pass(tiny_digits_store):
         PairBatches(ds, batch_size=len(ds) + 1)
 
 
+def test_pair_batches_of_two_ranks_are_disjoint_and_cover_the_pass(tiny_digits_store):
+    """Two DDP ranks, each with its own dataset seed (its own starts and permutations), share the order of
+    targets and take alternate positions: disjoint targets that together cover the pass."""
+    store = open_store(tiny_digits_store)
+    seen = []
+    for rank in range(2):
+        ds = PairDataset(store, seed=rank, device="cpu")
+        batches = PairBatches(ds, batch_size=8, num_replicas=2, rank=rank, seed=3)
+        seen.append({(int(r), int(t)) for b in batches for r, t in zip(b["run_id"], b["target_step"])})
+    per_rank = len(batches) * 8
+    assert len(seen[0]) == len(seen[1]) == per_rank and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 2 * per_rank > len(ds) - 16     # all but the dropped remainder
+    with pytest.raises(ValueError, match="rank must be"):
+        PairBatches(ds, batch_size=8, num_replicas=2, rank=2)
+
+
 def test_datamodule_pair_device(tiny_digits_store):
     from gpt_params.training.data import ParameterDataModule
 

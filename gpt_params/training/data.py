@@ -234,8 +234,9 @@ class ParameterDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set.device is not None:   # whole batches drawn on the device, no workers
-            replicas = self.trainer.world_size if self.trainer is not None else 1
-            return DataLoader(PairBatches(self.train_set, self.hparams.batch_size, replicas), batch_size=None)
+            replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+            batches = PairBatches(self.train_set, self.hparams.batch_size, replicas, rank=rank, seed=self.hparams.seed)
+            return DataLoader(batches, batch_size=None)
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
