@@ -7,14 +7,18 @@ A metric not logged yet is stored as NaN (the initial checkpoint's, or an epoch-
 epoch ends) and does not drop the checkpoint; a logged non-finite value does. A fit resumed from a Lightning
 checkpoint (``ckpt_path=...``) continues its own run: the run id lives in the callback's state. Only global rank zero writes.
 
-Checkpoints are buffered in memory and written as one shard per run segment (every ``flush_every``
-checkpoints, at the end of fit and when training raises); the store is finalized after each write.
-This is the only module of the package that imports Lightning.
+By default every checkpoint is committed to the store (as a one-checkpoint shard, atomically) before the next
+training step, so a ``kill -9`` loses nothing recorded; ``flush_every=n`` buffers up to n checkpoints in memory
+instead (fewer, larger writes; a kill loses the buffer). At the end of a fit (and when training raises) the
+fit's shards are merged into one and the store is finalized; a store a killed fit left behind opens as it is
+(``open_store`` finalizes it) and the next fit appends to it. This is the only module of the package that
+imports Lightning.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import re
 import uuid
@@ -27,7 +31,10 @@ import torch
 
 from .params import LayerShapes, float_layer_shapes
 from .permute import PermutationSpec, infer_permutation_spec
-from .store import _committed_shards, _load_index, create_store, finalize_store, write_shard
+from .shards import merge_shards, retrying, scan
+from .store import create_store, finalize_store, write_shard
+
+log = logging.getLogger(__name__)
 
 _HIGHER_IS_BETTER = ("acc", "return", "reward", "auc", "f1", "score", "precision", "recall")
 
@@ -64,13 +71,22 @@ class CheckpointRecorder(pl.Callback):
             ``re.search`` against each name, or a list of globs (``["net.*.weight", "head.*"]``).
         lower_is_better: per metric; default guesses False for names containing acc/return/reward/auc/f1/score.
         dtype: "float32" or "float16" storage.
-        flush_every: checkpoints buffered in memory before a shard is written.
+        flush_every: checkpoints per write. 1 (default): each checkpoint is on disk, as a committed shard,
+            before training goes on, so a ``kill -9`` loses none (a few ms per checkpoint on a local disk,
+            mostly fsync). n > 1 (opt-in buffering): up to n checkpoints wait in memory and a kill loses
+            them; the buffer is also written at the end of fit, when training raises, and by ``flush()``.
+
+    However a fit ends, its shards are merged into one and the store is finalized; after a kill, the store
+    keeps one shard per recorded checkpoint of the killed fit, opens as it is, and the next fit adds a run.
     """
 
     def __init__(self, out_dir, metrics=(), every_n_epochs: int | None = 1, every_n_steps: int | None = None,
                  include: str | list[str] | None = None, lower_is_better: dict[str, bool] | None = None,
-                 dtype: Literal["float32", "float16"] = "float32", flush_every: int = 256):
+                 dtype: Literal["float32", "float16"] = "float32", flush_every: int = 1):
         super().__init__()
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an integer >= 1 (1: every checkpoint is written at once), "
+                             f"got {flush_every!r}")
         self.out_dir = Path(out_dir)
         self.metric_names = list(metrics)
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
@@ -84,6 +100,8 @@ class CheckpointRecorder(pl.Callback):
         self._shapes = LayerShapes()  # the recorded entries' layout, set at train start
         self._buffer: list[tuple[np.ndarray, int, float, list[float], list[bool]]] = []
         self._last_step = -1
+        self._written: list[str] = []      # shards this fit wrote, merged into one when it ends
+        self._written_steps: list[int] = []
 
     @property
     def state_key(self) -> str:
@@ -100,8 +118,7 @@ class CheckpointRecorder(pl.Callback):
     def _recorded_steps(self) -> dict[int, int]:
         """run id -> largest recorded step, from the committed shards' indexes (small files)."""
         out: dict[int, int] = {}
-        for name in _committed_shards(self.out_dir):
-            _, cols = _load_index(self.out_dir, name)
+        for _, cols in retrying(lambda: scan(self.out_dir)).shards.values():
             for rid, step in zip(cols["run_id"].tolist(), cols["step"].tolist()):
                 out[rid] = max(out.get(rid, -1), step)
         return out
@@ -118,10 +135,16 @@ class CheckpointRecorder(pl.Callback):
         self._buffer.append((vec, step, epoch, values, not_yet))
         self._last_step = step
         if len(self._buffer) >= self.flush_every:
-            self.flush()
+            self._write_buffer()
 
     def flush(self) -> None:
-        """Write the buffered checkpoints as one shard and refresh the manifest."""
+        """Write the buffered checkpoints (if any) as a shard and finalize the store (manifest, stats, split)."""
+        self._write_buffer()
+        if self.out_dir.joinpath("manifest.json").exists():
+            finalize_store(self.out_dir)
+
+    def _write_buffer(self) -> None:
+        """Commit the buffered checkpoints as one shard (atomic; the manifest is refreshed later)."""
         if not self._buffer or self.run_id is None:
             return
         vecs, steps, epochs, values, not_yet = zip(*self._buffer)
@@ -131,7 +154,19 @@ class CheckpointRecorder(pl.Callback):
                     epochs=epochs, metrics={m: values[:, j] for j, m in enumerate(self.metric_names)},
                     nan_metrics_ok=np.array(not_yet, bool).reshape(len(steps), len(self.metric_names)))
         self._buffer.clear()
-        finalize_store(self.out_dir)
+        self._written.append(name)
+        self._written_steps += [steps[0], steps[-1]]
+
+    def _finish(self) -> None:
+        """The fit ends: write the buffer, merge the fit's shards into one, finalize the store."""
+        self._write_buffer()
+        if len(self._written) > 1:
+            first, last = min(self._written_steps), max(self._written_steps)
+            merge_shards(self.out_dir, self._written,
+                          f"run{self.run_id:06d}-step{first:09d}-{last:09d}-{uuid.uuid4().hex[:6]}")
+        self._written, self._written_steps = [], []
+        if self.out_dir.joinpath("manifest.json").exists():
+            finalize_store(self.out_dir)
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,9 +204,14 @@ class CheckpointRecorder(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.flush()
+            self._finish()
         self.run_id, self._resumed = None, False  # the next fit is a new run
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if trainer.is_global_zero:
-            self.flush()
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._finish()
+        except Exception as err:  # keep the training's own error in front; what was committed stays committed
+            log.warning("CheckpointRecorder: could not finish the store at %s after the training failed (%s); "
+                        "its committed checkpoints are kept and open_store finalizes it", self.out_dir, err)

@@ -8,80 +8,39 @@ Layout (see README.md for the full format)::
     root/shards/<name>.index.npz       run_id, step, epoch, metric/<m> arrays [n] + "meta" (JSON string:
                                        params file shape/bytes/crc32, per-run sufficient stats, dropped, hparams)
 
-Every file is written to a temporary name in the same directory, flushed, fsync'ed and renamed, and the
-shard's index is written after its params file: a shard without an index is not committed (ignored), and an
-index whose params file is missing or has the wrong size is a truncated shard (StoreError).
+Every file is written to a temporary name in the same directory, flushed, fsync'ed and renamed (fileio.py), and
+the shard's index is written after its params file: a shard without an index is not committed (ignored), and
+an index whose params file is missing or has the wrong size is a truncated shard (StoreError). Temporaries of
+interrupted writes are removed when the store is next created, finalized or opened, and so are the params
+files of dead writers' uncommitted shards. A shard's index may name shards it ``replaces`` (the recorder merges
+a fit's one-checkpoint shards into one): those are hidden from then on and deleted after the next finalize.
+Every path read from a manifest or an index must name a file inside the store (StoreError otherwise). The
+shard files themselves (paths, index, listing, merging, cleaning) are handled in shards.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import mmap
-import os
-import uuid
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
+from .fileio import atomic_write, atomic_write_locked, json_bytes, write_json_atomic
 from .params import LayerShapes
 from .permute import PermutationSpec
+from .shards import (Scan, ShardGone, StoreError, check_params, crc32_of, delete_leftovers, is_plain_name,
+                     outside_error, release_pages, remove_temporaries, retrying, scan, shard_exists, shard_paths,
+                     write_index)
 
 FORMAT_NAME = "checkpoints_dataset"
 FORMAT_VERSION = 1
 _BASE_KEYS = ("task", "layer_shapes", "metric_names", "lower_is_better", "dtype", "build_config")
 
-
-class StoreError(ValueError):
-    """A directory that is not a valid checkpoint store (the message names the problem and the fix)."""
-
-
-# ----------------------------------------------------------------------------- atomic file helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write, *, exclusive: bool = False) -> bool:
-    """Write ``path`` via ``write(file)`` into a temp file in the same dir, fsync, rename (or hard-link when
-    ``exclusive``: returns False and leaves the existing file if there is one)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-    return True
-
-
-def _json_bytes(obj, allow_nan: bool = True) -> bytes:
-    return json.dumps(obj, indent=1, allow_nan=allow_nan).encode()
-
-
-def write_json_atomic(path, obj, *, allow_nan: bool = True) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, rename): readers see the old file
-    or the new one, never a half-written one."""
-    _atomic_write(Path(path), lambda f: f.write(_json_bytes(obj, allow_nan)))
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StoreError", "create_store", "write_shard", "shard_exists",
+           "finalize_store", "open_store", "CheckpointStore", "write_json_atomic"]  # write_json_atomic: fileio's
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -122,8 +81,9 @@ def create_store(root, *, task: str | None, layer_shapes: Mapping, metric_names,
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **base,
                 "num_params": layer_shapes.num_params, "permutation_spec": permutation_spec}
     (root / "shards").mkdir(parents=True, exist_ok=True)
+    remove_temporaries(root)
     if not (root / "manifest.json").exists():
-        if _atomic_write(root / "manifest.json", lambda f: f.write(_json_bytes(manifest)), exclusive=True):
+        if atomic_write(root / "manifest.json", lambda f: f.write(json_bytes(manifest)), exclusive=True):
             return
     existing = _read_manifest(root)
     diff = [k for k in _BASE_KEYS if existing.get(k) != base[k]]
@@ -134,10 +94,6 @@ def create_store(root, *, task: str | None, layer_shapes: Mapping, metric_names,
 
 
 # ----------------------------------------------------------------------------- shards
-def _shard_paths(root: Path, name: str) -> tuple[Path, Path]:
-    if not name or "/" in name or name.startswith("."):
-        raise StoreError(f"invalid shard name {name!r}: use a plain file name without '/'")
-    return root / "shards" / f"{name}.params.npy", root / "shards" / f"{name}.index.npz"
 
 
 def _per_run_stats(params: np.ndarray, run_ids: np.ndarray, layer_shapes: LayerShapes, chunk_values: int = 2**22
@@ -191,68 +147,28 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     if not keep.all():
         stored, cols = stored[keep], {k: v[keep] for k, v in cols.items()}
     stored = np.ascontiguousarray(stored)
-    params_path, index_path = _shard_paths(root, name)
-    _atomic_write(params_path, lambda f: np.save(f, stored))  # real file: written without a copy
-    with open(params_path, "rb") as f:
-        crc = 0
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    meta = {"params_file": params_path.name, "shape": list(stored.shape), "dtype": manifest["dtype"],
-            "nbytes": params_path.stat().st_size, "crc32": crc,
-            "dropped": {"nonfinite_params": int((~ok_params).sum()), "nonfinite_metrics": int((ok_params & ~ok_metrics).sum())},
-            "stats": _per_run_stats(stored, cols["run_id"], LayerShapes.from_json(manifest["layer_shapes"])),
-            "run_hparams": {str(k): v for k, v in (run_hparams or {}).items()}}
-    _atomic_write(index_path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **cols))
+    params_path, index_path = shard_paths(root, name)
+    # the params file stays locked until its index commits it: until then only a dead writer's is an orphan
+    with atomic_write_locked(params_path, lambda f: np.save(f, stored)):  # real file: written without a copy
+        meta = {"params_file": params_path.name, "shape": list(stored.shape), "dtype": manifest["dtype"],
+                "nbytes": params_path.stat().st_size, "crc32": crc32_of(params_path),
+                "dropped": {"nonfinite_params": int((~ok_params).sum()),
+                            "nonfinite_metrics": int((ok_params & ~ok_metrics).sum())},
+                "stats": _per_run_stats(stored, cols["run_id"], LayerShapes.from_json(manifest["layer_shapes"])),
+                "run_hparams": {str(k): v for k, v in (run_hparams or {}).items()}}
+        write_index(index_path, meta, cols)
     return int((~keep).sum())
 
 
-def _load_index(root: Path, name: str, verify: Literal["size", "full"] = "size") -> tuple[dict, dict]:
-    """Read and check a committed shard: (meta, columns). StoreError when its params file is missing/truncated."""
-    params_path, index_path = _shard_paths(root, name)
-    try:
-        with np.load(index_path) as z:
-            cols = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise StoreError(f"shard {name!r}: unreadable index {index_path} ({e}); delete it and rebuild that shard") from e
-    meta = json.loads(str(cols.pop("meta")))
-    if not params_path.is_file():
-        raise StoreError(f"shard {name!r}: params file {params_path} is missing; rebuild that shard "
-                         "(delete its index file and rerun the build)")
-    if params_path.stat().st_size != meta["nbytes"]:
-        raise StoreError(f"shard {name!r}: params file {params_path} is truncated or changed "
-                         f"({params_path.stat().st_size} bytes, index says {meta['nbytes']}); rebuild that shard")
-    if verify == "full":
-        with open(params_path, "rb") as f:
-            crc = 0
-            while chunk := f.read(1 << 24):
-                crc = zlib.crc32(chunk, crc)
-        if crc != meta["crc32"]:
-            raise StoreError(f"shard {name!r}: checksum mismatch in {params_path}; rebuild that shard")
-    return meta, cols
-
-
-def shard_exists(root, name: str) -> bool:
-    """Whether shard ``name`` is committed and its params file complete."""
-    try:
-        _load_index(Path(root), name)
-        return True
-    except (StoreError, FileNotFoundError, OSError):
-        return False
-
-
-def _committed_shards(root: Path) -> list[str]:
-    return sorted(p.name[:-len(".index.npz")] for p in (root / "shards").glob("*.index.npz")
-                  if not p.name.startswith("."))
-
-
-def _summarize(root: Path, manifest: dict, shards: list[str], test_fraction: float, min_test_runs: int) -> dict:
+def _summarize(root: Path, manifest: dict, shards: Mapping[str, tuple[dict, dict]], test_fraction: float,
+               min_test_runs: int) -> dict:
     """Manifest fields derived from the shards' indexes: shards, runs, split, stats, dropped counts."""
     dropped = {"nonfinite_params": 0, "nonfinite_metrics": 0}
     sums: dict[int, np.ndarray] = {}
     L = len(manifest["layer_shapes"])
     entries, total = [], 0
-    for name in shards:
-        meta, cols = _load_index(root, name)
+    for name, (meta, _) in shards.items():
+        check_params(root, name, meta)
         if meta["shape"][1:] != [manifest["num_params"]] or meta["dtype"] != manifest["dtype"]:
             raise StoreError(f"shard {name!r} holds {meta['dtype']} params of shape {meta['shape']}, but the manifest "
                              f"says {manifest['dtype']} [n, {manifest['num_params']}]: the manifest does not match its "
@@ -283,42 +199,30 @@ def finalize_store(root, test_fraction: float = 0.1, min_test_runs: int = 4) -> 
     """Write shards list, per-layer (mean, std) over train runs, run split and dropped counts to the manifest.
 
     Test runs are the last ``max(min_test_runs, ceil(test_fraction * runs))`` run ids (G.pt's split), but
-    at least one run stays for training. Safe to call again whenever shards are added.
+    at least one run stays for training. Safe to call again whenever shards are added. Also removes the
+    temporaries of interrupted writes and, once the manifest no longer lists them, merged-away shards.
     """
     root = Path(root)
-    manifest = _read_manifest(root)
-    manifest.update(_summarize(root, manifest, _committed_shards(root), test_fraction, min_test_runs))
-    _atomic_write(root / "manifest.json", lambda f: f.write(_json_bytes(manifest)))
+    remove_temporaries(root)
+
+    def finalize() -> Scan:
+        manifest = _read_manifest(root)
+        found = scan(root)
+        manifest.update(_summarize(root, manifest, found.shards, test_fraction, min_test_runs))
+        atomic_write(root / "manifest.json", lambda f: f.write(json_bytes(manifest)))
+        return found
+
+    delete_leftovers(root, retrying(finalize))
 
 
 # ----------------------------------------------------------------------------- reading
-def _release(array: np.ndarray) -> None:
-    """Drop a memory map's pages from this process's resident set (they stay in the OS page cache), so
-    that sampling from a store of any size keeps resident memory flat."""
-    mapping = getattr(array, "_mmap", None)
-    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
-
-
 class CheckpointStore:
     """A read-only view of a store. Parameters stay on disk (memory-mapped); tables are loaded (small)."""
 
     def __init__(self, root, verify: Literal["size", "full"] = "size"):
         self.root = Path(root)
-        manifest = _read_manifest(self.root)
-        on_disk = _committed_shards(self.root)
-        listed = [s["name"] for s in manifest.get("shards", [])]
-        missing = sorted(set(listed) - set(on_disk))
-        if missing:
-            raise StoreError(f"{self.root}: the manifest lists shards {missing} whose index files are missing; "
-                             "rebuild them (rerun the build) or run finalize_store to drop them from the manifest")
-        if "stats" not in manifest or listed != on_disk:  # new shards since the last finalize: refresh lazily
-            split = manifest.get("split", {"test_fraction": 0.1, "min_test_runs": 4})
-            manifest.update(_summarize(self.root, manifest, on_disk, split["test_fraction"], split["min_test_runs"]))
-            try:
-                _atomic_write(self.root / "manifest.json", lambda f: f.write(_json_bytes(manifest)))
-            except OSError:
-                pass  # read-only store: keep the refreshed manifest in memory
+        remove_temporaries(self.root)
+        manifest, shards = retrying(lambda: self._read(verify))
         self.manifest = manifest
         self.task = manifest["task"]
         self.layer_shapes = LayerShapes.from_json(manifest["layer_shapes"])
@@ -331,14 +235,8 @@ class CheckpointStore:
         spec = manifest.get("permutation_spec")
         self.permutation_spec = PermutationSpec.from_json(spec) if spec else None
         self._arrays, cols, self._hparams = [], [], {}
-        for entry in manifest["shards"]:
-            meta, c = _load_index(self.root, entry["name"], verify)
-            if meta["shape"][0] != entry["rows"]:
-                raise StoreError(f"{self.root}: shard {entry['name']!r} has {meta['shape'][0]} rows but the manifest "
-                                 f"says {entry['rows']}: the manifest does not match its shards; run finalize_store")
-            path = self.root / "shards" / meta["params_file"]
-            self._arrays.append(np.load(path, mmap_mode="r") if meta["shape"][0] else
-                                np.zeros(meta["shape"], manifest["dtype"]))
+        for array, meta, c in shards:
+            self._arrays.append(array)
             self._hparams.update({int(k): v for k, v in meta["run_hparams"].items()})
             cols.append(c)
         cat = lambda k, dt: np.concatenate([c[k] for c in cols]).astype(dt) if cols else np.zeros(0, dt)
@@ -348,6 +246,47 @@ class CheckpointStore:
         self._by_run = np.lexsort((self.steps, self.run_ids))  # checkpoint indices sorted by (run, step)
         self._run_bounds = np.searchsorted(self.run_ids[self._by_run], np.unique(self.run_ids), side="left")
         self._run_list = np.unique(self.run_ids)
+
+    def _read(self, verify) -> tuple[dict, list]:
+        """The manifest (refreshed when shards were added or merged since the last finalize) and, per listed
+        shard, (params memory map, meta, columns)."""
+        manifest = _read_manifest(self.root)
+        listed = []
+        for entry in manifest.get("shards", []):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not is_plain_name(name) or name.startswith("."):
+                raise outside_error(self.root, self.root / "manifest.json", "shard name", name,
+                                    "rewrite its shard list with checkpoints_dataset.finalize_store(store)")
+            listed.append(name)
+        found = scan(self.root)
+        on_disk = found.shards
+        missing = sorted(set(listed) - set(on_disk) - found.replaced)
+        if missing:
+            raise StoreError(f"{self.root}: the manifest lists shards {missing} whose index files are missing; "
+                             "rebuild them (rerun the build) or run finalize_store to drop them from the manifest")
+        if "stats" not in manifest or listed != list(on_disk):  # shards added since the last finalize: refresh
+            split = manifest.get("split", {"test_fraction": 0.1, "min_test_runs": 4})
+            manifest.update(_summarize(self.root, manifest, on_disk, split["test_fraction"], split["min_test_runs"]))
+            try:
+                atomic_write(self.root / "manifest.json", lambda f: f.write(json_bytes(manifest)))
+            except OSError:
+                found = None  # read-only store: keep the refreshed manifest in memory
+        if found is not None:
+            delete_leftovers(self.root, found)
+        shards = []
+        for entry in manifest["shards"]:
+            meta, c = on_disk[entry["name"]]
+            if meta["shape"][0] != entry["rows"]:
+                raise StoreError(f"{self.root}: shard {entry['name']!r} has {meta['shape'][0]} rows but the manifest "
+                                 f"says {entry['rows']}: the manifest does not match its shards; run finalize_store")
+            path = check_params(self.root, entry["name"], meta, verify)
+            try:
+                array = (np.load(path, mmap_mode="r") if meta["shape"][0] else
+                         np.zeros(meta["shape"], manifest["dtype"]))
+            except FileNotFoundError as e:
+                raise ShardGone(f"shard {entry['name']!r} vanished while the store was read") from e
+            shards.append((array, meta, c))
+        return manifest, shards
 
     num_runs = property(lambda self: len(self._run_list))
     num_checkpoints = property(lambda self: len(self.run_ids))
@@ -372,7 +311,7 @@ class CheckpointStore:
             rows = idx[where] - self._offsets[s]
             order = np.argsort(rows, kind="stable")  # sorted rows read sequentially
             out[where[order]] = self._arrays[s][rows[order]]
-            _release(self._arrays[s])
+            release_pages(self._arrays[s])
         return out
 
     def metrics(self, indices) -> dict[str, np.ndarray]:

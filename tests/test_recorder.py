@@ -109,3 +109,129 @@ def test_a_logged_nan_drops_the_checkpoint(tmp_path):
     trainer.fit(DivergingModule(), _loader(0))
     store = open_store(tmp_path / "s")
     assert store.steps.tolist() == [0, 4, 12] and store.manifest["dropped"]["nonfinite_metrics"] == 1
+
+
+def test_each_checkpoint_is_committed_before_the_next_step_and_a_fit_ends_as_one_shard(tmp_path):
+    root = tmp_path / "s"
+    seen = []
+
+    class Probe(pl.Callback):   # after the recorder: what is on disk when the next step starts
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, open_store(root).steps.tolist()))
+
+    rec = CheckpointRecorder(root, metrics=["train_loss"], every_n_epochs=None, every_n_steps=1)
+    trainer = pl.Trainer(max_steps=6, callbacks=[rec, Probe()], enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, accelerator="cpu", enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(TinyModule(), _loader(0))
+    assert seen == [(s, list(range(s + 1))) for s in range(6)]   # step s starts with checkpoints 0..s on disk
+    store = open_store(root)
+    assert store.steps.tolist() == list(range(7)) and len(store.manifest["shards"]) == 1   # merged at fit end
+    assert sorted(p.name for p in (root / "shards").iterdir()) == [
+        f"{store.manifest['shards'][0]['name']}.{ext}" for ext in ("index.npz", "params.npy")]
+
+    buffered = CheckpointRecorder(tmp_path / "b", metrics=["train_loss"], every_n_epochs=None, every_n_steps=1,
+                                  flush_every=4)   # opt-in buffering: same store, fewer writes
+    trainer = pl.Trainer(max_steps=6, callbacks=[buffered], enable_progress_bar=False, logger=False,
+                         enable_checkpointing=False, accelerator="cpu", enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0)
+    torch.manual_seed(0)
+    trainer.fit(TinyModule(), _loader(0))
+    assert open_store(tmp_path / "b").steps.tolist() == list(range(7))
+    with pytest.raises(ValueError, match="flush_every"):
+        CheckpointRecorder(tmp_path / "c", flush_every=0)
+
+
+_KILLED_FIT = '''
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from checkpoints_dataset import CheckpointRecorder
+
+torch.set_num_threads(1)
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Report(pl.Callback):   # runs after the recorder: the checkpoint of this step was recorded
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(trainer.global_step, flush=True)
+
+
+def fit(root, max_steps, report=False):
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    recorder = CheckpointRecorder(root, metrics=["train_loss"], every_n_epochs=None, every_n_steps=1)
+    pl.Trainer(max_steps=max_steps, callbacks=[recorder] + [Report()] * report, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               accelerator="cpu").fit(Module(), data)
+    return recorder
+'''
+
+
+@pytest.mark.parametrize("kill_after", [3, 40])
+def test_sigkill_keeps_every_recorded_checkpoint_and_the_next_fit_appends(tmp_path, kill_after, monkeypatch):
+    """A recorded fit killed with SIGKILL keeps every checkpoint whose step had ended (the initial one and one
+    per optimizer step up to the last completed step, possibly one more whose write had finished); the store
+    opens as it is, and the next fit adds run 1 and leaves run 0 untouched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "store"
+    (tmp_path / "killed_fit.py").write_text(_KILLED_FIT)   # one module for the killed fit and the next one
+    out = open(tmp_path / "steps.txt", "w")
+    child = subprocess.Popen([sys.executable, "-c", "import sys, killed_fit; killed_fit.fit(sys.argv[1], 10**6, True)",
+                              str(root)], stdout=out, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                  "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((root / "shards").glob("*.index.npz"))) < kill_after:   # committed shards
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the recorded fit wrote too few checkpoints in 120 s"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+        out.close()
+    assert child.returncode == -signal.SIGKILL
+    reported = [int(s) for s in (tmp_path / "steps.txt").read_text().split()]   # steps whose hooks had ended
+
+    store = open_store(root, verify="full")   # opens without a finalize; every file checks out
+    steps = store.steps[store.run_checkpoints(0)].tolist()
+    assert store.num_runs == 1 and len(steps) >= kill_after and steps == list(range(len(steps)))
+    assert set(reported) <= set(steps) and steps[-1] <= (reported[-1] if reported else 0) + 1
+    assert np.isfinite(store.params(np.arange(len(store)))).all()
+    assert not [p for p in root.rglob("*.tmp")]   # temporaries of a write the kill interrupted: removed
+    names = lambda ext: sorted(p.name[:-len(ext)] for p in (root / "shards").glob(f"*{ext}"))
+    assert names(".params.npy") == names(".index.npz")   # and a params file the kill left without its index
+    before = store.params(store.run_checkpoints(0))
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "killed_fit", raising=False)
+    import killed_fit
+    rec = killed_fit.fit(root, 3)   # the next fit, same recorder and out_dir
+    store = open_store(root)
+    assert store.runs.tolist() == [0, 1] and rec.run_id is None
+    assert store.steps[store.run_checkpoints(0)].tolist() == steps
+    assert np.array_equal(store.params(store.run_checkpoints(0)), before)
+    assert store.steps[store.run_checkpoints(1)].tolist() == [0, 1, 2, 3]

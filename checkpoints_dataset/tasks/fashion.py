@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Literal
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_write, remove_stale_temps
 from .base import ClassificationTask
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist/"   # where Debian's dataset-fashion-mnist puts the files
@@ -97,23 +97,23 @@ def download_fashion_mnist(dest: str | Path, base_url: str = DEFAULT_BASE_URL,
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest)   # what killed downloads left
     checksums = SHA256 if checksums is None else checksums
     for fname in FILES.values():
         target = dest / fname
         if target.exists() and _gunzipped_sha256(target) == checksums[fname]:
             continue
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{fname}.")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base_url.rstrip("/") + "/" + fname) as resp:
+
+        def download(out, fname=fname) -> None:   # into the temporary file; renamed only when it checks out
+            with urllib.request.urlopen(base_url.rstrip("/") + "/" + fname) as resp:
                 shutil.copyfileobj(resp, out)
-            got = _gunzipped_sha256(Path(tmp))
+            out.flush()
+            got = _gunzipped_sha256(Path(out.name))
             if got != checksums[fname]:
                 raise ValueError(f"checksum mismatch for {fname} from {base_url}: sha256 {got}, "
                                  f"expected {checksums[fname]}; the download is corrupt or not Fashion-MNIST")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(target, download)
     return dest
 
 

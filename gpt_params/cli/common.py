@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import uuid
 from pathlib import Path
+
+from checkpoints_dataset.fileio import remove_stale_temps
 
 
 class UsageError(ValueError):
@@ -10,7 +13,8 @@ class UsageError(ValueError):
 
 
 def prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> None:
-    """Refuse an --out that is a file, already holds results (unless overwrite) or is not writable."""
+    """Refuse an --out that is a file, already holds results (unless overwrite) or is not writable; remove the
+    temporary files that interrupted writes left there (``.<name>.<hex>.tmp``, nothing else)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a directory")
     if out.is_dir() and ((out / marker).exists() or any(out.glob("*.safetensors"))) and not overwrite:
@@ -18,11 +22,12 @@ def prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> Non
                          "or choose another directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test.{uuid.uuid4().hex}.tmp"   # our temporary pattern: a kill leaves nothing for good
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise UsageError(f"--out {out} is not writable ({err.strerror}); choose a directory you can write") from None
+    remove_stale_temps(out)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

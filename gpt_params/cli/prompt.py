@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from checkpoints_dataset.fileio import write_json_atomic
 from checkpoints_dataset.params import state_dict_to_vector
-from checkpoints_dataset.store import write_json_atomic
 from gpt_params.cli.common import (UsageError, add_sampling_options, add_task_options, check_sampling,
                                    prepare_out)
 from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
@@ -32,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
                         "(which refuse any other)")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results already in --out: the previous results.json and the networks it lists "
+                        "(or named like ours, targetNN_NNN/sample_NNN.safetensors) are removed; other files stay")
     add_task_options(p, "the checkpoint's")
     return p
 
@@ -85,6 +89,8 @@ def main(argv: list[str]) -> int:
         print("note: no task given, so the generated networks are not evaluated "
               "(pass --task pkg.module:Class to evaluate them)", file=sys.stderr)
 
+    if args.overwrite:
+        remove_previous_results(out)
     records = []
     for i in range(n):
         target = target_values[i // args.num]
@@ -103,6 +109,30 @@ def main(argv: list[str]) -> int:
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0
+
+
+_GENERATED = re.compile(r"^(target\d+_\d+|sample_\d+)\.safetensors$")   # the names main() gives
+
+
+def remove_previous_results(out: Path) -> list[Path]:
+    """Remove what an earlier ``prompt`` wrote in ``out``: its results.json first (so no results.json ever lists
+    files that are gone), then the .safetensors files it lists and those named like ours (``target00_000``,
+    ``sample_000``). Listed names must be plain file names in ``out``; nothing else is touched. Returns the
+    removed files."""
+    listed: set[str] = set()
+    try:
+        records = json.loads((out / "results.json").read_text()).get("records", [])
+        listed = {r["file"] for r in records if isinstance(r, dict) and isinstance(r.get("file"), str)}
+    except (OSError, ValueError, AttributeError):   # no results.json, or not ours: only our names go
+        pass
+    names = {name for name in listed if Path(name).name == name and name.endswith(".safetensors")}
+    names |= {p.name for p in out.iterdir() if _GENERATED.match(p.name)}
+    removed = []
+    for path in [out / "results.json"] + [out / name for name in sorted(names)]:
+        if path.is_symlink() or path.is_file():   # a link goes, never what it points to
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _check_mode_arguments(gen: Generator, args) -> tuple[str, list[Optional[float]]]:

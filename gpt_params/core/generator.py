@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from checkpoints_dataset.fileio import write_bytes_atomic
 from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.params import LayerShapes
 from checkpoints_dataset.tasks import Task, TaskRef
@@ -247,9 +249,9 @@ class Generator(nn.Module):
 
 
 def save_state_dict(path: str | Path, state_dict: dict[str, Tensor], metadata: Optional[dict] = None) -> None:
-    """Write a state_dict as safetensors (contiguous CPU tensors; metadata values as strings)."""
+    """Write a state_dict as safetensors (contiguous CPU tensors; metadata values as strings), atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    write_bytes_atomic(path, safetensors_bytes(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -3,18 +3,19 @@
 ``compare_modes({"params+start": ckpt_a, "pdiff": ckpt_b, ...}, task, store)`` loads each generator, runs
 the same four sections of the evaluation suite (``suite.run_sections``: prompt alignment, one step, novelty,
 diversity) on the same held-out runs and seeds and writes one table: ``out_dir/modes.md`` (markdown) and
-``out_dir/modes.json`` (the table's rows plus each mode's full section results). One step here is the
-generated networks' metric only (no Adam/SGD curves: ``gpt-params evaluate --ckpt`` measures those).
+``out_dir/modes.json`` (the table's rows plus each mode's full section results), each written atomically.
+One step here is the generated networks' metric only (no Adam/SGD curves: ``gpt-params evaluate --ckpt``
+measures those).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Mapping
 
+from checkpoints_dataset.fileio import remove_stale_temps, write_json_atomic, write_text_atomic
 from gpt_params.core.generator import Generator
 from gpt_params.evaluation.common import held_out_runs, to_json
 from gpt_params.evaluation.suite import run_sections
@@ -109,6 +110,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "modes.md").write_text(table + "\n\n" + "\n".join(f"- note: {n}" for n in notes) + "\n")
-        (out / "modes.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+        remove_stale_temps(out)
+        write_json_atomic(out / "modes.json", report, allow_nan=False)   # atomic: a kill keeps the old files
+        write_text_atomic(out / "modes.md", table + "\n\n" + "\n".join(f"- note: {n}" for n in notes) + "\n")
     return report

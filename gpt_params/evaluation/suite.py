@@ -28,7 +28,8 @@ from typing import Literal
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from checkpoints_dataset.store import open_store, write_json_atomic
+from checkpoints_dataset.fileio import remove_stale_temps, savefig_atomic, write_json_atomic
+from checkpoints_dataset.store import open_store
 from gpt_params.evaluation.alignment import prompt_alignment
 from gpt_params.evaluation.common import held_out_runs, to_json
 from gpt_params.evaluation.diversity import diversity
@@ -150,12 +151,13 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
                          f"report ({list(task.metric_names)}): pass the task it was trained for")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)   # what interrupted writes of an earlier report left
     notes: list[str] = []
     run_ids = held_out_runs(store, runs, notes)
     writer = getattr(tb_logger, "experiment", tb_logger)
 
     def save_figure(name: str, fig: Figure) -> None:
-        fig.savefig(out_dir / f"{name}.png", dpi=100)
+        savefig_atomic(fig, out_dir / f"{name}.png", dpi=100)
         if writer is not None:
             writer.add_figure(f"evaluate/{name}", fig, global_step=global_step, close=False)
 
