@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,20 +131,29 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
         num_groups = math.ceil(config.runs / config.group_size)
         mine = [g for g in range(num_groups) if g % count == index]
         todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
-        bar = tqdm(total=len(todo), unit="group", disable=not progress,
+        terminal = _isatty(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
+        bar = tqdm(total=len(todo), unit="group", disable=not progress, mininterval=0.1 if terminal else 10,
                    desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
                    bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
         for g in todo:
             run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
             hparams = [draw_hparams(config, r) for r in run_ids]
-            result = task.train_population(hparams, config, device, progress=lambda f: bar.update(f))
+            result = task.train_population(hparams, config, device,   # fractions may sum past the total
+                                           progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
             _write_group(out, g, run_ids, hparams, result)
-            bar.set_postfix(group=g)
+            bar.set_postfix(group=g, refresh=terminal)
         bar.close()
         if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
             store.finalize_store(out)
             return store.open_store(out)
     return None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
 
 
 @contextlib.contextmanager

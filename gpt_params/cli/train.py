@@ -13,13 +13,14 @@ from typing import Optional
 
 import torch
 import yaml
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.plugins.io import CheckpointIO
 
 from gpt_params.cli.common import UsageError
 from gpt_params.core.config import LEGACY_NAMES
 from gpt_params.evaluation import prompt_alignment
-from gpt_params.training import GeneratorModule, ParameterDataModule
+from gpt_params.training import AtomicCheckpointIO, GeneratorModule, LogProgressBar, ParameterDataModule
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"   # a link to the repository's configs/, a folder in wheels
 DEFAULT_CONFIG = CONFIG_DIR / "digits_mlp.yaml"
@@ -37,7 +38,38 @@ class LastOnException(Callback):
             trainer.save_checkpoint(os.path.join(checkpoint.dirpath, "last.ckpt"))
 
 
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def with_atomic_checkpoints(plugins) -> list:
+    """The trainer's plugins with ``AtomicCheckpointIO`` as the checkpoint writer: added when none of them is a
+    CheckpointIO, set as the base of a wrapper without one (``AsyncCheckpointIO()``); a user's own writer
+    stays as given."""
+    plugins = _as_list(plugins)
+    ios = [p for p in plugins if isinstance(p, CheckpointIO)]
+    if not ios:
+        return [*plugins, AtomicCheckpointIO()]
+    for io in ios:
+        while getattr(io, "checkpoint_io", None) is not None:   # a wrapper: down to its base writer
+            io = io.checkpoint_io
+        if hasattr(io, "checkpoint_io"):   # a wrapper without a base writer: ours
+            io.checkpoint_io = AtomicCheckpointIO()
+    return plugins
+
+
 class GeneratorCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        """The trainer with our defaults that depend on the user's choices: the atomic checkpoint writer (unless
+        ``--trainer.plugins`` brings a CheckpointIO) and LogProgressBar (unless the progress bar is disabled or
+        ``--trainer.callbacks`` brings one). Added here, not to the parsed config, so config.yaml stays as given."""
+        config = {**(self.config_init.get("trainer") or {}), **kwargs}
+        kwargs["plugins"] = with_atomic_checkpoints(config.get("plugins"))
+        callbacks = _as_list(config.get("callbacks"))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, LogProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
     def before_instantiate_classes(self) -> None:
         """Make sure the store exists; bf16 autocast on GPUs that support it, unless --trainer.precision says
         otherwise."""

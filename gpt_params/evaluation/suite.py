@@ -20,6 +20,7 @@ never one by one.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,10 +72,11 @@ def run_sections(gen, task, store, sections: Sequence[Section] = SECTIONS, *, ru
     run_ids = held_out_runs(store, runs, notes)
     common = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, device=device, notes=notes)
     results: dict[str, dict] = {}
+    terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()   # in a log file, few redraws
     bar = tqdm([name for name in SECTIONS if name in sections], desc="evaluate", unit="section",
-               disable=not progress)
+               disable=not progress, mininterval=0.1 if terminal else 10)
     for name in bar:
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(name, refresh=terminal)
         t0 = time.perf_counter()
         args = (gen, task, store, run_ids) if name in TAKES_RUNS else (gen, task, store)
         result, fig = SECTION_FUNCTIONS[name](*args, **{**common, **options.get(name, {})})
