@@ -62,8 +62,9 @@ class PopulationConfig:
     init_scheme: InitScheme = "default"
 
     def __post_init__(self):
-        if self.runs < 1 or self.epochs < 1 or self.group_size < 1 or self.batch_size < 1:
-            raise ValueError("runs, epochs, group_size and batch_size must all be >= 1")
+        for name in ("runs", "epochs", "group_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_checkpoints < 2:
             raise ValueError(f"num_checkpoints must be >= 2 (the init and the last step), got {self.num_checkpoints}")
         bad = [o for o in self.optimizers if o not in ("adam", "sgd")]

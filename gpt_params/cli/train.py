@@ -17,6 +17,9 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import CheckpointIO
 
+from checkpoints_dataset.fileio import savefig_atomic
+from checkpoints_dataset.info import DataInfo
+from checkpoints_dataset.params import LayerShapes
 from gpt_params.cli.common import UsageError
 from gpt_params.core.config import LEGACY_NAMES
 from gpt_params.evaluation import prompt_alignment
@@ -111,11 +114,24 @@ def check_old_option_names(argv: list[str]) -> None:
                                  f"{[_renamed(k)[2:] for k in old]} (nested under model:)")
 
 
+def check_resume(ckpt_path: Path, info: DataInfo) -> None:
+    """Refuse, before anything is written, a --ckpt_path that is missing or trained on another architecture."""
+    if not ckpt_path.is_file():
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a file; give the last.ckpt of a run to resume")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    saved = ((ckpt.get("hyper_parameters") or {}).get("data_info") or {}) if isinstance(ckpt, dict) else {}
+    if saved.get("layer_shapes") is not None and LayerShapes(saved["layer_shapes"]) != info.layer_shapes:
+        raise UsageError(f"--ckpt_path {ckpt_path} was trained on networks of another architecture than the store "
+                         f"at {info.store_root} holds; resume with the --data.root it was trained on "
+                         f"({saved.get('store_root')})")
+
+
 def main(argv: list[str]) -> int:
     """Train a generator; prints the checkpoint, the TensorBoard command and the prompt alignment."""
     check_old_option_names(argv)
     parser_kwargs = {"default_config_files": [str(DEFAULT_CONFIG)]} if DEFAULT_CONFIG.exists() else {}
     parser_kwargs["description"] = "Train a gpt-params generator (LightningCLI; see configs/)."
+    parser_kwargs["exit_on_error"] = False   # a bad option is one line (the dispatcher), not the whole usage
     with warnings.catch_warnings():   # our argv comes from the dispatcher, not LightningCLI's sys.argv
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = GeneratorCLI(
@@ -124,6 +140,8 @@ def main(argv: list[str]) -> int:
             trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), LastOnException()]},
         )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if cli.config.get("ckpt_path"):
+        check_resume(Path(cli.config.get("ckpt_path")), data.info)
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.get("ckpt_path"), weights_only=True)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
     if not trainer.is_global_zero:
@@ -139,7 +157,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         result, fig = prompt_alignment(gen, data.task, data.store, runs=data.store.test_runs[:n_runs],
                                        sampler="ddim", steps=20)
-        fig.savefig(log_dir / "alignment.png", dpi=100)
+        savefig_atomic(fig, log_dir / "alignment.png", dpi=100)
         print(f"Prompt alignment on {len(result['per_network'])} held-out runs ({gen.metric}): "
               f"R^2 median {result['median']:.3f}, mean {result['mean']:.3f} "
               f"({time.perf_counter() - t0:.0f} s)")
