@@ -68,6 +68,67 @@ def _spec_for(spec: PermutationSpec | Mapping | None, layer_shapes: LayerShapes)
 
 # -------------------------------------------------------------------------------------------- tokenizer
 
+def _unit_rows(spec: PermutationSpec | None, layer_shapes: LayerShapes,
+               positions: dict[str, Tensor]) -> list[tuple[str, Tensor, list[str]]]:
+    """One row per hidden unit of each permutation group: (kind, positions [size, L], the layers placed).
+    A layer belongs to the group of its lowest permuted axis; a unit's row holds its entries of every such
+    layer, in state_dict order."""
+    structure = spec if spec is not None else spec_from_layer_shapes(layer_shapes)
+    owner: dict[str, tuple[int, int]] = {}  # param -> (group idx, axis), lowest axis wins
+    for gi, group in enumerate(structure.groups):
+        for param, axis, _ in group.axes:
+            if param not in owner or axis < owner[param][1]:
+                owner[param] = (gi, axis)
+    rows = []
+    for gi, group in enumerate(structure.groups):
+        parts, names = [], []
+        for name, shape in layer_shapes.items():  # state_dict order inside a token
+            if name in owner and owner[name][0] == gi:
+                pos = positions[name].reshape(shape).movedim(owner[name][1], 0)  # [size * block, ...]
+                parts.append(rearrange(pos, "(u b) ... -> u (b ...)", u=group.size))  # [size, n / size]
+                names.append(name)
+        if parts:
+            rows.append((f"unit:{group.name}", torch.cat(parts, dim=1), names))  # [size, L]
+    return rows
+
+
+def _pack(rows: list[tuple[str, Tensor]], leftovers: list[tuple[str, Tensor]], chunk_size: int,
+          pad: int) -> tuple[Tensor, Tensor, list[str]]:
+    """Cut unit rows and leftover layers into tokens of width C = min(chunk_size, longest row), padded with
+    ``pad``: (index [T, C], layer ids [T], one kind per layer id). Unit tokens come unit-major, a unit's
+    pieces adjacent; each leftover layer's chunks get a layer id each."""
+    C = min(chunk_size, max([r.shape[1] for _, r in rows] + [p.numel() for _, p in leftovers]))
+    index, ids, kinds = [], [], []
+    for kind, r in rows:  # unit rows: [size, L] -> [size * pieces, C], unit-major
+        pieces = -(-r.shape[1] // C)
+        r = torch.nn.functional.pad(r, (0, pieces * C - r.shape[1]), value=pad)  # [size, pieces*C]
+        index.append(rearrange(r, "u (p c) -> (u p) c", c=C))  # [size * pieces, C]
+        ids.append(repeat(torch.arange(pieces) + len(kinds), "p -> (u p)", u=r.shape[0]))  # [size * pieces]
+        kinds += [f"{kind}/piece{k}" for k in range(pieces)]
+    for kind, pos in leftovers:  # chunk tokens, one layer id each
+        pieces = -(-pos.numel() // C)
+        pos = torch.nn.functional.pad(pos, (0, pieces * C - pos.numel()), value=pad)  # [pieces * C]
+        index.append(rearrange(pos, "(p c) -> p c", c=C))  # [pieces, C]
+        ids.append(torch.arange(pieces) + len(kinds))
+        kinds += [f"{kind}/{k}" for k in range(pieces)]
+    return torch.cat(index), torch.cat(ids), kinds
+
+
+def _checked_stats(stats: Mapping[str, Sequence[float]], layer_shapes: LayerShapes) -> dict[str, tuple[float, float]]:
+    """(mean, std) for exactly the layers, finite, std >= 0; a constant layer (std 0, e.g. frozen) is only centred."""
+    unknown = sorted(set(stats) - set(layer_shapes))
+    missing = [n for n in layer_shapes if n not in stats]
+    if unknown or missing:
+        raise ValueError(f"stats must have (mean, std) for exactly the layers; missing {missing}, unknown {unknown}")
+    checked = {}
+    for n in layer_shapes:
+        m, s = float(stats[n][0]), float(stats[n][1])
+        if not (math.isfinite(m) and math.isfinite(s) and s >= 0):
+            raise ValueError(f"stats of layer {n!r} must be finite with std >= 0, got ({m}, {s})")
+        checked[n] = (m, s if s > 0 else 1.0)
+    return checked
+
+
 class ParameterTokenizer:
     """Cuts parameter vectors ``[N, P]`` into tokens ``[N, T, C]`` and back (see the module docstring).
 
@@ -101,71 +162,24 @@ class ParameterTokenizer:
         self.spec = _spec_for(spec, self.layer_shapes)
         vector = torch.arange(self.num_params)  # [P] positions in the parameter vector
         positions = {name: vector[sl] for name, sl in self.layer_shapes.slices.items()}  # name -> [n]
-
-        # rows: list of (kind, LongTensor [units, L]) of parameter positions; each row becomes >= 1 token
-        rows: list[tuple[str, Tensor]] = []
-        placed: set[str] = set()
-        if layout == "neuron":
-            structure = self.spec if self.spec is not None else spec_from_layer_shapes(self.layer_shapes)
-            owner: dict[str, tuple[int, int]] = {}  # param -> (group idx, axis), lowest axis wins
-            for gi, group in enumerate(structure.groups):
-                for param, axis, _ in group.axes:
-                    if param not in owner or axis < owner[param][1]:
-                        owner[param] = (gi, axis)
-            for gi, group in enumerate(structure.groups):
-                parts = []
-                for name, shape in self.layer_shapes.items():  # state_dict order inside a token
-                    if name in owner and owner[name][0] == gi:
-                        pos = positions[name].reshape(shape).movedim(owner[name][1], 0)  # [size * block, ...]
-                        parts.append(rearrange(pos, "(u b) ... -> u (b ...)", u=group.size))  # [size, n / size]
-                        placed.add(name)
-                if parts:
-                    rows.append((f"unit:{group.name}", torch.cat(parts, dim=1)))  # [size, L]
+        rows = _unit_rows(self.spec, self.layer_shapes, positions) if layout == "neuron" else []
+        placed = {name for _, _, names in rows for name in names}
         leftovers = [(f"chunk:{n}", positions[n]) for n in self.layer_shapes if n not in placed]
-
-        longest = max([r.shape[1] for _, r in rows] + [p.numel() for _, p in leftovers])
-        C = min(self.chunk_size, longest)
         pad = self.num_params  # index of the zero appended to every vector
-        index, ids, kinds = [], [], []
-        for kind, r in rows:  # unit rows: [size, L] -> [size * pieces, C], unit-major
-            pieces = -(-r.shape[1] // C)
-            r = torch.nn.functional.pad(r, (0, pieces * C - r.shape[1]), value=pad)  # [size, pieces*C]
-            index.append(rearrange(r, "u (p c) -> (u p) c", c=C))  # [size * pieces, C]
-            ids.append(repeat(torch.arange(pieces) + len(kinds), "p -> (u p)", u=r.shape[0]))  # [size * pieces]
-            kinds += [f"{kind}/piece{k}" for k in range(pieces)]
-        for kind, pos in leftovers:  # chunk tokens, one layer id each
-            pieces = -(-pos.numel() // C)
-            pos = torch.nn.functional.pad(pos, (0, pieces * C - pos.numel()), value=pad)  # [pieces * C]
-            index.append(rearrange(pos, "(p c) -> p c", c=C))  # [pieces, C]
-            ids.append(torch.arange(pieces) + len(kinds))
-            kinds += [f"{kind}/{k}" for k in range(pieces)]
-        self.index = torch.cat(index)  # [T, C]
-        self.token_layer_ids = torch.cat(ids)  # [T]
-        self.token_kinds = kinds
+        self.index, self.token_layer_ids, self.token_kinds = _pack(
+            [(kind, r) for kind, r, _ in rows], leftovers, self.chunk_size, pad)  # [T, C], [T], list
         self.num_tokens, self.token_dim = self.index.shape
-        self.num_layer_ids = len(kinds)
+        self.num_layer_ids = len(self.token_kinds)
         self.mask = self.index < pad  # [T, C]
         self.inverse = torch.nonzero(self.mask.flatten())[:, 0][torch.argsort(self.index[self.mask])]  # [P]
         assert torch.equal(self.index.flatten()[self.inverse], torch.arange(pad)), "every entry exactly once"
 
         # per-entry normalization constants
-        self.stats = None
+        self.stats = None if stats is None else _checked_stats(stats, self.layer_shapes)
         mean, std = torch.zeros(pad + 1), torch.ones(pad + 1)  # [P + 1] (last: padding)
-        if stats is not None:
-            unknown = sorted(set(stats) - set(self.layer_shapes))
-            missing = [n for n in self.layer_shapes if n not in stats]
-            if unknown or missing:
-                raise ValueError(f"stats must have (mean, std) for exactly the layers; missing {missing}, "
-                                 f"unknown {unknown}")
-            self.stats = {n: (float(stats[n][0]), float(stats[n][1])) for n in self.layer_shapes}
-            for n, (m, s) in self.stats.items():
-                if not (math.isfinite(m) and math.isfinite(s) and s >= 0):
-                    raise ValueError(f"stats of layer {n!r} must be finite with std >= 0, got ({m}, {s})")
-                if s == 0:  # a constant layer (e.g. frozen): only centred
-                    self.stats[n] = (m, 1.0)
-                    s = 1.0
-                sl = self.layer_shapes.slices[n]
-                mean[sl], std[sl] = m, s
+        for n, (m, s) in (self.stats or {}).items():
+            sl = self.layer_shapes.slices[n]
+            mean[sl], std[sl] = m, s
         self._mean_tc, self._std_tc = mean[self.index], std[self.index]  # [T, C]
         self._mean_p, self._std_p = mean[:pad], std[:pad]  # [P]
         self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
