@@ -59,28 +59,7 @@ def main(argv: list[str]) -> int:
 
     g = torch.Generator().manual_seed(args.seed)
     n = len(target_values) * args.num
-    if start_arg == "none":
-        start = None
-    elif start_arg == "random":
-        if task is None:
-            raise UsageError("--start random needs the task's model: give --task pkg.module:Class, "
-                             "or --start PATH to a .safetensors state_dict")
-        start = task.init_params(n, generator=g)                                   # [n, P]
-    else:
-        try:
-            vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
-        except (KeyError, ValueError) as err:
-            raise UsageError(f"--start {start_arg} does not hold the generator's network ({err}); give a state_dict "
-                             f"with its {len(gen.layer_shapes)} entries {list(gen.layer_shapes)[:4]}...") from None
-        start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
-    if start is None:
-        start_metric = None
-    elif task is not None:
-        start_metric = task.evaluate(start)[gen.metric]
-    else:
-        start_metric = torch.full((n,), gen.init_metric)
-        print(f"note: no task to evaluate the start; its {gen.metric} is taken as the data's median "
-              f"at init ({gen.init_metric:.4g})", file=sys.stderr)
+    start, start_metric = _start(gen, task, start_arg, n, g)                       # [n, P], [n] or None
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
     params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
                           guidance=guidance, generator=g).cpu()                     # [n, P]
@@ -91,20 +70,8 @@ def main(argv: list[str]) -> int:
 
     if args.overwrite:
         remove_previous_results(out)
-    records = []
-    for i in range(n):
-        target = target_values[i // args.num]
-        name = (f"target{i // args.num:02d}_{i % args.num:03d}.safetensors" if target is not None
-                else f"sample_{i:03d}.safetensors")
-        if task is not None:
-            sd = task.to_state_dict(params[i])
-        else:
-            sd = {k: v[0] for k, v in gen.layer_shapes.split(params[i:i + 1]).items()}
-        save_state_dict(out / name, sd, {"target": target, "metric": gen.metric})
-        rec = {"target": None if target is None else float(target), "file": name}
-        if achieved is not None:
-            rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
-        records.append(rec)
+    records = _write_networks(out, gen, task, params, [target_values[i // args.num] for i in range(n)], args.num,
+                              achieved)
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
@@ -133,6 +100,48 @@ def remove_previous_results(out: Path) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+def _start(gen: Generator, task, start_arg: str, n: int, g: torch.Generator):
+    """The ``n`` start networks [n, P] and their metric [n] for --start (none, random or a file)."""
+    if start_arg == "none":
+        return None, None
+    if start_arg == "random":
+        if task is None:
+            raise UsageError("--start random needs the task's model: give --task pkg.module:Class, "
+                             "or --start PATH to a .safetensors state_dict")
+        start = task.init_params(n, generator=g)                                   # [n, P]
+    else:
+        try:
+            vec = state_dict_to_vector(load_state_dict(start_arg), gen.layer_shapes)   # [P]
+        except (KeyError, ValueError) as err:
+            raise UsageError(f"--start {start_arg} does not hold the generator's network ({err}); give a state_dict "
+                             f"with its {len(gen.layer_shapes)} entries {list(gen.layer_shapes)[:4]}...") from None
+        start = vec.float().unsqueeze(0).expand(n, -1).clone()                     # [n, P]
+    if task is not None:
+        return start, task.evaluate(start)[gen.metric]
+    print(f"note: no task to evaluate the start; its {gen.metric} is taken as the data's median "
+          f"at init ({gen.init_metric:.4g})", file=sys.stderr)
+    return start, torch.full((n,), gen.init_metric)
+
+
+def _write_networks(out: Path, gen: Generator, task, params: torch.Tensor, targets: list[Optional[float]],
+                    num: int, achieved: Optional[dict]) -> list[dict]:
+    """Each network [P] as a safetensors state_dict (atomically) -> the records of results.json."""
+    records = []
+    for i, target in enumerate(targets):
+        name = (f"target{i // num:02d}_{i % num:03d}.safetensors" if target is not None
+                else f"sample_{i:03d}.safetensors")
+        if task is not None:
+            sd = task.to_state_dict(params[i])
+        else:
+            sd = {k: v[0] for k, v in gen.layer_shapes.split(params[i:i + 1]).items()}
+        save_state_dict(out / name, sd, {"target": target, "metric": gen.metric})
+        rec = {"target": None if target is None else float(target), "file": name}
+        if achieved is not None:
+            rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}
+        records.append(rec)
+    return records
 
 
 def _check_mode_arguments(gen: Generator, args) -> tuple[str, list[Optional[float]]]:
