@@ -10,6 +10,8 @@ import argparse
 import ast
 import sys
 
+import torch
+
 from .population import PopulationConfig, build_population
 from .store import StoreError
 from .tasks import BUILTIN_TASKS, get_task
@@ -69,6 +71,12 @@ def main(argv=None, prog: str | None = None) -> int:
         argv = argv[1:]
     parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     kwargs = dict(args.task_option)
     if args.data_dir is not None:
         kwargs["data_dir"] = args.data_dir

@@ -51,8 +51,10 @@ def _read_manifest(root: Path) -> dict:
                          "`gpt-params build-dataset` or CheckpointRecorder, or check the path")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path} is not valid JSON ({e}); rebuild the store") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest; rebuild the store")
     if manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path} is not a {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
     if manifest.get("version") != FORMAT_VERSION:

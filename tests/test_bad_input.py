@@ -98,6 +98,10 @@ CASES = {
     "manifest_of_another_version": (lambda ws, mp: _manifest(ws, version=99), _train, "version"),
     "manifest_not_json": (lambda ws, mp: (ws.store / "manifest.json").write_text("{oops"), _train, "manifest"),
     "shard_file_missing": (lambda ws, mp: ws.shard().unlink(), _train, "params.npy"),
+    "manifest_a_json_list": (lambda ws, mp: (ws.store / "manifest.json").write_text("[]"), _train,
+                             "holds a JSON list, not a manifest"),
+    "manifest_not_utf8": (lambda ws, mp: (ws.store / "manifest.json").write_bytes(b'{"format": "\xff\xfe"}'),
+                          _train, "is not valid JSON"),
     "no_store_and_no_task": (None, lambda ws: train_args(ws.root / "nothing", ws.root / "run", extra=[
         "--data.task", "null"]), "give --data.task NAME"),
     "unknown_task": (None, lambda ws: train_args(ws.root / "nothing", ws.root / "run", extra=[
@@ -109,6 +113,13 @@ CASES = {
     "unknown_option_value": (None, lambda ws: _train(ws, "--model.dit.size", "XL"), "Got value: XL"),
     "flat_option_name": (None, lambda ws: _train(ws, "--model.lr", "0.1"), "is now --model.optim.lr"),
     "missing_config_file": (None, lambda ws: ["train", "--config", str(ws.root / "nope.yaml")], "does not exist"),
+    "config_not_yaml": (lambda ws, mp: _write(ws.root / "bad.yaml", b"model: [dit\n  : :"),
+                        lambda ws: ["train", "--config", str(ws.root / "bad.yaml")], "is not valid YAML"),
+    "config_a_yaml_list": (lambda ws, mp: _write(ws.root / "list.yaml", b"- 1\n- 2\n"),
+                           lambda ws: ["train", "--config", str(ws.root / "list.yaml")], "Unexpected config"),
+    "resume_from_a_non_checkpoint": (lambda ws, mp: _write(ws.root / "junk.ckpt", b"\x00junk" * 100),
+                                     lambda ws: _train(ws, "--ckpt_path", str(ws.root / "junk.ckpt")),
+                                     "is not a checkpoint written by gpt-params train"),
     "resume_from_another_architecture": (None, lambda ws: train_args(ws.other_store, ws.root / "run", extra=[
         "--ckpt_path", str(ws.ckpt)]), "another architecture"),
     # prompt
@@ -137,6 +148,12 @@ CASES = {
                                 "not a gpt-params checkpoint"),
     "start_is_a_pickle": (lambda ws, mp: _write(ws.root / "start.pt", b"x"),
                           lambda ws: _prompt(ws, "--start", str(ws.root / "start.pt")), "must be a .safetensors"),
+    "start_is_a_damaged_safetensors": (lambda ws, mp: _write(ws.root / "bad.safetensors", b"\x10" * 64),
+                                       lambda ws: _prompt(ws, "--start", str(ws.root / "bad.safetensors")),
+                                       "not a readable safetensors"),
+    "unknown_device": (None, lambda ws: _prompt(ws, "--device", "gpu7"), "is not a torch device"),
+    "cuda_device_without_cuda": (None, lambda ws: _evaluate(ws, "--device", "cuda"), "CUDA is not available"),
+    "build_unknown_device": (None, lambda ws: _build(ws) + ["--device", "tpu0"], "is not a torch device"),
     "start_of_another_architecture": (None, lambda ws: _prompt(ws, "--start", _other_arch_start(ws)),
                                       "does not hold the generator's network"),
     # evaluate
@@ -188,6 +205,8 @@ def test_the_sweep_has_25_cases_or_more():
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, workspace, monkeypatch, capsys):
     setup, make_args, expect = CASES[case]
+    if case == "cuda_device_without_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     if setup is not None:
         setup(workspace, monkeypatch)
     args = make_args(workspace)

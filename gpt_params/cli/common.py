@@ -5,6 +5,8 @@ import argparse
 import uuid
 from pathlib import Path
 
+import torch
+
 from checkpoints_dataset.fileio import remove_stale_temps
 
 
@@ -50,7 +52,18 @@ def add_task_options(p: argparse.ArgumentParser, default_help: str) -> None:
                    help="cartpole: score policies with the batched torch CartPole (default) or gymnasium's")
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device torch does not know, or a CUDA device on a machine without one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+
+
 def check_sampling(args) -> None:
+    check_device(args.device)
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     if args.guidance is not None and args.guidance < 0:

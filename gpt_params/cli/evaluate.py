@@ -58,8 +58,8 @@ def store_and_task(gen: Generator, args):
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.runs < 1 or args.steps < 1:
-        raise UsageError("--runs and --steps must be at least 1")
+    if args.runs < 1:
+        raise UsageError(f"--runs must be at least 1 (got {args.runs})")
     check_sampling(args)
     if (args.ckpt is None) == (args.compare is None):
         raise UsageError("give either --ckpt CKPT (one generator) or --compare NAME=CKPT ... (several)")

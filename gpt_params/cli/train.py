@@ -107,7 +107,11 @@ def check_old_option_names(argv: list[str]) -> None:
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] \
             if arg.startswith("--config=") else None
         if path and Path(path).is_file():
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+            try:
+                loaded = yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as err:
+                raise UsageError(f"--config {path} is not valid YAML ({err}); fix the file") from None
+            model = loaded.get("model") if isinstance(loaded, dict) else None
             old = [k for k in model if k in LEGACY_NAMES] if isinstance(model, dict) else []
             if old:
                 raise UsageError(f"{path}: model options {old} moved into groups; rename them to "
@@ -118,7 +122,11 @@ def check_resume(ckpt_path: Path, info: DataInfo) -> None:
     """Refuse, before anything is written, a --ckpt_path that is missing or trained on another architecture."""
     if not ckpt_path.is_file():
         raise UsageError(f"--ckpt_path {ckpt_path} is not a file; give the last.ckpt of a run to resume")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:   # not a torch zip file, or pickled classes of another program
+        raise UsageError(f"--ckpt_path {ckpt_path} is not a checkpoint written by gpt-params train "
+                         f"({type(err).__name__}); give the last.ckpt of a run to resume") from None
     saved = ((ckpt.get("hyper_parameters") or {}).get("data_info") or {}) if isinstance(ckpt, dict) else {}
     if saved.get("layer_shapes") is not None and LayerShapes(saved["layer_shapes"]) != info.layer_shapes:
         raise UsageError(f"--ckpt_path {ckpt_path} was trained on networks of another architecture than the store "

@@ -260,4 +260,10 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: start parameters must be a .safetensors state_dict (pickles are not "
                          "loaded); save one with safetensors.torch.save_file(model.state_dict(), path)")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as err:   # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors state_dict ({err}); save one with "
+                         "safetensors.torch.save_file(model.state_dict(), path)") from None
