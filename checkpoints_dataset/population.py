@@ -125,28 +125,33 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
         raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
     device = torch.device(device)
     out = Path(out)
-    with _build_lock(out, shard):   # a second build of this shard waits, then resumes (finds the groups done)
-        store.create_store(out, task=task_id(task), layer_shapes=task.layer_shapes,
-                           metric_names=list(task.metric_names), lower_is_better=dict(task.lower_is_better),
-                           permutation_spec=_spec_json(task), build_config=build_config(task, config), dtype=dtype)
-        num_groups = math.ceil(config.runs / config.group_size)
-        mine = [g for g in range(num_groups) if g % count == index]
-        todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
-        terminal = _isatty(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
-        bar = tqdm(total=len(todo), unit="group", disable=not progress, mininterval=0.1 if terminal else 10,
-                   desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
-                   bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
-        for g in todo:
-            run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
-            hparams = [draw_hparams(config, r) for r in run_ids]
-            result = task.train_population(hparams, config, device,   # fractions may sum past the total
-                                           progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
-            _write_group(out, g, run_ids, hparams, result)
-            bar.set_postfix(group=g, refresh=terminal)
-        bar.close()
-        if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
-            store.finalize_store(out)
-            return store.open_store(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store.create_store(out, task=task_id(task), layer_shapes=task.layer_shapes,
+                       metric_names=list(task.metric_names), lower_is_better=dict(task.lower_is_better),
+                       permutation_spec=_spec_json(task), build_config=build_config(task, config), dtype=dtype)
+    num_groups = math.ceil(config.runs / config.group_size)
+    mine = [g for g in range(num_groups) if g % count == index]
+    todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
+    terminal = _isatty(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
+    bar = tqdm(total=len(todo), unit="group", disable=not progress, mininterval=0.1 if terminal else 10,
+               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
+    for g in todo:
+        with _group_lock(out, g):   # another builder of this group (any --shard) finishes it first
+            done_meanwhile = store.shard_exists(out, shard_name(g))
+            if not done_meanwhile:
+                run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
+                hparams = [draw_hparams(config, r) for r in run_ids]
+                result = task.train_population(hparams, config, device,   # fractions may sum past the total
+                                               progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
+                _write_group(out, g, run_ids, hparams, result)
+        if done_meanwhile:
+            bar.update(1)
+        bar.set_postfix(group=g, refresh=terminal)
+    bar.close()
+    if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
+        store.finalize_store(out)
+        return store.open_store(out)
     return None
 
 
@@ -158,10 +163,10 @@ def _isatty(stream) -> bool:
 
 
 @contextlib.contextmanager
-def _build_lock(out: Path, shard: tuple[int, int]):
-    """An exclusive lock on one shard of the build at ``out`` (other shards build in parallel)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f".build-{shard[0]}of{shard[1]}.lock", "a") as lock:
+def _group_lock(out: Path, group: int):
+    """An exclusive lock on building one group of runs into the store at ``out``: builders of any shards
+    (several machines, or `gpt-params train` beside `build-dataset`) never train the same group at once."""
+    with open(out / f".build-{shard_name(group)}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -202,7 +207,7 @@ def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfi
     """A complete store at ``root``: opened as it is, built with ``task`` and ``config`` when missing, or an
     interrupted build finished with the settings it recorded (its task must be built in, or the import path
     ``task`` names: a name read from a manifest is never imported otherwise; ``option`` is the user's flag
-    for it). A build already running on ``root`` is waited for (``build_population``'s lock); with ``rank_zero``
+    for it). A group another process is building is waited for (``build_population``'s locks); with ``rank_zero``
     False the caller only waits for another process's build (DDP ranks)."""
     root = Path(root)
     if (root / "manifest.json").exists():

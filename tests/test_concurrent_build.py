@@ -33,17 +33,31 @@ def test_two_builds_of_one_store_at_once_make_the_store_of_one(tmp_path):
     assert np.array_equal(a.params(rows[order_a]), b.params(rows[order_b]))
 
 
-def test_a_build_waits_while_another_holds_the_store(tmp_path):
-    """While a build holds the lock of the store's shard, a second build writes nothing; it runs once released."""
-    from checkpoints_dataset.population import _build_lock
+def test_a_sharded_build_and_a_whole_build_at_once_make_the_store_of_one(tmp_path):
+    """`build-dataset --shard 0/2` beside a build of the whole store (what `gpt-params train` runs): both finish
+    and the store is whole (that a shared group waits for its lock: the next test)."""
+    out = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-m", "checkpoints_dataset", "build", *ARGS, "--out", str(out), *extra],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in (["--shard", "0/2"], [])]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+    assert open_store(out, verify="full").num_runs == 8
+
+
+def test_a_build_waits_while_another_holds_a_group(tmp_path):
+    """While another builder holds the locks of the store's groups, a build trains none of them; once they are
+    released it builds them."""
+    from checkpoints_dataset.population import _group_lock
 
     out = tmp_path / "store"
-    with _build_lock(out, (0, 1)):
+    out.mkdir()
+    with _group_lock(out, 0), _group_lock(out, 1):
         proc = subprocess.Popen([sys.executable, "-m", "checkpoints_dataset", "build", *ARGS, "--out", str(out)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             proc.wait(timeout=8)
         except subprocess.TimeoutExpired:
             pass
-        assert proc.returncode is None and not (out / "manifest.json").exists()   # still waiting, nothing written
+        assert proc.returncode is None and not list(out.glob("shards/*.index.npz"))   # waiting, no group written
     assert proc.wait(timeout=300) == 0 and open_store(out).num_runs == 8
