@@ -3,6 +3,7 @@ while training) and ParameterPrompter (a trained generator as a learned optimize
 training)."""
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Literal, Optional
 
 import pytorch_lightning as pl
@@ -37,13 +38,17 @@ class GeneratorEMA(WeightAveraging):
         if start_fraction is not None and not 0.0 <= start_fraction < 1.0:
             raise ValueError(f"start_fraction must be in [0, 1), got {start_fraction}")
         super().__init__(device=device, use_buffers=use_buffers, avg_fn=self._average)
-        self.decay, self.start_fraction = decay, start_fraction
+        self.decay, self.start_fraction, self.use_buffers = decay, start_fraction, use_buffers
         self.update_starting_at_step, self.update_every_n_steps = update_starting_at_step, update_every_n_steps
         self._ema = get_ema_avg_fn(decay)
-        self._copied: set[int] = set()   # storages of live tensors whose average is a copy (a frozen autoencoder)
+        # AveragedModel calls avg_fn once per tensor of chain(parameters(), buffers()), in that order, at each
+        # update: the position of a call names the tensor on any device (the average may live elsewhere).
+        self._position = 0
+        self._copied: set[int] = set()   # positions whose average is a copy (a frozen autoencoder's tensors)
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        if not averaged.is_floating_point() or current.data_ptr() in self._copied:
+        position, self._position = self._position, self._position + 1
+        if not averaged.is_floating_point() or position in self._copied:
             return current
         return self._ema(averaged, current, num_averaged)
 
@@ -59,11 +64,14 @@ class GeneratorEMA(WeightAveraging):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._position = 0   # this step's update (at batch end) starts at the first tensor
         gen = getattr(pl_module, "generator", None)
-        if gen is not None and gen.autoencoder is not None and pl_module.global_step >= gen.config.autoencoder.steps:
-            if not self._copied:
-                rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
-            self._copied = {t.data_ptr() for t in gen.autoencoder.state_dict().values()}   # params + buffers
+        if (not self._copied and gen is not None and gen.autoencoder is not None
+                and pl_module.global_step >= gen.config.autoencoder.steps):
+            frozen = {id(t) for t in itertools.chain(gen.autoencoder.parameters(), gen.autoencoder.buffers())}
+            tensors = itertools.chain(pl_module.parameters(), pl_module.buffers() if self.use_buffers else ())
+            self._copied = {i for i, t in enumerate(tensors) if id(t) in frozen}
+            rank_zero_info(f"autoencoder frozen after {pl_module.global_step} steps; training the DiT on its latents")
 
 
 def check_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
