@@ -205,6 +205,7 @@ def finalize_store(root, test_fraction: float = 0.1, min_test_runs: int = 4) -> 
     temporaries of interrupted writes and, once the manifest no longer lists them, merged-away shards.
     """
     root = Path(root)
+    _read_manifest(root)      # a store, before anything in it is cleaned
     remove_temporaries(root)
 
     def finalize() -> Scan:
@@ -223,6 +224,7 @@ class CheckpointStore:
 
     def __init__(self, root, verify: Literal["size", "full"] = "size"):
         self.root = Path(root)
+        _read_manifest(self.root)   # a store (a path read from a checkpoint may name any directory), then clean
         remove_temporaries(self.root)
         manifest, shards = retrying(lambda: self._read(verify))
         self.manifest = manifest

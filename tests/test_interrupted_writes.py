@@ -232,3 +232,15 @@ def test_prompt_overwrite_removes_the_replaced_networks_and_nothing_else(tiny_ge
     assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", "target00_000.safetensors", *mine])
     assert [r["file"] for r in json.loads((out / "results.json").read_text())["records"]] == ["target00_000.safetensors"]
     assert (tmp_path / "outside.safetensors").exists() and all((out / n).read_text() == "user" for n in mine)
+
+
+def test_opening_a_directory_that_is_no_store_cleans_nothing(tmp_path):
+    """evaluate opens the store a checkpoint names: a path read from a file, which may be any directory."""
+    from checkpoints_dataset import StoreError, finalize_store, open_store
+
+    bystander = tmp_path / (".notes." + "a" * 32 + ".tmp")
+    bystander.write_text("not ours")
+    for call in (open_store, finalize_store):
+        with pytest.raises(StoreError, match="not a checkpoint store"):
+            call(tmp_path)
+    assert bystander.read_text() == "not ours"
