@@ -1,6 +1,7 @@
 """Below both the tasks and the builder: what a population trainer uses and returns.
 
-The vectorized optimizers (``optimizer_step`` over a stack of runs ``[R, P]`` with per-run hyperparameters,
+``PopulationConfig`` (what a build trains: runs, epochs, hyperparameter ranges), the vectorized optimizers
+(``optimizer_step`` over a stack of runs ``[R, P]`` with per-run hyperparameters,
 Adam and SGD-momentum runs side by side), the checkpoint schedule, and ``GroupResult``, the checkpoints of
 one group of runs that ``Task.train_population`` returns and ``population.build_population`` stores.
 Imports only torch and numpy, so ``tasks`` and ``population`` can both import it at module level.
@@ -8,11 +9,51 @@ Imports only torch and numpy, so ``tasks`` and ``population`` can both import it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+OptimizerName = Literal["adam", "sgd"]
+InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
+
+
+@dataclass
+class PopulationConfig:
+    """What to build. Ranges are ``(low, high)``; a run draws each value independently."""
+
+    runs: int = 256
+    epochs: int = 20
+    seed: int = 0
+    group_size: int = 64                 # runs trained together and written as one shard
+    num_checkpoints: int = 32            # per run, the init and the last step included
+    batch_size: int = 64
+    lr: tuple[float, float] = (1e-4, 3e-2)            # log-uniform (Adam scale)
+    sgd_lr_scale: float = 10.0                        # SGD runs use lr * sgd_lr_scale
+    weight_decay: tuple[float, float] = (0.0, 1e-3)   # uniform; decoupled for Adam, L2 for SGD
+    init_scale: tuple[float, float] = (0.5, 1.5)      # uniform; multiplies every trainable init entry
+    momentum: tuple[float, float] = (0.8, 0.95)       # uniform; Adam beta1 / SGD momentum
+    optimizers: tuple[OptimizerName, ...] = ("adam", "sgd")
+    init_scheme: InitScheme = "default"
+
+    def __post_init__(self):
+        for name in ("runs", "epochs", "group_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_checkpoints < 2:
+            raise ValueError(f"num_checkpoints must be >= 2 (the init and the last step), got {self.num_checkpoints}")
+        bad = [o for o in self.optimizers if o not in ("adam", "sgd")]
+        if bad or not self.optimizers:
+            raise ValueError(f"optimizers must be a non-empty subset of ('adam', 'sgd'), got {self.optimizers}")
+        if not 0 < self.lr[0] <= self.lr[1]:
+            raise ValueError(f"lr range must satisfy 0 < low <= high, got {self.lr}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
 
 __all__ = ["GroupResult", "adam_first", "checkpoint_schedule", "init_optimizer_state", "optimizer_step"]
 

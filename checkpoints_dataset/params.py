@@ -96,6 +96,11 @@ class LayerShapes(dict):
             flat.append(t.reshape(t.shape[0], -1))  # [K, n]
         return torch.cat(flat, dim=1)  # [K, P]
 
+    def same_layout(self, other: Mapping[str, Sequence[int]]) -> bool:
+        """The same entries with the same shapes in the same order: vectors of one split into the other's
+        layers at the right offsets (``==`` ignores the order, as a dict's does)."""
+        return list(self.items()) == list(LayerShapes(other).items())
+
     def to_json(self) -> list[list]:
         """``[[name, [dims...]], ...]`` in order (the store manifest's form)."""
         return [[name, list(shape)] for name, shape in self.items()]

@@ -77,3 +77,9 @@ def test_pickle_copy_and_float_layer_shapes():
     assert got == {"0.weight": (4, 3), "0.bias": (4,), "1.weight": (4,), "1.bias": (4,), "1.running_mean": (4,),
                    "1.running_var": (4,), "2.weight": (2, 4), "2.bias": (2,)}
     assert got.num_params == sum(p.numel() for p in model.parameters()) + 8
+
+
+def test_same_layout_sees_the_order_that_equality_ignores():
+    a = LayerShapes({"fc1.weight": (4, 2), "fc2.weight": (1, 4)})
+    b = LayerShapes({"fc2.weight": (1, 4), "fc1.weight": (4, 2)})
+    assert a == b and not a.same_layout(b) and a.same_layout({"fc1.weight": [4, 2], "fc2.weight": [1, 4]})

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from ..optim import GroupResult, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
 from ..params import LayerShapes, check_params, float_layer_shapes, state_dict_to_vector, vector_to_state_dict
 from ..permute import PermutationSpec, infer_permutation_spec
 
@@ -98,7 +98,7 @@ class Task:
         """
         raise NotImplementedError(f"{type(self).__name__} must define evaluate(params [K, P])")
 
-    def train_population(self, hparams: list[dict], config: "PopulationConfig", device: torch.device,
+    def train_population(self, hparams: list[dict], config: PopulationConfig, device: torch.device,
                          progress: Callable[[float], None] | None = None) -> GroupResult:
         """Train the R runs of ``hparams`` together -> their checkpoints (``GroupResult``).
 
@@ -276,7 +276,7 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------ training
 
-    def train_population(self, hparams: list[dict], config: "PopulationConfig", device: torch.device,
+    def train_population(self, hparams: list[dict], config: PopulationConfig, device: torch.device,
                          progress: Callable[[float], None] | None = None) -> GroupResult:
         """Train the runs of ``hparams`` together (see ``Task.train_population``) -> ``GroupResult``.
 

@@ -147,7 +147,7 @@ class TaskRef:
     def check_shapes(self, layer_shapes: Mapping[str, Any], where: str) -> Task:
         """The task, after checking that it builds networks of ``layer_shapes`` (those of ``where``)."""
         mine, theirs = LayerShapes(self.task.layer_shapes), LayerShapes(layer_shapes)
-        if mine != theirs:
+        if not mine.same_layout(theirs):
             raise ValueError(f"task {self.name} with options {dict(self.options)} builds other networks than "
                              f"{where} ({self.task.num_params} params in {len(mine)} entries vs {len(theirs)} "
                              "entries): give the task (and options) those networks were made with")

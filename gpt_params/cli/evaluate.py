@@ -41,7 +41,7 @@ def store_and_task(gen: Generator, args):
     if not Path(store_root).exists():
         raise UsageError(f"the store {store_root} is not there; pass --store DIR")
     store = open_store(store_root, verify="full")
-    if dict(store.layer_shapes) != dict(gen.layer_shapes):
+    if not store.layer_shapes.same_layout(gen.layer_shapes):
         raise UsageError(f"the store at {store_root} holds another architecture than the generator's; "
                          "pass the --store it was trained on")
     options = dict(data_dir=args.data_dir, evaluator=args.evaluator)

@@ -19,7 +19,6 @@ from pytorch_lightning.plugins.io import CheckpointIO
 
 from checkpoints_dataset.fileio import savefig_atomic
 from checkpoints_dataset.info import DataInfo
-from checkpoints_dataset.params import LayerShapes
 from gpt_params.cli.common import UsageError
 from gpt_params.core.config import LEGACY_NAMES
 from gpt_params.evaluation import prompt_alignment
@@ -128,7 +127,7 @@ def check_resume(ckpt_path: Path, info: DataInfo) -> None:
         raise UsageError(f"--ckpt_path {ckpt_path} is not a checkpoint written by gpt-params train "
                          f"({type(err).__name__}); give the last.ckpt of a run to resume") from None
     saved = ((ckpt.get("hyper_parameters") or {}).get("data_info") or {}) if isinstance(ckpt, dict) else {}
-    if saved.get("layer_shapes") is not None and LayerShapes(saved["layer_shapes"]) != info.layer_shapes:
+    if saved.get("layer_shapes") is not None and not info.layer_shapes.same_layout(saved["layer_shapes"]):
         raise UsageError(f"--ckpt_path {ckpt_path} was trained on networks of another architecture than the store "
                          f"at {info.store_root} holds; resume with the --data.root it was trained on "
                          f"({saved.get('store_root')})")

@@ -86,7 +86,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     rows, results, seconds, metric, scales = [], {}, {}, None, {}
     for name, path in ckpts.items():
         gen = Generator.load(path, device=device)
-        if dict(store.layer_shapes) != gen.layer_shapes:
+        if not store.layer_shapes.same_layout(gen.layer_shapes):
             raise ValueError(f"mode {name!r}: {path} generates another architecture than the store's networks")
         if metric is not None and gen.metric != metric:
             raise ValueError(f"mode {name!r} is conditioned on {gen.metric!r}, the others on {metric!r}: "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from pytorch_lightning.callbacks import TQDMProgressBar
 

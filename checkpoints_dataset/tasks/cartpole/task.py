@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ...optim import GroupResult
+from ...optim import GroupResult, PopulationConfig
 from ...params import check_params
 from ..base import Task
 from .env import MAX_EPISODE_STEPS, initial_states
@@ -127,7 +127,7 @@ class CartpoleTask(Task):
         r = self.returns(params, device)  # [K, E]
         return {"return": r.mean(1).float(), "return_std": r.std(1, unbiased=False).float()}
 
-    def train_population(self, hparams: list[dict], config: "PopulationConfig", device: torch.device,
+    def train_population(self, hparams: list[dict], config: PopulationConfig, device: torch.device,
                          progress: Callable[[float], None] | None = None) -> GroupResult:
         """The runs of ``hparams`` trained together by ``trainer`` (see ``trainer.train_population``) ->
         ``GroupResult`` with ``steps`` = updates and ``epochs`` = updates / ``generations_per_epoch``."""
