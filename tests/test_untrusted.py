@@ -137,3 +137,25 @@ def test_a_user_task_given_by_path_works_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "--compare", f"a={ckpt}", "--task", path, "--runs", "2", "--steps", "2",
                  "--out", str(tmp_path / "modes")]) == 0
     assert (tmp_path / "modes" / "modes.json").exists()
+
+
+def test_a_store_that_names_a_user_task_by_its_name_opens_with_its_path(tmp_path):
+    """Stores built before import paths were recorded name a user task by Task.name: giving its path opens them."""
+    from checkpoints_dataset.tasks import TaskRef
+
+    with pytest.raises(ValueError, match="neither built in .* nor an import path; pass --task"):
+        TaskRef.from_file("small_digits", source="the store")
+    ref = TaskRef.from_file("small_digits", given="tests.user_task:SmallDigits", source="the store")
+    assert ref.name == "tests.user_task:SmallDigits" and ref.task.num_params == 64 * 8 + 8 + 8 * 10 + 10
+    with pytest.raises(ValueError, match="neither built in"):   # another task's path does not open it
+        TaskRef.from_file("small_digits", given="tests.test_tasks:_TinyTask", source="the store")
+
+
+def test_a_digits_store_of_another_width_records_it_and_trains(tmp_path, capsys):
+    store = tmp_path / "wide"
+    assert main(["build-dataset", "--task", "digits_mlp", "--task-option", "hidden=8", "--runs", "12", "--epochs", "1",
+                 "--group-size", "12", "--checkpoints", "3", "--no-progress", "--out", str(store)]) == 0
+    assert open_store(store).manifest["build_config"]["task_options"] == {"hidden": 8}
+    args = ["train", "--data.root", str(store), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.max_steps", "2", "--data.batch_size", "8", "--final_eval_runs", "2", *TINY_MODEL, *QUIET]
+    assert main(args) == 0 and "Prompt alignment on 2 held-out runs" in capsys.readouterr().out

@@ -20,6 +20,11 @@ class DigitsMLP(ClassificationTask):
         self.hidden = int(hidden)
         self.split_seed = int(split_seed)
 
+    def build_options(self) -> dict:
+        """The options that change what a build produces, when they differ from the defaults."""
+        return {k: v for k, v in (("hidden", self.hidden), ("split_seed", self.split_seed))
+                if v != {"hidden": 32, "split_seed": 0}[k]}
+
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
 

@@ -119,6 +119,9 @@ class TaskRef:
             raise ValueError(f"{source} names no task; pass {option} NAME")
         if name in BUILTIN_TASKS or (given is not None and given == name):
             return cls(name, options or {})
+        if (given is not None and is_import_path(given) and not is_import_path(name)
+                and getattr(import_task_class(given), "name", None) == name):
+            return cls(given, options or {})   # a store of before import paths were recorded: Task.name only
         if is_import_path(name):
             raise UntrustedTaskError(
                 f"{source} names the task {name!r}, which is not built in; a name read from a file is never "

@@ -188,16 +188,15 @@ class ParameterDataModule(pl.LightningDataModule):
             return ref
         ref = TaskRef.from_file(self.store.task, kwargs, given=given, option="--data.task",
                                 source=f"the store at {self.root}")
-        if given is not None and given != ref.name:
-            log.warning("the store at %s holds %s networks; --data.task %s is ignored", self.root, ref.name, given)
-        if self.hparams.task_options:  # options given: they must build the store's networks
-            ref.task   # a task that cannot be built with them says so first
-            try:
-                ref.check_shapes(self.store.layer_shapes, f"the store at {self.root}")
-            except ValueError:
+        ref.task   # a task that cannot be built with its options says so first
+        try:
+            ref.check_shapes(self.store.layer_shapes, f"the store at {self.root}")
+        except ValueError:
+            if self.hparams.task_options:
                 raise ValueError(f"--data.task_options {self.hparams.task_options} build {ref.name} networks of "
                                  f"other shapes than the store's at {self.root}: drop the options that change "
                                  "them") from None
+            raise
         return ref
 
     def _default_metric(self) -> str:
