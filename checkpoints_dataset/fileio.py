@@ -186,3 +186,11 @@ def remove_stale_temps(directory) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (progress bars redraw there; in a log file they should not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False

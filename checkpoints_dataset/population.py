@@ -29,11 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
+from .fileio import is_terminal
 from .optim import (GroupResult, InitScheme, OptimizerName, PopulationConfig, adam_first, checkpoint_schedule,
                     init_optimizer_state, optimizer_step)
 from .tasks import Task, TaskRef, task_id
 
 # GroupResult, checkpoint_schedule and the optimizers live in .optim (below the tasks); re-exported here
+log = logging.getLogger(__name__)
+
 __all__ = ["GroupResult", "InitScheme", "OptimizerName", "PopulationConfig", "adam_first", "build_config",
            "build_population", "checkpoint_schedule", "draw_hparams", "init_optimizer_state", "optimizer_step",
            "run_seed", "shard_name", "ensure_store", "store_is_complete"]
@@ -95,7 +98,7 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     num_groups = math.ceil(config.runs / config.group_size)
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
-    terminal = _isatty(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
+    terminal = is_terminal(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
     bar = tqdm(total=len(todo), unit="group", disable=not progress, mininterval=0.1 if terminal else 10,
                desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
                bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
@@ -116,13 +119,6 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
         store.finalize_store(out)
         return store.open_store(out)
     return None
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):   # no isatty, or a closed stream
-        return False
 
 
 @contextlib.contextmanager
@@ -156,7 +152,6 @@ def _write_group(out: Path, group: int, run_ids: list[int], hparams: list[dict],
         run_hparams={h["run_id"]: h for h in hparams})
 
 
-log = logging.getLogger(__name__)
 
 
 def store_is_complete(s: "store.CheckpointStore") -> bool:

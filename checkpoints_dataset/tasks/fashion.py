@@ -39,6 +39,8 @@ DATA_DIR_ENV = "FASHION_MNIST_DIR"                          # overrides DEFAULT_
 def default_data_dir() -> Path:
     """``$FASHION_MNIST_DIR`` when set, else Debian's location."""
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
 DEFAULT_BASE_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",

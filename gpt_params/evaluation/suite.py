@@ -29,7 +29,7 @@ from typing import Literal
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from checkpoints_dataset.fileio import remove_stale_temps, savefig_atomic, write_json_atomic
+from checkpoints_dataset.fileio import is_terminal, remove_stale_temps, savefig_atomic, write_json_atomic
 from checkpoints_dataset.store import open_store
 from gpt_params.evaluation.alignment import prompt_alignment
 from gpt_params.evaluation.common import held_out_runs, to_json
@@ -72,7 +72,7 @@ def run_sections(gen, task, store, sections: Sequence[Section] = SECTIONS, *, ru
     run_ids = held_out_runs(store, runs, notes)
     common = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, device=device, notes=notes)
     results: dict[str, dict] = {}
-    terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()   # in a log file, few redraws
+    terminal = is_terminal(sys.stderr)   # in a log file, few redraws
     bar = tqdm([name for name in SECTIONS if name in sections], desc="evaluate", unit="section",
                disable=not progress, mininterval=0.1 if terminal else 10)
     for name in bar:

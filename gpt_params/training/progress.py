@@ -16,12 +16,7 @@ from typing import Optional
 
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):   # no isatty, or a closed stream
-        return False
+from checkpoints_dataset.fileio import is_terminal
 
 
 def _fmt(value) -> str:
@@ -43,7 +38,7 @@ class LogProgressBar(TQDMProgressBar):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._lines = not _isatty(sys.stdout) if self.plain is None else self.plain
+        self._lines = not is_terminal(sys.stdout) if self.plain is None else self.plain
 
     @property
     def is_enabled(self) -> bool:   # the tqdm bars (and Lightning's printing through them)
