@@ -6,6 +6,13 @@ every ``every_n_steps`` optimizer steps, each with the chosen logged metrics (``
 A metric not logged yet is stored as NaN (the initial checkpoint's, or an epoch-level metric before the first
 epoch ends) and does not drop the checkpoint; a logged non-finite value does. A fit resumed from a Lightning
 checkpoint (``ckpt_path=...``) continues its own run: the run id lives in the callback's state. Only global rank zero writes.
+Fits recording into one store at once (a sweep) get distinct run ids: a fit claims the next free id under a
+lock and commits its initial checkpoint before it lets go.
+
+Resuming after a kill: checkpoints recorded after the Lightning checkpoint the fit resumes from stay in the run,
+and the resumed fit records only steps past the last one recorded. Lightning does not restore the RNG state, so
+the steps between that checkpoint and the kill are retrained on another trajectory; the run then holds the
+killed trajectory up to the kill and the resumed one after it.
 
 By default every checkpoint is committed to the store (as a one-checkpoint shard, atomically) before the next
 training step, so a ``kill -9`` loses nothing recorded; ``flush_every=n`` buffers up to n checkpoints in memory
@@ -17,6 +24,7 @@ imports Lightning.
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import logging
 import math
@@ -183,14 +191,21 @@ class CheckpointRecorder(pl.Callback):
                      lower_is_better=self.lower_is_better, permutation_spec=_restricted_spec(pl_module, shapes),
                      dtype=self.dtype, build_config={"recorder": {"module": f"{cls.__module__}.{cls.__qualname__}",
                                                                   "include": self.include}})
-        recorded = self._recorded_steps()
         if self._resumed:
-            self._last_step = recorded.get(self.run_id, -1)
+            self._last_step = self._recorded_steps().get(self.run_id, -1)
             self._resumed = False
             return
-        self.run_id = max(recorded, default=-1) + 1
-        self._last_step = -1
-        self._record(trainer, pl_module, epoch=float(trainer.current_epoch), initial=True)
+        # Claim a run id: the next free one, held by a committed shard before another fit (a sweep recording into
+        # the same store at once) can read the store's run ids.
+        with open(self.out_dir / ".recorder.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.run_id = max(self._recorded_steps(), default=-1) + 1
+                self._last_step = -1
+                self._record(trainer, pl_module, epoch=float(trainer.current_epoch), initial=True)
+                self._write_buffer()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.is_global_zero and trainer.global_step % self.every_n_steps == 0:

@@ -235,3 +235,48 @@ def test_sigkill_keeps_every_recorded_checkpoint_and_the_next_fit_appends(tmp_pa
     assert store.steps[store.run_checkpoints(0)].tolist() == steps
     assert np.array_equal(store.params(store.run_checkpoints(0)), before)
     assert store.steps[store.run_checkpoints(1)].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_fits_recording_into_one_store_at_once_get_distinct_run_ids(tmp_path):
+    """Two fits start together on one out_dir (a sweep): each claims its own run id and keeps its own steps."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "killed_fit.py").write_text(_KILLED_FIT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys, killed_fit; killed_fit.fit(sys.argv[1], 20)",
+                               str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    store = open_store(tmp_path / "store")
+    assert store.runs.tolist() == [0, 1]
+    assert all(store.steps[store.run_checkpoints(r)].tolist() == list(range(21)) for r in (0, 1))
+
+
+@pytest.mark.slow
+def test_a_fit_claims_its_run_id_under_the_store_s_recorder_lock(tmp_path):
+    """While another fit holds the lock (between reading the run ids and committing its first checkpoint), a
+    fit records nothing; then it claims the next id."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "killed_fit.py").write_text(_KILLED_FIT)
+    root = tmp_path / "store"
+    root.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    with open(root / ".recorder.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", "import sys, killed_fit; killed_fit.fit(sys.argv[1], 3)",
+                                 str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        assert proc.returncode is None and not list(root.glob("shards/*.index.npz"))   # waiting at the claim
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert proc.wait(timeout=300) == 0 and open_store(root).runs.tolist() == [0]

@@ -206,7 +206,7 @@ class GeneratorModule(pl.LightningModule):
         written before the generator had its own class (keys ``model.*``) resumes with its keys renamed."""
         saved = (checkpoint.get("hyper_parameters") or {}).get("data_info") or {}
         mine = self.generator.info
-        if saved.get("layer_shapes") not in (None, mine.to_json()["layer_shapes"]):
+        if saved.get("layer_shapes") is not None and not mine.layer_shapes.same_layout(saved["layer_shapes"]):
             raise ValueError("the checkpoint was trained on networks of another architecture than the store at "
                              f"{mine.store_root} holds; resume with the --data.root it was trained on "
                              f"({saved.get('store_root')})")
