@@ -169,3 +169,13 @@ def test_download_helper_checks_checksums(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch for t10k-labels"):
         download_fashion_mnist(dest, base_url=src.as_uri(), checksums=wrong)
     assert not (dest / "t10k-labels-idx1-ubyte.gz").exists() and not list(dest.glob(".*"))
+
+
+def test_digits_hidden_takes_a_width_or_a_list_of_widths():
+    one, two = get_task("digits_mlp"), get_task("digits_mlp", hidden=[32, 16])
+    assert list(one.layer_shapes) == ["0.weight", "0.bias", "2.weight", "2.bias"] and one.build_options() == {}
+    assert dict(two.layer_shapes)["2.weight"] == (16, 32) and two.build_options() == {"hidden": [32, 16]}
+    assert [g.size for g in two.permutation_spec.groups] == [32, 16]
+    assert get_task("digits_mlp", hidden=[32]).build_options() == {}     # [32] is the default width
+    with pytest.raises(ValueError, match="hidden must be"):
+        get_task("digits_mlp", hidden=[])

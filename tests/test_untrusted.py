@@ -151,11 +151,15 @@ def test_a_store_that_names_a_user_task_by_its_name_opens_with_its_path(tmp_path
         TaskRef.from_file("small_digits", given="tests.test_tasks:_TinyTask", source="the store")
 
 
-def test_a_digits_store_of_another_width_records_it_and_trains(tmp_path, capsys):
+@pytest.mark.parametrize("hidden, params", [("8", 64 * 8 + 8 + 8 * 10 + 10),
+                                            ("[8, 8]", 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10)])
+def test_a_digits_store_of_another_width_or_depth_records_it_and_trains(hidden, params, tmp_path, capsys):
     store = tmp_path / "wide"
-    assert main(["build-dataset", "--task", "digits_mlp", "--task-option", "hidden=8", "--runs", "12", "--epochs", "1",
-                 "--group-size", "12", "--checkpoints", "3", "--no-progress", "--out", str(store)]) == 0
-    assert open_store(store).manifest["build_config"]["task_options"] == {"hidden": 8}
+    assert main(["build-dataset", "--task", "digits_mlp", "--task-option", f"hidden={hidden}", "--runs", "12",
+                 "--epochs", "1", "--group-size", "12", "--checkpoints", "3", "--no-progress", "--out", str(store)]) == 0
+    built = open_store(store)
+    assert built.manifest["build_config"]["task_options"] == {"hidden": json.loads(hidden)}
+    assert built.num_params == params
     args = ["train", "--data.root", str(store), "--trainer.default_root_dir", str(tmp_path / "run"),
             "--trainer.max_steps", "2", "--data.batch_size", "8", "--final_eval_runs", "2", *TINY_MODEL, *QUIET]
     assert main(args) == 0 and "Prompt alignment on 2 held-out runs" in capsys.readouterr().out

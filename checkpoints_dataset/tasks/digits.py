@@ -6,6 +6,8 @@ train/val/test by a fixed permutation drawn from ``split_seed``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -14,10 +16,16 @@ from .base import ClassificationTask
 
 
 class DigitsMLP(ClassificationTask):
+    """``hidden``: the width of the hidden layer, or a list of widths for several (``hidden=[32, 32]``: the MLP
+    64-32-32-10)."""
+
     name = "digits_mlp"
 
-    def __init__(self, hidden: int = 32, split_seed: int = 0):
-        self.hidden = int(hidden)
+    def __init__(self, hidden: int | Sequence[int] = 32, split_seed: int = 0):
+        widths = [hidden] if isinstance(hidden, (int, np.integer)) else list(hidden)
+        if not widths or any(int(w) < 1 for w in widths):
+            raise ValueError(f"hidden must be a width >= 1 or a non-empty list of them, got {hidden!r}")
+        self.hidden = int(widths[0]) if len(widths) == 1 else [int(w) for w in widths]
         self.split_seed = int(split_seed)
 
     def build_options(self) -> dict:
@@ -26,7 +34,11 @@ class DigitsMLP(ClassificationTask):
                 if v != {"hidden": 32, "split_seed": 0}[k]}
 
     def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+        widths = [64, *([self.hidden] if isinstance(self.hidden, int) else self.hidden)]
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(widths[-1], 10))
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         from sklearn.datasets import load_digits  # heavy (about a second): only when the data is first needed
