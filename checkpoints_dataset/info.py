@@ -32,6 +32,8 @@ class DataInfo:
         store_root: where the store was (informative; evaluation's default store).
         task: the task's built-in name or import path (data: never imported unless the user names it again).
         task_kwargs: the task's keyword options at training (e.g. data_dir, cartpole's hidden).
+        val_runs: the runs held out for validation (their loss; settings are chosen on them), never trained on;
+            empty in checkpoints written before they were recorded.
     """
 
     layer_shapes: LayerShapes
@@ -45,6 +47,7 @@ class DataInfo:
     store_root: str | None = None
     task: str | None = None
     task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    val_runs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -53,12 +56,13 @@ class DataInfo:
         if self.stats is not None:
             fix("stats", {k: (float(v[0]), float(v[1])) for k, v in dict(self.stats).items()})
         fix("task_kwargs", dict(self.task_kwargs or {}))
+        fix("val_runs", () if self.val_runs is None else tuple(int(r) for r in self.val_runs))
 
     @classmethod
     def from_store(cls, store, metric: str, runs: Sequence[int], *, task: str | None = None,
-                   task_kwargs: Mapping[str, Any] | None = None) -> DataInfo:
+                   task_kwargs: Mapping[str, Any] | None = None, val_runs: Sequence[int] = ()) -> DataInfo:
         """Summarize ``store`` for ``metric`` over ``runs`` (the training and validation runs, never the
-        held-out test runs)."""
+        held-out test runs); ``val_runs`` are recorded as they are."""
         all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
         values, init_values = [], []
         for r in runs:
@@ -75,7 +79,7 @@ class DataInfo:
                    init_metric=float(np.nanmedian(init_values)),
                    stats={k: (float(m), float(s)) for k, (m, s) in store.stats.items()},
                    permutation_spec=store.manifest.get("permutation_spec"), store_root=str(store.root),
-                   task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {})
+                   task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {}, val_runs=val_runs)
 
     def to_json(self) -> dict:
         """Plain JSON types (the ``data_info`` of a checkpoint's hyperparameters)."""
@@ -91,6 +95,7 @@ class DataInfo:
             "layer_shapes": {k: list(v) for k, v in self.layer_shapes.items()},
             "stats": None if self.stats is None else {k: list(v) for k, v in self.stats.items()},
             "permutation_spec": None if self.permutation_spec is None else dict(self.permutation_spec),
+            "val_runs": list(self.val_runs),
         }
 
     @classmethod

@@ -157,6 +157,9 @@ CASES = {
     "start_of_another_architecture": (None, lambda ws: _prompt(ws, "--start", _other_arch_start(ws)),
                                       "does not hold the generator's network"),
     # evaluate
+    "val_split_of_an_old_checkpoint": (lambda ws, mp: shutil.copy(Path(__file__).parent / "data" / "legacy_params.ckpt",
+                                                                  ws.ckpt),
+                                       lambda ws: _evaluate(ws, "--split", "val"), "does not record its validation"),
     "runs_zero": (None, lambda ws: _evaluate(ws)[:5] + ["--runs", "0"] + _evaluate(ws)[7:], "must be at least 1"),
     "neither_ckpt_nor_compare": (None, lambda ws: ["evaluate", "--out", str(ws.out)], "give either --ckpt"),
     "compare_without_a_name": (None, lambda ws: ["evaluate", "--compare", str(ws.ckpt), "--out", str(ws.out)],

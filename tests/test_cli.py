@@ -264,3 +264,18 @@ def test_a_config_with_flat_model_options_names_their_new_names(tmp_path, capsys
     config.write_text("model:\n  size: XS\n  lr: 1.0e-3\n  layout: neuron\n")
     err = refused(["train", "--config", str(config)], capsys)
     assert "['size', 'lr']" in err and "dit.size" in err and "optim.lr" in err
+
+
+def test_evaluate_scores_the_validation_runs_the_generator_set_aside(trained, tiny_digits_store, tmp_path):
+    """--split val prompts from the runs training held out for validation (recorded in the checkpoint), never
+    from the store's test runs; report.json lists the run ids it used."""
+    from checkpoints_dataset import open_store
+
+    gen = Generator.load(trained)
+    store = open_store(tiny_digits_store)
+    assert gen.info.val_runs and not set(gen.info.val_runs) & set(store.test_runs.tolist())
+    for split, want in (("val", list(gen.info.val_runs[:2])), ("test", store.test_runs[:2].tolist())):
+        out = tmp_path / split
+        assert main(["evaluate", "--ckpt", str(trained), "--split", split, "--runs", "2", "--steps", "1",
+                     "--out", str(out)]) == 0
+        assert json.loads((out / "report.json").read_text())["config"]["run_ids"] == want

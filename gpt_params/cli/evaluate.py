@@ -23,6 +23,10 @@ def parser() -> argparse.ArgumentParser:
                    help="compare these generators (e.g. params=a.ckpt pdiff=b.ckpt) instead of one --ckpt")
     p.add_argument("--out", required=True, help="output directory for report.json and the plots")
     p.add_argument("--runs", type=int, default=32, help="held-out runs to prompt from (capped, with a note)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="which held-out runs: the store's test runs (default; report figures on them) or the "
+                        "validation runs the generator's training set aside (choose settings on them); "
+                        "report.json lists the run ids used")
     p.add_argument("--store", default=None, help="checkpoint store (default: the checkpoint's)")
     add_sampling_options(p)
     p.add_argument("--tensorboard", default=None, help="also log the figures to this TensorBoard log dir")
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> int:
     if args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter   # optional: only with --tensorboard
         writer = SummaryWriter(args.tensorboard)
-    report = evaluate_all(gen, out, task=task, store=store, runs=args.runs, sampler=args.sampler,
+    report = evaluate_all(gen, out, task=task, store=store, runs=_runs(gen, args), sampler=args.sampler,
                           steps=args.steps, guidance=args.guidance, device=args.device, tb_logger=writer)
     if writer is not None:
         writer.close()
@@ -81,6 +85,16 @@ def main(argv: list[str]) -> int:
         print(line)
     print(f"\nReport: {out / 'report.json'}")
     return 0
+
+
+def _runs(gen: Generator, args) -> int | list[int]:
+    """--runs of --split: a count of the store's test runs, or the first validation runs of the generator."""
+    if args.split == "test":
+        return args.runs
+    if not gen.info.val_runs:
+        raise UsageError("this checkpoint does not record its validation runs (written before they were): use "
+                         "--split test, or retrain it")
+    return list(gen.info.val_runs[:args.runs])
 
 
 def _compare(args) -> int:
@@ -95,8 +109,9 @@ def _compare(args) -> int:
         ckpts[name] = path
     out = Path(args.out)
     prepare_out(out, args.overwrite, marker="modes.json")
-    store, task = store_and_task(Generator.load(next(iter(ckpts.values()))), args)
-    report = compare_modes(ckpts, task, store, out, runs=args.runs, sampler=args.sampler,
+    first = Generator.load(next(iter(ckpts.values())))
+    store, task = store_and_task(first, args)
+    report = compare_modes(ckpts, task, store, out, runs=_runs(first, args), sampler=args.sampler,
                            steps=args.steps, guidance=args.guidance, device=args.device)
     print(report["markdown"])
     for note in report["notes"]:

@@ -165,7 +165,7 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
 
     report = {"config": {"task": task.name, "store": str(store.root), "metric": gen.metric,
                          "lower_is_better": bool(gen.lower_is_better), "data_range": list(gen.data_range),
-                         "runs": len(run_ids), "sampler": sampler, "steps": steps,
+                         "runs": len(run_ids), "run_ids": [int(r) for r in run_ids], "sampler": sampler, "steps": steps,
                          "guidance": getattr(gen, "guidance", 1.0) if guidance is None else guidance,
                          "seed": seed, "sections": list(sections), "options": options},
               "notes": notes, "seconds": {}}

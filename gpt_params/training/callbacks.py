@@ -99,8 +99,9 @@ def check_weight_averaging(trainer: pl.Trainer, pl_module: pl.LightningModule) -
 
 class AlignmentMonitor(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, prompt the generator from the initial checkpoints of
-    ``runs`` held-out runs with ``num_prompts`` targets each, and log the median R^2 (``val/alignment``)
-    and the prompted-vs-achieved figure to TensorBoard.
+    ``runs`` validation runs (held out from training; the store's test runs stay untouched for reported
+    figures) with ``num_prompts`` targets each, and log the median R^2 (``val/alignment``) and the
+    prompted-vs-achieved figure to TensorBoard.
 
     Place it after ``EMAWeightAveraging`` in ``trainer.callbacks``: it runs at validation start, when
     the EMA weights are swapped in, so it measures the weights that prompting will use.
@@ -125,7 +126,7 @@ class AlignmentMonitor(pl.Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, data) -> float:
         result, fig = prompt_alignment(pl_module.generator, data.task, data.store,
-                                       runs=data.store.test_runs[: self.runs], num_prompts=self.num_prompts,
+                                       runs=data.val_run_ids[: self.runs], num_prompts=self.num_prompts,
                                        sampler=self.sampler, steps=self.steps)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):

@@ -128,7 +128,7 @@ class ParameterDataModule(pl.LightningDataModule):
         self.info = DataInfo.from_store(
             self.store, metric, np.concatenate([self.train_run_ids, self.val_run_ids]),
             task=None if self.task_ref is None else self.task_ref.name,
-            task_kwargs=None if self.task_ref is None else self.task_ref.options)
+            task_kwargs=None if self.task_ref is None else self.task_ref.options, val_runs=self.val_run_ids)
 
     # ----------------------------------------------------------------- store
     @staticmethod
