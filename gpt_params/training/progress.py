@@ -1,11 +1,11 @@
 """A progress bar for logs: Lightning's tqdm bars on a terminal, a plain line every few seconds elsewhere.
 
 Redirected to a file (CI, ``nohup``, a SLURM log), tqdm redraws its bar with a carriage return at every
-update: a 4000-step run wrote 1.2 MB of them. ``LogProgressBar`` is ``TQDMProgressBar`` when stdout is a
+update (bench/NOTES.md has the log sizes). ``LogProgressBar`` is ``TQDMProgressBar`` when stdout is a
 terminal; otherwise its bars stay silent and it prints one line every ``interval`` seconds and one at the end
 of training, e.g.::
 
-    Epoch 3 100/226 | step 778/4000 | 7.31 it/s | 0:01:46 | train/loss_step=0.412 val/loss=0.455
+    Epoch E i/n | step s/max_steps | R it/s | h:mm:ss | train/loss_step=... val/loss=...
 """
 from __future__ import annotations
 
