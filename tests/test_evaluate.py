@@ -207,3 +207,16 @@ def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
     assert len(on_disk["recursive"]["schemes"]["xavier"]["median_after_each"]) == 3
     assert np.asarray(on_disk["landscape"]["values"]).shape == (6, 6)
     assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+
+
+def test_novelty_calls_networks_at_chance_not_working(digits):
+    """Initial checkpoints are far from every trained one (new, by distance) but no better than an init: the
+    verdict weighs quality first."""
+    task, store = digits
+    first = store.params(np.array([store.run_checkpoints(r)[0] for r in store.test_runs[:4]]))
+
+    class Copier:   # only its metric is read when networks are given
+        metric = "val_error"
+
+    res, _ = novelty(Copier(), task, store, generated=torch.as_tensor(first))
+    assert res["quality"]["progress"] < 0.5 and res["verdict"] == "not working"

@@ -9,8 +9,11 @@ Novelty verdict (documented rule): two references are measured the same way as t
 their aligned distance to the nearest training checkpoint: (a) held-out trained checkpoints of similar
 metric (new solutions by construction) and (b) training checkpoints plus small Gaussian noise
 (``noise_scale`` times each layer's std in the store; copies by construction). The copy threshold is the
-geometric mean of the two medians; a generated network below it counts as a near-copy, and the verdict is
-"near-copies" when more than half of the generated networks are, else "new solutions".
+geometric mean of the two medians; a generated network below it counts as a near-copy. Quality comes first:
+``progress`` is how far the generated networks' median metric gets from the held-out runs' initial median to
+their final median (1: as good as trained, 0: no better than an init). The verdict is "not working" when
+progress is below 0.5 (networks at chance are not new solutions), else "near-copies" when more than half of
+the generated networks are near-copies, else "new solutions".
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from matplotlib.figure import Figure
 from checkpoints_dataset.params import LayerShapes
 from gpt_params.evaluation import plots
 from gpt_params.evaluation.common import (as_tensor, checkpoints_near, generate_best, has_data, held_out_runs,
-                                          metric_of, nearest_aligned, predictions, summary, trained_checkpoints,
-                                          wrong_iou)
+                                          metric_of, nearest_aligned, predictions, run_endpoints, summary,
+                                          trained_checkpoints, wrong_iou)
 
 
 def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -74,16 +77,19 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
         notes.append("novelty: no held-out trained checkpoints; copy threshold = 10 x the noisy copies' median")
     is_copy = d_gen < threshold
     fraction = float(is_copy.mean()) if G else 0.0
+    quality = _progress(store, gen.metric, gen_metric, notes)
     result = {"metric": gen.metric, "num_generated": G, "pool_size": int(pool.size), "noise_scale": noise_scale,
               "generated_metric": summary(gen_metric),
               "distance": {"generated": summary(d_gen), "held_out_trained": summary(d_held),
                            "training_plus_noise": summary(d_copy)},
               "relative_distance_generated": summary(d_gen / gen_params.norm(dim=1).clamp_min(1e-12).numpy()),
               "per_network_distance": d_gen, "per_network_nearest": nearest[:G], "copy_threshold": threshold,
-              "near_copy_fraction": fraction,
-              "verdict": "near-copies" if fraction > 0.5 else "new solutions",
-              "rule": "near-copy: aligned distance below sqrt(median noisy-copy distance x median held-out "
-                      "distance); verdict near-copies when more than half of the generated networks are"}
+              "near_copy_fraction": fraction, "quality": quality,
+              "verdict": ("not working" if quality["progress"] is not None and quality["progress"] < 0.5
+                          else "near-copies" if fraction > 0.5 else "new solutions"),
+              "rule": "not working: the generated median metric gets less than half way from the held-out runs' "
+                      "initial median to their final median; else near-copies when more than half of the "
+                      "generated networks lie below sqrt(median noisy-copy distance x median held-out distance)"}
     if has_data(task):
         preds, labels = predictions(task, torch.cat([queries, as_tensor(store.params(nearest))]), "test",
                                     device=device)  # [2Q, n]
@@ -96,3 +102,16 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
     fig = plots.novelty_figure({"generated": d_gen, "held-out trained": d_held, "training + noise": d_copy},
                                threshold)
     return result, fig
+
+
+def _progress(store, metric: str, gen_metric: np.ndarray, notes: list[str]) -> dict:
+    """How far the generated networks get from an init to a trained network, on the held-out runs' metric."""
+    first, last = run_endpoints(store, store.test_runs)
+    values = store.metrics(np.concatenate([first, last]))[metric]
+    init, final = float(np.nanmedian(values[:len(first)])), float(np.nanmedian(values[len(first):]))
+    generated = float(np.nanmedian(gen_metric)) if len(gen_metric) else float("nan")
+    progress = (init - generated) / (init - final) if np.isfinite([init, final, generated]).all() and init != final \
+        else None
+    if progress is None:
+        notes.append("novelty: the held-out runs' initial or final metric is missing; quality not judged")
+    return {"init_median": init, "trained_final_median": final, "generated_median": generated, "progress": progress}
