@@ -69,3 +69,16 @@ def test_a_task_path_saved_in_a_checkpoint_is_not_imported():
         evil.make_task()
     with pytest.raises(ValueError, match="not a checkpoints_dataset.Task"):
         evil.make_task("os:system")                  # given by the user: imported, but checked before any call
+
+
+def test_a_checkpoint_of_before_resumes_into_the_training_module():
+    """Resuming (--ckpt_path) a format-1 checkpoint: on_load_checkpoint renames its weights (model.* ->
+    generator.model.*, the DiT's second copy under _forward_model.* dropped) so they load into GeneratorModule."""
+    from gpt_params.training import GeneratorModule
+
+    ckpt = torch.load(DATA / "legacy_latent.ckpt", map_location="cpu", weights_only=True)
+    gen = Generator.load(DATA / "legacy_latent.ckpt")
+    module = GeneratorModule(data_info=gen.info, dit=gen.config.dit, space="latent", autoencoder=gen.config.autoencoder)
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])   # strict: every key renamed, none left over
+    assert all(torch.equal(v, gen.state_dict()[k]) for k, v in module.generator.state_dict().items())

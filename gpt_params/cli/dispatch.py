@@ -55,11 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"gpt-params: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     try:
-        return VERBS[verb](rest)
-    except SystemExit as exit_:                # argparse: a message means bad input
-        if not isinstance(exit_.code, str):
-            raise
-        return _error(verb, exit_.code)
+        return VERBS[verb](rest)   # argparse's own errors print usage and exit 2 (SystemExit) by themselves
     except argparse.ArgumentError as err:      # LightningCLI's parser (train)
         return _error(verb, f"{err} (see gpt-params {verb} --help)")
     except (ValueError, KeyError, TimeoutError, OSError) as err:   # bad input or environment: one line, no traceback

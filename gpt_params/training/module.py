@@ -21,7 +21,6 @@ schedule (the DiT's restarts at the switch); AdamW skips parameters without grad
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Literal, Optional
 
@@ -128,7 +127,8 @@ class GeneratorModule(pl.LightningModule):
                 "`gpt-params train` links it from --data, in Python pass ParameterDataModule(...).info"
             )
         info = DataInfo.from_json(data_info)
-        dit, autoencoder, optim = _group(dit, DiTOptions), _group(autoencoder, AutoencoderOptions), _group(optim, OptimOptions)
+        dit, optim = _group(dit, DiTOptions), _group(optim, OptimOptions)
+        autoencoder = _group(autoencoder, AutoencoderOptions)
         try:
             config = GeneratorConfig(data=info, layout=layout, chunk_size=chunk_size, dit=dit, prediction=prediction,
                                      min_snr_gamma=min_snr_gamma, space=space, start=start, condition=condition,
@@ -163,19 +163,13 @@ class GeneratorModule(pl.LightningModule):
     def _log_reconstruction_gap(self, params: torch.Tensor, max_networks: int = 16) -> None:
         """val/ae_<metric>_gap: mean |metric(reconstructed) - metric(original)| on the first ``max_networks``
         of the first val batch (scoring networks can cost far more than a training step)."""
-        task = self._gap_task
+        task = getattr(self.trainer.datamodule, "task", None)   # built once by the data module from the user's names
         if task is None:
             return
         gen, metric = self.generator, self.generator.metric
         q = reconstruction_quality(gen.autoencoder, gen.tokenizer, task, params[:max_networks], [metric],
                                    device=self.device)
         self.log(f"val/ae_{metric}_gap", q["metrics"][metric]["abs_diff_mean"], on_epoch=True, sync_dist=True)
-
-    @functools.cached_property
-    def _gap_task(self):
-        """The data module's task (built from names the user gave), or None without one."""
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(data, "task", None)
 
     def _common_step(self, batch: dict[str, torch.Tensor], stage: str, batch_idx: int = 0) -> torch.Tensor:
         if self.autoencoder_phase():
