@@ -33,6 +33,12 @@ class DiTOptions:
         num_heads: attention heads (None: from the preset).
         residual: output = start + zero-initialized update (G.pt's global residual).
         projection: token projections in and out shared by a layer ("layer") or one per token position.
+        relations: the weights between two hidden layers as edges between unit tokens ("edges", see
+            ``gpt_params.core.relations``: the model is then equivariant to every hidden layer's unit
+            permutations) or as plain token entries ("none", the only choice before issue 16: generated
+            networks with two hidden layers were at chance). Networks with one hidden layer have no such
+            weights, so the option changes nothing for them; a latent-space generator has none either.
+        edge_size: rank of the edge encoder's and decoder's products.
     """
 
     size: Literal["XS", "S", "B", "L"] = "XS"
@@ -41,10 +47,15 @@ class DiTOptions:
     num_heads: Optional[int] = None
     residual: bool = False
     projection: Literal["layer", "position"] = "layer"
+    relations: Literal["edges", "none"] = "edges"
+    edge_size: int = 64
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
             raise ValueError(f"dit.size must be one of {list(PRESETS)}, got {self.size!r}")
+        _choice("dit.relations", self.relations, ("edges", "none"))
+        if int(self.edge_size) < 1:
+            raise ValueError(f"dit.edge_size must be >= 1, got {self.edge_size}")
 
     def overrides(self) -> dict[str, int]:
         """The preset entries this config overrides."""
@@ -148,7 +159,7 @@ class GeneratorConfig:
                              "gpt-params; upgrade to load it")
         kwargs = dict(config)
         kwargs["data"] = DataInfo.from_json(config["data"])
-        kwargs["dit"] = DiTOptions(**config.get("dit", {}))
+        kwargs["dit"] = DiTOptions(**{"relations": "none", **config.get("dit", {})})   # before issue 16: none
         kwargs["autoencoder"] = AutoencoderOptions(**config.get("autoencoder", {}))
         return cls(**kwargs)
 
@@ -164,5 +175,5 @@ class GeneratorConfig:
                 groups[group][field] = value
             elif key in top:
                 kwargs[key] = value
-        return cls(data=DataInfo.from_json(hparams["data_info"]), dit=DiTOptions(**groups["dit"]),
+        return cls(data=DataInfo.from_json(hparams["data_info"]), dit=DiTOptions(**{"relations": "none", **groups["dit"]}),
                    autoencoder=AutoencoderOptions(**groups["autoencoder"]), **kwargs)

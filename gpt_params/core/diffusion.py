@@ -116,6 +116,13 @@ class Diffusion:
         ``target_tokens``/``start_tokens`` ``[N, T, C]``, metrics ``[N]`` (raw values), ``mask [T, C]``
         bool of real entries (None = all). The target metric is dropped with probability ``cond_drop_prob``.
         """
+        return self.training_terms(model, target_tokens, start_tokens, start_metric, target_metric,
+                                   cond_drop_prob, mask, generator)[0].mean()
+
+    def training_terms(self, model: nn.Module, target_tokens: Tensor, start_tokens: Tensor, start_metric: Tensor,
+                       target_metric: Tensor, cond_drop_prob: float = 0.1, mask: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``training_loss`` per pair ``[N]`` (weighted) and the model's output ``[N, T, C]``."""
         self._check_model(model)
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
@@ -142,7 +149,7 @@ class Diffusion:
             clipped = snr.clamp(max=self.min_snr_gamma)
             weight = {"x0": clipped, "epsilon": clipped / snr, "v": clipped / (snr + 1)}[self.prediction]  # [N]
             err = err * weight
-        return err.mean()
+        return err, pred
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()

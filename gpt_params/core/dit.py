@@ -22,6 +22,13 @@ Differences from an image DiT:
   adaLN layer; the output projection and every adaLN modulation are zero-initialized.
 - ``prediction`` says what the output means ("x0", "epsilon", "v"); ``residual=True`` (x0 only) returns
   ``start + update`` with a zero-initialized update, so the untrained model returns the start tokens.
+- Relations (``relations``, from ``relations.find_relations``): the weights between two hidden layers sit
+  in a unit's token indexed by the units of the layer before, whose order means nothing across networks.
+  They are hidden from the per-token projections and handled as edges between unit tokens instead: an
+  ``EdgeEncoder`` message into both units, an attention bias per block and head from the edge's values,
+  and an ``EdgeDecoder`` prediction from both units' final embeddings. The model is then equivariant to the
+  unit permutations of every hidden layer (tests/test_relations.py); without it, generated networks with
+  two hidden layers were at chance (bench/NOTES.md, issue 16).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import torch
 from einops import rearrange
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
+
+from gpt_params.core.relations import EdgeDecoder, EdgeEncoder, add_to_units, attention_bias, gather_edges, relations_from_json
 
 Prediction = Literal["x0", "epsilon", "v"]
 
@@ -77,9 +86,10 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, attn_bias: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [N, D]
-        x = x + rearrange(gate1, "n d -> n 1 d") * self.attn(modulate(self.norm1(x), shift1, scale1))  # [N, T, D]
+        attn = self.attn(modulate(self.norm1(x), shift1, scale1), attn_mask=attn_bias)  # [N, T, D]
+        x = x + rearrange(gate1, "n d -> n 1 d") * attn  # [N, T, D]
         x = x + rearrange(gate2, "n d -> n 1 d") * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [N, T, D]
         return x
 
@@ -122,9 +132,12 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.linear = TokenLinear(ids, hidden_size, token_dim)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def features(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [N, D]
-        return self.linear(modulate(self.norm(x), shift, scale))  # [N, T, C]
+        return modulate(self.norm(x), shift, scale)  # [N, T, D]
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.features(x, c))  # [N, T, C]
 
 
 class ParameterDiT(nn.Module):
@@ -141,6 +154,11 @@ class ParameterDiT(nn.Module):
         token_mask: ``[T, C]`` bool (tokenizer.mask); outputs at padding are zero when given.
         start_input: "checkpoint" (start tokens and start metric are inputs) or "none" (start-free).
         condition: "target" (conditioned on the target metric) or "none" (unconditional).
+        relations: the weights between hidden layers (``relations.find_relations(tokenizer)``, as JSON
+            dicts): hidden from the per-token projections, encoded and predicted as edges between unit
+            tokens (see ``gpt_params.core.relations``). None or empty: every entry goes through the
+            per-token projections.
+        edge_size: width E of the edge encoder and decoder.
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
@@ -148,7 +166,8 @@ class ParameterDiT(nn.Module):
                  residual: bool = False, metric_range: tuple[float, float] = (0.0, 1.0),
                  projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None,
                  start_input: Literal["checkpoint", "none"] = "checkpoint",
-                 condition: Literal["target", "none"] = "target"):
+                 condition: Literal["target", "none"] = "target", relations: list[dict] | None = None,
+                 edge_size: int = 64):
         super().__init__()
         if prediction not in ("x0", "epsilon", "v"):
             raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
@@ -177,7 +196,8 @@ class ParameterDiT(nn.Module):
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                             prediction=prediction, residual=residual, metric_range=[lo, hi], projection=projection,
                             token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist(),
-                            start_input=start_input, condition=condition)
+                            start_input=start_input, condition=condition,
+                            relations=[dict(r) for r in relations or []], edge_size=edge_size)
         proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
         uses_start = start_input == "checkpoint"
         self.x_embedder = TokenLinear(proj_ids, (2 if uses_start else 1) * token_dim, hidden_size)
@@ -193,7 +213,31 @@ class ParameterDiT(nn.Module):
         if mask.shape != (num_tokens, token_dim):
             raise ValueError(f"token_mask must be [{num_tokens}, {token_dim}], got {list(mask.shape)}")
         self.register_buffer("token_mask", mask.bool(), persistent=False)
+        self._add_relations(relations_from_json(relations), hidden_size, edge_size, 2 if uses_start else 1,
+                            depth * 2 * num_heads)
         self.initialize_weights()
+
+    def _add_relations(self, relations, hidden_size: int, edge_size: int, inputs: int, biases: int) -> None:
+        """Buffers of each relation's positions; its encoder, attention-bias map (``biases`` = depth x 2 x heads
+        scores per edge) and decoder; ``free_mask`` [T, C]: 0 at the relations' entries, which the per-token
+        projections do not see."""
+        self.num_relations = len(relations)
+        free = torch.ones(self.num_tokens * self.token_dim)
+        self.edge_encoders, self.edge_biases, self.edge_decoders = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i, rel in enumerate(relations):
+            if int(rel.index.max()) >= free.numel() or int(max(rel.rows.max(), rel.cols.max())) >= self.num_tokens:
+                raise ValueError(f"relation {rel.name!r} points outside the [{self.num_tokens}, {self.token_dim}] tokens")
+            free[rel.index.flatten()] = 0.0
+            for key in ("rows", "cols", "index"):
+                self.register_buffer(f"_rel{i}_{key}", getattr(rel, key).clone(), persistent=False)
+            features = rel.index.shape[2]
+            self.edge_encoders.append(EdgeEncoder(inputs * features, hidden_size, edge_size))
+            self.edge_biases.append(nn.Linear(inputs * features, biases))
+            self.edge_decoders.append(EdgeDecoder(inputs * features, hidden_size, edge_size, features))
+        self.register_buffer("free_mask", free.view(self.num_tokens, self.token_dim), persistent=False)
+
+    def _relation(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        return getattr(self, f"_rel{i}_rows"), getattr(self, f"_rel{i}_cols"), getattr(self, f"_rel{i}_index")
 
     @classmethod
     def from_preset(cls, name: str, num_tokens: int, token_dim: int, **kwargs) -> "ParameterDiT":
@@ -211,7 +255,8 @@ class ParameterDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         w = self.x_embedder.weight  # [L, 2C or C, D]: xavier over one token's projection
         bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
         nn.init.uniform_(w, -bound, bound)
@@ -229,6 +274,14 @@ class ParameterDiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        for layer in self.edge_biases:  # no bias at first: attention starts as without relations
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for decoder in self.edge_decoders:  # like the output projection: the untrained model predicts zero
+            nn.init.zeros_(decoder.out.weight)
+            nn.init.zeros_(decoder.out.bias)
+            nn.init.zeros_(decoder.row.weight)   # the bilinear term starts at zero, with gradients
+            nn.init.zeros_(decoder.row.bias)
 
     def normalize_metric(self, metric: Tensor) -> Tensor:
         """Raw metric values ``[N]`` -> ``(m - lo) / (hi - lo)`` (not clipped)."""
@@ -248,7 +301,19 @@ class ParameterDiT(nn.Module):
                              f"{list(x_t.shape)} and {got}")
         n = x_t.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x_t.device).expand(n)  # [N]
-        h = self.x_embedder(torch.cat([x_t, start], dim=-1) if uses_start else x_t)  # [N, T, D]
+        inputs = [x_t, start] if uses_start else [x_t]
+        free = self.free_mask.to(x_t.dtype)  # [T, C]
+        h = self.x_embedder(torch.cat([x * free for x in inputs], dim=-1))  # [N, T, D]
+        edges = [torch.cat([gather_edges(x, self._relation(i)[2]) for x in inputs], dim=-1)
+                 for i in range(self.num_relations)]  # each [N, A, B, inputs * F]
+        h0, bias = h, None
+        for i, encoder in enumerate(self.edge_encoders):  # messages from the input embeddings, added together
+            rows, cols, _ = self._relation(i)
+            to_rows, to_cols = encoder(edges[i], h0[:, rows].mean(2), h0[:, cols].mean(2))  # [N, A, D], [N, B, D]
+            h = add_to_units(add_to_units(h, rows, to_rows), cols, to_cols)  # [N, T, D]
+            b = attention_bias(self.edge_biases[i](edges[i]), rows, cols, self.num_tokens)  # [N, depth * H, T, T]
+            bias = b if bias is None else bias + b
+        biases = [None] * len(self.blocks) if bias is None else bias.to(h.dtype).chunk(len(self.blocks), dim=1)
         c = self.t_embedder(timesteps)  # [N, D]
         if self.condition == "target":
             target = self.target_embedder(self.normalize_metric(target_metric.expand(n)))  # [N, D]
@@ -258,9 +323,17 @@ class ParameterDiT(nn.Module):
             c = c + target
         if uses_start:
             c = c + self.start_embedder(self.normalize_metric(start_metric.expand(n)))  # [N, D]
-        for block in self.blocks:
-            h = block(h, c)  # [N, T, D]
-        out = self.final_layer(h, c)  # [N, T, C]
+        for block, b in zip(self.blocks, biases):
+            h = block(h, c, b)  # [N, T, D]
+        features = self.final_layer.features(h, c)  # [N, T, D]
+        out = self.final_layer.linear(features)  # [N, T, C]
+        if self.num_relations:
+            flat = out.flatten(1)  # [N, T * C]
+            for i, decoder in enumerate(self.edge_decoders):
+                rows, cols, index = self._relation(i)
+                pred = decoder(edges[i], features[:, rows].mean(2), features[:, cols].mean(2))  # [N, A, B, F]
+                flat = flat.index_copy(1, index.flatten(), pred.flatten(1))
+            out = flat.view_as(out)  # [N, T, C]
         if self.residual:
             out = start + out  # [N, T, C]
         return out * self.token_mask  # [N, T, C]

@@ -13,7 +13,7 @@ an unconditional one (``conditional`` False) ignores the target metric.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +29,7 @@ from gpt_params.core.conditions import Conditions
 from gpt_params.core.config import GeneratorConfig
 from gpt_params.core.diffusion import Diffusion, sample
 from gpt_params.core.dit import ParameterDiT
+from gpt_params.core.relations import find_relations
 from gpt_params.core.tokenizer import ParameterTokenizer
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]
@@ -68,6 +69,8 @@ class Generator(nn.Module):
             token_layer_ids=tok.token_layer_ids, prediction=config.prediction, residual=config.dit.residual,
             metric_range=info.metric_range, projection=config.dit.projection,
             token_mask=None if latent else tok.mask, start_input=config.start, condition=config.condition,
+            relations=[r.to_json() for r in find_relations(tok)] if config.dit.relations == "edges" and not latent
+            else None, edge_size=config.dit.edge_size,
             **config.dit.overrides())
         self.diffusion = Diffusion(prediction=config.prediction, min_snr_gamma=config.min_snr_gamma)
         self.register_buffer("token_mask", tok.mask.clone(), persistent=False)   # [T, C]
@@ -149,15 +152,25 @@ class Generator(nn.Module):
             return self.autoencoder.encode(tokens)            # [N, T, d]
 
     def denoising_loss(self, batch: dict[str, Tensor], cond_drop_prob: float, denoiser: nn.Module | None = None,
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None,
+                       function_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """The diffusion loss of a batch of pairs (``start``/``target`` [N, P], ``start_metric``/``target_metric``
-        [N]); ``denoiser`` is ``self.model`` or a compiled wrapper of it."""
+        [N]); ``denoiser`` is ``self.model`` or a compiled wrapper of it. ``function_loss(predicted [N, P],
+        target [N, P])`` (see ``FunctionLoss``), when given, is added: it compares the networks the x0
+        predictions make with their targets on the task's inputs."""
         target = self.encode(batch["target"])                 # [N, T, C] or [N, T, d]
         start = self.encode(batch["start"]) if self.uses_start else torch.zeros_like(target)
-        return self.diffusion.training_loss(
+        err, pred = self.diffusion.training_terms(
             denoiser or self.model, target, start, batch["start_metric"], batch["target_metric"],
             cond_drop_prob=cond_drop_prob, mask=None if self.autoencoder is not None else self.token_mask,
             generator=generator)
+        loss = err.mean()
+        if function_loss is not None:
+            if self.autoencoder is not None or self.config.prediction != "x0":
+                raise ValueError("the function-space loss needs x0 predictions of parameter tokens: use "
+                                 "--model.prediction x0 and --model.space params")
+            loss = loss + function_loss(self.tokenizer.detokenize(pred), batch["target"])
+        return loss
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
