@@ -197,3 +197,15 @@ def test_bad_input_is_refused(task):
         task.split("train")
     with pytest.raises(ValueError, match="evaluator"):
         get_task("cartpole", evaluator="numpy")
+
+
+def test_probe_states_lie_inside_the_episode_bounds_and_give_the_policies_logits(task):
+    """The function-space loss compares policies on these states (Task.probe_inputs)."""
+    states = task.probe_inputs()
+    assert states.shape == (task.probe_size, 4) and torch.equal(states, task.probe_inputs())   # fixed
+    assert (states[:, 0].abs() < 2.4).all() and (states[:, 2].abs() < 0.2095).all()
+    params = task.init_params(3, torch.Generator().manual_seed(0))
+    out = task.network_outputs(params, states)   # [K, B, 2]
+    policy = task.build_model()
+    policy.load_state_dict(task.to_state_dict(params[1]))
+    assert out.shape == (3, task.probe_size, 2) and torch.allclose(out[1], policy(states), atol=1e-5)

@@ -148,6 +148,27 @@ class Task:
         """
         return infer_permutation_spec(self.build_model())
 
+    def probe_inputs(self) -> Tensor:
+        """A fixed batch of the network's inputs ``[B, ...]`` on which generated networks are compared with
+        their targets in function space (the generator's ``--model.function_loss``).
+
+        ``ClassificationTask`` gives its first ``probe_size`` training inputs; other tasks define it to use
+        that loss (cartpole does not yet).
+        """
+        raise NotImplementedError(f"{type(self).__name__} defines no probe_inputs(), so the function-space loss "
+                                  "cannot compare its networks; train with --model.function_loss 0 or define it")
+
+    @functools.cached_property
+    def _eval_model(self) -> nn.Module:
+        return self.build_model().eval()
+
+    def network_outputs(self, params: Tensor, inputs: Tensor) -> Tensor:
+        """The outputs ``[K, B, ...]`` of K networks ``params [K, P]`` on ``inputs [B, ...]`` (eval mode,
+        differentiable in ``params``); rarely overridden."""
+        params = check_params(params, self.num_params)
+        model = self._eval_model   # a template: functional_call swaps in every parameter and float buffer
+        return vmap(lambda p: functional_call(model, p, (inputs,)))(self.layer_shapes.split(params))
+
     def to_state_dict(self, vec: Tensor) -> dict[str, Tensor]:
         """One parameter vector ``[P]`` -> a ``state_dict`` that ``build_model().load_state_dict(...,
         strict=True)`` accepts (integer buffers from a fresh model). Rarely overridden; for handing a stored
@@ -188,6 +209,7 @@ class ClassificationTask(Task):
     eval_networks_chunk = 64        # networks scored together
     eval_samples_chunk = 2048       # samples scored together
     bn_stats_size = 1024            # training samples used to recompute BatchNorm statistics
+    probe_size = 256                # training inputs of the function-space loss (probe_inputs)
 
     @property
     def lower_is_better(self) -> dict[str, bool]:
@@ -231,11 +253,11 @@ class ClassificationTask(Task):
         """
         return self.split(name)
 
-    # ------------------------------------------------------------ scoring
+    def probe_inputs(self) -> Tensor:
+        """The first ``probe_size`` training inputs (see ``Task.probe_inputs``)."""
+        return self.split("train")[0][:self.probe_size]
 
-    @functools.cached_property
-    def _eval_model(self) -> nn.Module:
-        return self.build_model().eval()
+    # ------------------------------------------------------------ scoring
 
     def _score_fn(self):
         model = self._eval_model

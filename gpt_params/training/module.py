@@ -72,6 +72,26 @@ def warmup_cosine(begin: int, end: int, warmup_steps: int, floor: float):
     return schedule
 
 
+class FunctionLoss:
+    """``weight`` x the mean squared difference between the outputs of predicted and target networks on the
+    task's ``probe_inputs()``, per network divided by the variance of its target's outputs (so the weight
+    means the same for any output scale). Weight error is not function error: a small MSE in weight space
+    can still break a network (issue 16, hypothesis 2; Meynent et al. 2025 for weight autoencoders)."""
+
+    def __init__(self, task, weight: float):
+        self.task, self.weight = task, float(weight)
+        self._probe: Optional[torch.Tensor] = None
+
+    def __call__(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self._probe is None or self._probe.device != predicted.device:
+            self._probe = self.task.probe_inputs().to(predicted.device)            # [B, ...]
+        with torch.no_grad():
+            want = self.task.network_outputs(target.float(), self._probe).flatten(2)  # [N, B, O]
+        got = self.task.network_outputs(predicted.float(), self._probe).flatten(2)  # [N, B, O]
+        scale = want.var(dim=(1, 2), keepdim=True).clamp_min(1e-6)                # [N, 1, 1]
+        return self.weight * ((got - want) ** 2 / scale).mean()
+
+
 def _group(value, cls):
     """A typed option group from itself, a dict (a checkpoint's hyperparameters) or None (the defaults)."""
     if value is None:
@@ -100,6 +120,10 @@ class GeneratorModule(pl.LightningModule):
         condition: condition on the target metric ("target") or nothing ("none", unconditional).
         autoencoder: the latent-space autoencoder and its training phase.
         optim: AdamW and its warmup + cosine schedule.
+        function_loss: weight of the function-space loss (``FunctionLoss``: outputs of the predicted networks
+            against their targets' on the task's probe inputs). None (default): 1.0 where it applies (x0
+            predictions of parameter tokens, and a task that defines ``probe_inputs``), else off. A number:
+            that weight (0: off), and an error where it cannot apply.
         compile: wrap the denoiser in torch.compile.
     """
 
@@ -118,6 +142,7 @@ class GeneratorModule(pl.LightningModule):
         condition: Literal["target", "none"] = "target",
         autoencoder: AutoencoderOptions = AutoencoderOptions(),
         optim: OptimOptions = OptimOptions(),
+        function_loss: Optional[float] = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -140,7 +165,13 @@ class GeneratorModule(pl.LightningModule):
         self.hparams.update(data_info=info.to_json(), dit=dataclasses.asdict(dit),
                             autoencoder=dataclasses.asdict(autoencoder), optim=dataclasses.asdict(optim))
         self.hparams[LEGACY_MARKER] = CHECKPOINT_FORMAT
+        if function_loss is not None and not (math.isfinite(function_loss) and function_loss >= 0):
+            raise ValueError(f"--model.function_loss must be a finite weight >= 0 (0: off), got {function_loss}")
+        if function_loss and (prediction != "x0" or space != "params"):
+            raise ValueError("--model.function_loss needs --model.prediction x0 and --model.space params (it scores "
+                             "the networks of the x0 predictions)")
         self.optim = optim
+        self._function_loss: Optional[FunctionLoss] = None
         self.generator = Generator(config)
         # not a registered submodule: the state_dict keeps one copy of the DiT
         self.__dict__["_denoiser"] = torch.compile(self.generator.model) if compile else self.generator.model
@@ -175,10 +206,34 @@ class GeneratorModule(pl.LightningModule):
         if self.autoencoder_phase():
             return self._autoencoder_step(batch, stage, batch_idx)
         loss = self.generator.denoising_loss(
-            batch, cond_drop_prob=self.hparams.cond_drop_prob if stage == "train" else 0.0, denoiser=self._denoiser)
+            batch, cond_drop_prob=self.hparams.cond_drop_prob if stage == "train" else 0.0, denoiser=self._denoiser,
+            function_loss=self._function_loss_fn() if stage == "train" else None)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  sync_dist=stage != "train", batch_size=batch["target"].shape[0])
         return loss
+
+    def _function_loss_fn(self) -> Optional[FunctionLoss]:
+        """The function-space loss on the data module's task (decided once), or None when off."""
+        if self._function_loss is None:
+            self._function_loss = self._make_function_loss() or False
+        return self._function_loss or None
+
+    def _make_function_loss(self) -> Optional[FunctionLoss]:
+        weight, config = self.hparams.function_loss, self.generator.config
+        if weight == 0 or config.prediction != "x0" or config.space != "params":
+            return None   # an explicit weight > 0 with these was refused in __init__
+        task = getattr(self.trainer.datamodule, "task", None)   # None when fed plain dataloaders
+        try:
+            probe_ok = task is not None and task.probe_inputs() is not None
+        except NotImplementedError:
+            probe_ok = False
+        if probe_ok:
+            return FunctionLoss(task, 1.0 if weight is None else weight)
+        if weight is None:
+            return None   # the default applies only where it can
+        raise ValueError("--model.function_loss needs a task whose probe_inputs() give the networks' inputs: give "
+                         "--data.task (the store names none, or one that is not built in), define probe_inputs on "
+                         "your task, or pass --model.function_loss 0")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "train", batch_idx)

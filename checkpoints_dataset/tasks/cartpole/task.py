@@ -109,6 +109,15 @@ class CartpoleTask(Task):
     def _model(self) -> nn.Module:
         return self.build_model().eval()
 
+    probe_size = 256     # states of the function-space loss (probe_inputs)
+
+    def probe_inputs(self) -> Tensor:
+        """``probe_size`` fixed states inside the episode bounds (cart position within 2.4, pole angle within 12
+        degrees, both velocities within 2) on which policies are compared (see ``Task.probe_inputs``)."""
+        g = torch.Generator().manual_seed(0)
+        high = torch.tensor([2.4, 2.0, 0.2094, 2.0])
+        return (2 * torch.rand(self.probe_size, 4, generator=g) - 1) * high   # [B, 4]
+
     def split(self, name: str):
         raise ValueError(f"cartpole is not a data task: it has no {name!r} split (policies are scored by "
                          f"running episodes, see CartpoleTask.evaluate)")
