@@ -18,7 +18,8 @@ from checkpoints_dataset.permute import apply_permutations, permute_params, rand
 from checkpoints_dataset.store import create_store, finalize_store, open_store, write_shard
 from checkpoints_dataset.tasks import Task, get_task
 from gpt_params.evaluation import SECTIONS, alignment_r2, evaluate_all, prompt_alignment, run_sections
-from gpt_params.evaluation.common import aligned_to, nearest_aligned, sorted_features, to_json, trained_checkpoints
+from gpt_params.evaluation.common import (aligned_to, nearest_aligned, run_endpoints, sorted_features, to_json,
+                                          trained_checkpoints)
 from gpt_params.evaluation.novelty import novelty
 
 
@@ -183,6 +184,28 @@ def test_novelty_flags_a_copier_and_passes_new_solutions(digits):
     assert i[0] == pool[5] and d[0] < 1e-4
 
 
+def test_novelty_checks_updates_and_a_noise_baseline(digits):
+    """A generator that adds a training run's update to its (new) start is far from every checkpoint but its
+    updates are copies; held-out trained networks beat their nearest checkpoints moved by noise."""
+    task, store = digits
+    first, last = (torch.as_tensor(store.params(i)) for i in run_endpoints(store, store.train_runs))
+
+    class UpdateCopier(Copier):
+        def generate(self, start, start_metric, target, *, sampler, steps, guidance, generator):
+            return start + (last - first)[:len(start)]
+
+    res, _ = novelty(UpdateCopier(store, trained_checkpoints(store, store.train_runs)), task, store, runs=4,
+                     num_networks=4)
+    assert res["updates"]["near_copy_fraction"] == 1.0 and res["updates"]["distance"]["generated"]["max"] < 1e-4
+    assert res["updates"]["distance"]["held_out_trained"]["median"] > 100 * res["updates"]["distance"]["generated"]["max"]
+    held = torch.as_tensor(store.params(trained_checkpoints(store, store.test_runs)[-4:]))
+    res, _ = novelty(Copier(store, held), task, store, generated=held)
+    assert res["updates"] is None   # networks handed in have no starts
+    nb = res["noise_baseline"]
+    assert set(nb) == {"generated", "noisy_nearest", "better_fraction", "better"} and 0 <= nb["better_fraction"] <= 1
+    assert nb["generated"]["median"] == pytest.approx(float(np.median(task.evaluate(held)["val_error"])))
+
+
 def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -204,9 +227,23 @@ def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
     assert on_disk["prompt_alignment"]["mean"] > 0.5  # the copier hits its prompts up to checkpoint spacing
     assert on_disk["novelty"]["verdict"] == "near-copies"
     assert set(on_disk["one_step"]["optimizers"]) == {"adam", "sgd"}
+    for o in on_disk["one_step"]["optimizers"].values():   # every network counted, matched within the cap or not
+        assert o["steps_to_match"]["count"] == 4 and o["steps_to_match"]["cap"] == 16
+        assert o["wall_ratio"] is None or o["wall_ratio"] > 0
     assert len(on_disk["recursive"]["schemes"]["xavier"]["median_after_each"]) == 3
     assert np.asarray(on_disk["landscape"]["values"]).shape == (6, 6)
     assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+
+
+def test_capped_summary_counts_networks_above_the_cap():
+    from gpt_params.evaluation.common import capped_summary
+
+    out = capped_summary([10, 20, np.nan, np.nan, np.nan], cap=100)
+    assert out["median_above_cap"] and out["median"] is None and out["above_cap"] == 3 and out["count"] == 5
+    assert (out["min"], out["max"]) == (10, 20)
+    out = capped_summary([10, 20, 30, np.nan], cap=100)   # the unmatched one sits above the cap, not dropped
+    assert out["median"] == 25 and out["above_cap"] == 1 and not out["median_above_cap"]
+    assert capped_summary([], cap=5)["median"] is None
 
 
 def test_novelty_calls_networks_at_chance_not_working(digits):

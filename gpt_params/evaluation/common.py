@@ -54,6 +54,19 @@ def summary(values) -> dict:
             "max": float(v.max()), "count": int(v.size)}
 
 
+def capped_summary(values, cap: int) -> dict:
+    """Steps (or seconds) each network needed, NaN for those that did not get there within ``cap``: those
+    count as above the cap, not dropped. ``median`` over all networks (None when it lies above the cap,
+    with ``median_above_cap`` True), ``above_cap`` how many; mean / min / max of those that got there."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    missing = ~np.isfinite(v)
+    out = summary(v)
+    median = float(np.median(np.where(missing, np.inf, v))) if v.size else float("nan")
+    out.update(median=median if np.isfinite(median) else None, median_above_cap=bool(v.size and np.isinf(median)),
+               above_cap=int(missing.sum()), cap=int(cap), count=int(v.size))
+    return out
+
+
 def best_value(gen) -> float:
     """The best value of the conditioning metric in the generator's training data."""
     lo, hi = (float(v) for v in gen.data_range)
@@ -232,18 +245,24 @@ def sorted_features(params: Tensor, layer_shapes) -> Tensor:
     return torch.cat([t.reshape(t.shape[0], -1).sort(dim=1).values for t in layers.values()], dim=1)  # [K, P]
 
 
-def nearest_aligned(queries: Tensor, store, pool: np.ndarray, spec, *, candidates: int = 8,
-                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def nearest_aligned(queries: Tensor, store, pool: np.ndarray, spec, *, candidates: int = 8, chunk: int = 4096,
+                    pool_params: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each of ``queries [Q, P]``, the aligned L2 distance to its nearest checkpoint among the store
     indices ``pool``, and that checkpoint's index. Candidates: the ``candidates`` nearest by sorted-feature
-    distance plus the 2 nearest by raw distance, scanned over the pool in chunks; then weight matching."""
+    distance plus the 2 nearest by raw distance, both found exactly over the whole pool (scanned in
+    chunks); then weight matching against each candidate. ``pool_params [len(pool), P]`` gives the pool's
+    vectors instead of reading the store (e.g. updates; ``pool`` then only labels them)."""
     layer_shapes = store.layer_shapes
+
+    def fetch(rows: np.ndarray) -> Tensor:
+        return as_tensor(store.params(pool[rows])) if pool_params is None else pool_params[torch.as_tensor(rows)]
+
     qf = sorted_features(queries, layer_shapes)  # [Q, P]
     k_sorted, k_raw = min(candidates, pool.size), min(2, pool.size)
     best = {"sorted": (torch.full((len(queries), 0), math.inf), torch.zeros(len(queries), 0, dtype=torch.long)),
             "raw": (torch.full((len(queries), 0), math.inf), torch.zeros(len(queries), 0, dtype=torch.long))}
     for i in range(0, pool.size, chunk):
-        block = as_tensor(store.params(pool[i:i + chunk]))  # [c, P]
+        block = fetch(np.arange(i, min(i + chunk, pool.size)))  # [c, P]
         ids = torch.arange(i, i + block.shape[0])
         for name, d, k in (("sorted", torch.cdist(qf, sorted_features(block, layer_shapes)), k_sorted),
                            ("raw", torch.cdist(queries, block), k_raw)):
@@ -254,8 +273,7 @@ def nearest_aligned(queries: Tensor, store, pool: np.ndarray, spec, *, candidate
     nearest_d, nearest_i = np.full(len(queries), np.inf), np.zeros(len(queries), dtype=np.int64)
     for q in range(len(queries)):
         cand = np.unique(torch.cat([best["sorted"][1][q], best["raw"][1][q]]).numpy())
-        params = as_tensor(store.params(pool[cand]))  # [c, P]
-        dist = (aligned_to(queries[q], params, spec) - queries[q]).norm(dim=1)  # [c]
+        dist = (aligned_to(queries[q], fetch(cand), spec) - queries[q]).norm(dim=1)  # [c]
         j = int(dist.argmin())
         nearest_d[q], nearest_i[q] = float(dist[j]), int(pool[cand[j]])
     return nearest_d, nearest_i

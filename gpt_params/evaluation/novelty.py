@@ -9,11 +9,23 @@ Novelty verdict (documented rule): two references are measured the same way as t
 their aligned distance to the nearest training checkpoint: (a) held-out trained checkpoints of similar
 metric (new solutions by construction) and (b) training checkpoints plus small Gaussian noise
 (``noise_scale`` times each layer's std in the store; copies by construction). The copy threshold is the
-geometric mean of the two medians; a generated network below it counts as a near-copy. Quality comes first:
-``progress`` is how far the generated networks' median metric gets from the held-out runs' initial median to
-their final median (1: as good as trained, 0: no better than an init). The verdict is "not working" when
-progress is below 0.5 (networks at chance are not new solutions), else "near-copies" when more than half of
-the generated networks are near-copies, else "new solutions".
+geometric mean of the two medians; a generated network below it counts as a near-copy.
+
+Two checks answer the critique of Zeng et al. 2025 ("Generative modeling of weights: generalization or
+memorization?"):
+- **Updates.** A memorized *update* added to a new start is still a copy. Each generated update (generated
+  minus its start) is compared, the same way and with the same threshold rule, with the training runs'
+  updates (final minus initial checkpoint); the references are the held-out runs' updates and noisy
+  training updates.
+- **Noise baseline.** Each generated network's nearest training checkpoint, moved by Gaussian noise (shaped
+  by each layer's std) to the same aligned distance, is scored: a generator that does more than perturb a
+  copy makes networks better than these at the same distance.
+
+Quality comes first: ``progress`` is how far the generated networks' median metric gets from the held-out
+runs' initial median to their final median (1: as good as trained, 0: no better than an init). The verdict
+is "not working" when progress is below 0.5 (networks at chance are not new solutions), else "near-copies"
+when more than half of the generated networks or of their updates are near-copies, else "no better than
+noise" when their median metric is not better than the noise baseline's, else "new solutions".
 """
 
 from __future__ import annotations
@@ -26,14 +38,15 @@ from matplotlib.figure import Figure
 
 from checkpoints_dataset.params import LayerShapes
 from gpt_params.evaluation import plots
-from gpt_params.evaluation.common import (as_tensor, checkpoints_near, generate_best, has_data, held_out_runs,
-                                          metric_of, nearest_aligned, predictions, run_endpoints, summary,
-                                          trained_checkpoints, wrong_iou)
+from gpt_params.evaluation.common import (as_tensor, at_least_as_good, checkpoints_near, generate_best, has_data,
+                                          held_out_runs, metric_of, nearest_aligned, predictions, run_endpoints,
+                                          start_points, summary, trained_checkpoints, wrong_iou)
 
 
-def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int) -> torch.Tensor:
+def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int,
+                 use_store_stats: bool = True) -> torch.Tensor:
     """Gaussian noise ``[K, P]`` with ``scale`` x each layer's std (the store's stats, else the rows' own)."""
-    stats = getattr(store, "stats", None) or {}
+    stats = (getattr(store, "stats", None) or {}) if use_store_stats else {}
     shapes = LayerShapes.of(spec_shapes)
     layers = shapes.split(like)  # name -> [K, *shape]
     sigma = [torch.full((n,), scale * (float(stats[name][1]) if name in stats else float(layers[name].std())))
@@ -52,10 +65,13 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
     come from prompting the best metric at held-out inits, or are given as ``generated [G, P]``."""
     notes = [] if notes is None else notes
     spec = task.permutation_spec
+    starts = None
     if generated is None:
         run_ids = held_out_runs(store, runs, notes)
         gen_params, gen_metric = generate_best(gen, task, store, run_ids, num_networks, sampler=sampler,
                                                 steps=steps, guidance=guidance, seed=seed, device=device)
+        if getattr(gen, "uses_start", True):
+            starts = start_points(task, store, run_ids[:len(gen_params)], gen.metric, device=device)[0]  # [G, P]
     else:
         gen_params = as_tensor(generated)
         gen_metric = metric_of(task, gen_params, gen.metric, device=device)
@@ -78,18 +94,25 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
     is_copy = d_gen < threshold
     fraction = float(is_copy.mean()) if G else 0.0
     quality = _progress(store, gen.metric, gen_metric, notes)
+    updates = _update_novelty(gen_params, starts, store, spec, noise_scale, seed, notes)
+    noise = _noise_baseline(task, store, gen.metric, bool(store.lower_is_better.get(gen.metric, True)), gen_params,
+                            gen_metric, d_gen, nearest[:G], seed, device)
+    copies = max(fraction, updates["near_copy_fraction"] if updates else 0.0)
     result = {"metric": gen.metric, "num_generated": G, "pool_size": int(pool.size), "noise_scale": noise_scale,
               "generated_metric": summary(gen_metric),
               "distance": {"generated": summary(d_gen), "held_out_trained": summary(d_held),
                            "training_plus_noise": summary(d_copy)},
               "relative_distance_generated": summary(d_gen / gen_params.norm(dim=1).clamp_min(1e-12).numpy()),
               "per_network_distance": d_gen, "per_network_nearest": nearest[:G], "copy_threshold": threshold,
-              "near_copy_fraction": fraction, "quality": quality,
+              "near_copy_fraction": fraction, "quality": quality, "updates": updates, "noise_baseline": noise,
               "verdict": ("not working" if quality["progress"] is not None and quality["progress"] < 0.5
-                          else "near-copies" if fraction > 0.5 else "new solutions"),
+                          else "near-copies" if copies > 0.5
+                          else "no better than noise" if not noise["better"] else "new solutions"),
               "rule": "not working: the generated median metric gets less than half way from the held-out runs' "
                       "initial median to their final median; else near-copies when more than half of the "
-                      "generated networks lie below sqrt(median noisy-copy distance x median held-out distance)"}
+                      "generated networks (or of their updates) lie below sqrt(median noisy-copy distance x "
+                      "median held-out distance); else no better than noise when their median metric is not "
+                      "better than that of their nearest training checkpoints moved by noise to the same distance"}
     if has_data(task):
         preds, labels = predictions(task, torch.cat([queries, as_tensor(store.params(nearest))]), "test",
                                     device=device)  # [2Q, n]
@@ -102,6 +125,45 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
     fig = plots.novelty_figure({"generated": d_gen, "held-out trained": d_held, "training + noise": d_copy},
                                threshold)
     return result, fig
+
+
+def _update_novelty(gen_params, starts, store, spec, noise_scale: float, seed: int, notes: list[str]) -> dict | None:
+    """Generated updates (generated - start) against the training runs' updates (final - initial), with the
+    held-out runs' updates and noisy training updates as references (the module doc's rule)."""
+    if starts is None:
+        notes.append("novelty: no start checkpoints (start-free generator or given networks); update check skipped")
+        return None
+    train_first, train_last = run_endpoints(store, store.train_runs)
+    pool = as_tensor(store.params(train_last)) - as_tensor(store.params(train_first))  # [R, P]
+    test_first, test_last = run_endpoints(store, store.test_runs[:len(gen_params)])
+    held = as_tensor(store.params(test_last)) - as_tensor(store.params(test_first))  # [H, P]
+    picked = np.random.default_rng(seed).choice(len(pool), min(len(gen_params), len(pool)), replace=False)
+    noisy = pool[torch.as_tensor(picked)]
+    noisy = noisy + _layer_noise(store, store.layer_shapes, noise_scale, noisy, seed, use_store_stats=False)
+    queries = torch.cat([gen_params - starts, held, noisy])
+    dist, _ = nearest_aligned(queries, store, train_last, spec, candidates=16, pool_params=pool)
+    d_gen, d_held, d_copy = np.split(dist, [len(gen_params), len(gen_params) + len(held)])
+    threshold = float(np.sqrt(np.median(d_copy) * np.median(d_held)))
+    return {"pool_size": len(pool), "distance": {"generated": summary(d_gen), "held_out_trained": summary(d_held),
+                                                 "training_plus_noise": summary(d_copy)},
+            "copy_threshold": threshold, "near_copy_fraction": float((d_gen < threshold).mean()),
+            "per_network_distance": d_gen}
+
+
+def _noise_baseline(task, store, metric: str, lower: bool, gen_params, gen_metric, d_gen, nearest, seed: int,
+                    device) -> dict:
+    """Each generated network's nearest training checkpoint moved by Gaussian noise (each layer's std shaping
+    it) to the same aligned distance, scored: are the generated networks better than such copies?"""
+    base = as_tensor(store.params(nearest))  # [G, P]
+    direction = _layer_noise(store, store.layer_shapes, 1.0, base, seed + 1)
+    noisy = base + direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12) * torch.as_tensor(
+        d_gen, dtype=base.dtype)[:, None]  # [G, P] at the generated networks' distances
+    noisy_metric = metric_of(task, noisy, metric, device=device)
+    better = at_least_as_good(np.asarray(gen_metric), noisy_metric, lower) & (np.asarray(gen_metric) != noisy_metric)
+    gen_median, noisy_median = float(np.nanmedian(gen_metric)), float(np.nanmedian(noisy_metric))
+    return {"generated": summary(gen_metric), "noisy_nearest": summary(noisy_metric),
+            "better_fraction": float(better.mean()) if len(better) else 0.0,
+            "better": bool(gen_median < noisy_median if lower else gen_median > noisy_median)}
 
 
 def _progress(store, metric: str, gen_metric: np.ndarray, notes: list[str]) -> dict:

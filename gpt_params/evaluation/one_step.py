@@ -18,8 +18,9 @@ from matplotlib.figure import Figure
 
 from checkpoints_dataset.population import PopulationConfig
 from gpt_params.evaluation import plots
-from gpt_params.evaluation.common import (OOD_SCHEMES, InitScheme, at_least_as_good, best_value, final_median,
-                                          generate, has_data, metric_of, mode_notes, random_inits, summary)
+from gpt_params.evaluation.common import (OOD_SCHEMES, InitScheme, at_least_as_good, best_value, capped_summary,
+                                          final_median, generate, has_data, metric_of, mode_notes, random_inits,
+                                          summary)
 
 # Optimizers compared with one generated step: hyperparameters of checkpoints_dataset.optim.optimizer_step.
 DEFAULT_OPTIMIZERS = {"adam": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0},
@@ -54,8 +55,10 @@ def one_step(gen, task, store=None, *, num_inits: int = 8,
              notes: list[str] | None = None) -> tuple[dict, Figure]:
     """One generated step, prompting the data's best metric, from ``num_inits`` random inits per scheme;
     then Adam / SGD (``optimizers``: name -> lr, momentum, weight_decay) from the same inits up to
-    ``max_steps`` steps: the steps and wall time each network needs to reach its own one-step metric
-    ("not reached" within the cap is reported as None, with the reached fraction)."""
+    ``max_steps`` steps: the steps and wall time each network needs to reach its own one-step metric.
+    Networks not matched within the cap count as above it (``capped_summary``: the median includes them,
+    ``above_cap`` says how many). ``wall_ratio``: the optimizer's median wall time to match over the
+    generation's wall time for the same networks (above 1: generating is faster)."""
     notes = [] if notes is None else notes
     mode_notes(gen, "one_step", notes)
     optimizers = DEFAULT_OPTIMIZERS if optimizers is None else optimizers
@@ -84,12 +87,15 @@ def one_step(gen, task, store=None, *, num_inits: int = 8,
         reached = at_least_as_good(c["values"], achieved[None, :], lower)  # [E, K]
         first = np.where(reached.any(0), reached.argmax(0), -1)
         needed = np.where(first >= 0, c["steps"][np.maximum(first, 0)], np.nan).astype(np.float64)  # [K]
+        wall = capped_summary(needed * c["seconds_per_step"], c["max_steps"])
         result["optimizers"][name] = {
             "hparams": hp, "max_steps": c["max_steps"], "reached_fraction": float((first >= 0).mean()),
-            "steps_to_match": summary(needed), "per_network_steps": needed,
-            "wall_seconds_to_match": summary(needed * c["seconds_per_step"]),
+            "steps_to_match": capped_summary(needed, c["max_steps"]), "per_network_steps": needed,
+            "wall_seconds_to_match": wall,
             "wall_note": "amortized: the vectorized trainer's time per step for all networks together",
-            "by_scheme": {s: summary(needed[lab == s]) for s in schemes}}
+            # how many times longer the optimizer takes than the generation, on the same networks and machine
+            "wall_ratio": None if wall["median"] is None or gen_time <= 0 else wall["median"] / gen_time,
+            "by_scheme": {s: capped_summary(needed[lab == s], c["max_steps"]) for s in schemes}}
         curves[name] = {**c, "level": float(np.median(achieved))}
     fig = plots.one_step_figure(per_scheme, curves, best, median_final, gen.metric)
     return result, fig

@@ -103,8 +103,11 @@ def summary_lines(report: dict) -> list[str]:
                      f"{fmt(os_['median_final_training'])}): {per}")
         for name, o in os_.get("optimizers", {}).items():
             if isinstance(o, dict):
-                lines.append(f"  {name}: reaches the one-step level in {fmt(o['steps_to_match']['median'])} steps "
-                             f"(median; {100 * o['reached_fraction']:.0f}% within {o['max_steps']})")
+                st, ratio = o["steps_to_match"], o.get("wall_ratio")
+                median = f"more than {o['max_steps']}" if st.get("median_above_cap") else fmt(st["median"])
+                speed = "" if ratio is None else f"; {fmt(ratio)}x the generation's wall time"
+                lines.append(f"  {name}: reaches the one-step level in {median} steps (median, {st.get('above_cap', 0)} "
+                             f"of {st.get('count')} networks not within {o['max_steps']} counted above it{speed})")
     rec = report.get("recursive", {})
     if "schemes" in rec:
         per = ", ".join(f"{s} {' > '.join(fmt(x) for x in v['median_after_each'])}" for s, v in rec["schemes"].items())
@@ -115,6 +118,15 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"Novelty: {nov['verdict']} ({100 * nov['near_copy_fraction']:.0f}% below the copy threshold; "
                      f"median aligned distance generated {fmt(d['generated']['median'])}, held-out "
                      f"{fmt(d['held_out_trained']['median'])}, noisy copies {fmt(d['training_plus_noise']['median'])})")
+        up, nb = nov.get("updates"), nov.get("noise_baseline")
+        if up:
+            lines.append(f"  updates (generated - start): {100 * up['near_copy_fraction']:.0f}% below their copy "
+                         f"threshold; median aligned distance to the nearest training update "
+                         f"{fmt(up['distance']['generated']['median'])}, held-out updates "
+                         f"{fmt(up['distance']['held_out_trained']['median'])}")
+        if nb:
+            lines.append(f"  noise baseline: generated {m} median {fmt(nb['generated']['median'])} vs the nearest "
+                         f"training checkpoints moved by noise to the same distance {fmt(nb['noisy_nearest']['median'])}")
     div = report.get("diversity", {})
     if "pairwise_distance" in div:
         d = div["pairwise_distance"]
