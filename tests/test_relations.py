@@ -97,3 +97,17 @@ def test_config_rebuilds_and_untrained_edges_predict_zero():
     with pytest.raises(ValueError, match="outside"):
         ParameterDiT(tok.num_tokens, tok.token_dim, tok.token_layer_ids, hidden_size=32, depth=2, num_heads=4,
                      relations=bad)
+
+
+def test_the_edges_carry_the_hidden_entries_into_the_model():
+    """The per-token projections do not see the relations' entries, so they must reach the output as edges:
+    changing only those entries of x_t changes the prediction."""
+    tok = tokenizer_of(mlp(8, 6, 5, 3))
+    (rel,) = find_relations(tok)
+    model = dit_for(tok, [rel.to_json()])
+    g = torch.Generator().manual_seed(0)
+    x, start = (torch.randn(2, tok.num_tokens, tok.token_dim, generator=g) * tok.mask for _ in range(2))
+    moved = x.flatten(1).clone()
+    moved[:, rel.index.flatten()] += 1.0
+    args = (torch.tensor([5, 500]), start, torch.rand(2, generator=g), torch.rand(2, generator=g))
+    assert not torch.allclose(model(x, *args), model(moved.view_as(x), *args))

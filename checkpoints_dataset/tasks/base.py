@@ -152,8 +152,8 @@ class Task:
         """A fixed batch of the network's inputs ``[B, ...]`` on which generated networks are compared with
         their targets in function space (the generator's ``--model.function_loss``).
 
-        ``ClassificationTask`` gives its first ``probe_size`` training inputs; other tasks define it to use
-        that loss (cartpole does not yet).
+        ``ClassificationTask`` gives its first ``probe_size`` training inputs, cartpole fixed states inside
+        its episode bounds; other tasks define it to use that loss.
         """
         raise NotImplementedError(f"{type(self).__name__} defines no probe_inputs(), so the function-space loss "
                                   "cannot compare its networks; train with --model.function_loss 0 or define it")

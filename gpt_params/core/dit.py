@@ -302,8 +302,10 @@ class ParameterDiT(nn.Module):
         n = x_t.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x_t.device).expand(n)  # [N]
         inputs = [x_t, start] if uses_start else [x_t]
-        free = self.free_mask.to(x_t.dtype)  # [T, C]
-        h = self.x_embedder(torch.cat([x * free for x in inputs], dim=-1))  # [N, T, D]
+        tokens = torch.cat(inputs, dim=-1)  # [N, T, 2C or C]
+        if self.num_relations:  # the relations' entries reach the model only as edges
+            tokens = tokens * self.free_mask.to(x_t.dtype).repeat(1, len(inputs))  # [N, T, 2C or C]
+        h = self.x_embedder(tokens)  # [N, T, D]
         edges = [torch.cat([gather_edges(x, self._relation(i)[2]) for x in inputs], dim=-1)
                  for i in range(self.num_relations)]  # each [N, A, B, inputs * F]
         h0, bias = h, None

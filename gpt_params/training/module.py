@@ -172,6 +172,7 @@ class GeneratorModule(pl.LightningModule):
                              "the networks of the x0 predictions)")
         self.optim = optim
         self._function_loss: Optional[FunctionLoss] = None
+        self._function_loss_decided = False
         self.generator = Generator(config)
         # not a registered submodule: the state_dict keeps one copy of the DiT
         self.__dict__["_denoiser"] = torch.compile(self.generator.model) if compile else self.generator.model
@@ -214,9 +215,9 @@ class GeneratorModule(pl.LightningModule):
 
     def _function_loss_fn(self) -> Optional[FunctionLoss]:
         """The function-space loss on the data module's task (decided once), or None when off."""
-        if self._function_loss is None:
-            self._function_loss = self._make_function_loss() or False
-        return self._function_loss or None
+        if not self._function_loss_decided:
+            self._function_loss, self._function_loss_decided = self._make_function_loss(), True
+        return self._function_loss
 
     def _make_function_loss(self) -> Optional[FunctionLoss]:
         weight, config = self.hparams.function_loss, self.generator.config
