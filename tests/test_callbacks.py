@@ -62,11 +62,11 @@ def test_prompter_replaces_parameters_and_logs_before_after(tiny_generator_ckpt,
     (record,) = prompter.history
     before_error = task.evaluate(before[None])["val_error"]                     # [1]
     assert record["before"] == pytest.approx(before_error.item())
-    # the loaded parameters are one generation from the model's own (seed 0, ddim, 2 steps), and "after" is
-    # their metric
-    want = Generator.load(tiny_generator_ckpt).generate(before[None], before_error, torch.tensor([0.3]),
-                                                        sampler="ddim", steps=2,
-                                                        generator=torch.Generator().manual_seed(0))[0]
+    # the loaded parameters are one generation from the model's own (seed 0, the generator's own sampler,
+    # 2 steps), and "after" is their metric
+    gen = Generator.load(tiny_generator_ckpt)
+    want = gen.generate(before[None], before_error, torch.tensor([0.3]), sampler=gen.sampler, steps=2,
+                        generator=torch.Generator().manual_seed(0))[0]
     assert torch.allclose(snapshot.params, want, atol=1e-6) and not torch.allclose(before, want)
     assert record["after"] == pytest.approx(task.evaluate(want[None])["val_error"].item())
 
@@ -84,6 +84,10 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
     model = GeneratorModule(data_info=data.info, dit=TINY_DIT)
     with pytest.raises(ValueError, match="--model.guidance must be a finite number >= 0"):
         GeneratorModule(data_info=data.info, dit=TINY_DIT, guidance=-1.0)
+    with pytest.raises(ValueError, match="--model.sampler_steps must be a whole number >= 1"):
+        GeneratorModule(data_info=data.info, dit=TINY_DIT, sampler_steps=0)
+    with pytest.raises(ValueError, match="--model.sampler must be one of"):
+        GeneratorModule(data_info=data.info, dit=TINY_DIT, sampler="euler")
     logger = pl.loggers.TensorBoardLogger(tmp_path)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

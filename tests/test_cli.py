@@ -32,7 +32,7 @@ def test_train_writes_last_ckpt_config_and_reports_alignment(trained, tiny_digit
     info = ckpt["hyper_parameters"]["data_info"]
     assert info["metric"] == "val_error" and info["task"] == "digits_mlp"
     assert set(info["stats"]) == set(info["layer_shapes"])
-    # the printed alignment is prompt_alignment of the saved generator with train's settings (--final_eval_runs 2)
+    # the printed alignment is prompt_alignment of the saved generator with its own sampler (--final_eval_runs 2)
     import re
 
     from checkpoints_dataset import open_store
@@ -42,8 +42,7 @@ def test_train_writes_last_ckpt_config_and_reports_alignment(trained, tiny_digit
     found = re.search(r"Prompt alignment on (\d+) held-out runs \((\w+)\): R\^2 median (\S+), mean (\S+) ", printed)
     assert found, printed[-2000:]
     store = open_store(tiny_digits_store)
-    result, _ = prompt_alignment(Generator.load(trained), get_task("digits_mlp"), store, runs=store.test_runs[:2],
-                                 sampler="ddim", steps=20)
+    result, _ = prompt_alignment(Generator.load(trained), get_task("digits_mlp"), store, runs=store.test_runs[:2])
     assert (int(found[1]), found[2]) == (2, "val_error") and len(result["per_network"]) == 2
     assert float(found[3]) == pytest.approx(result["median"], abs=1e-3)
     assert float(found[4]) == pytest.approx(result["mean"], abs=1e-3)
@@ -94,6 +93,31 @@ def test_the_default_guidance_is_the_one_set_at_training(trained, tmp_path):
         assert main(["prompt", "--ckpt", str(ckpt_path), "--target", "0.3", "--num", "1", "--out", str(out),
                      "--steps", "2"] + flags) == 0
         assert json.loads((out / "results.json").read_text())["guidance"] == want
+
+
+def test_the_default_sampler_is_the_one_set_at_training(trained, tmp_path):
+    """--model.sampler / --model.sampler_steps are saved with the generator and used when no --sampler /
+    --steps is given; checkpoints written before they existed keep DDIM with 50 steps."""
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    config = ckpt["gpt_params"]["generator"]
+    assert (config["sampler"], config["sampler_steps"]) == ("dpm++", 3)   # the defaults of `gpt-params train`
+    config.update(sampler="ddim", sampler_steps=4)
+    torch.save(ckpt, tmp_path / "ddim4.ckpt")
+    for key in ("sampler", "sampler_steps"):
+        del config[key]
+    torch.save(ckpt, tmp_path / "older.ckpt")
+    gen, older = Generator.load(tmp_path / "ddim4.ckpt"), Generator.load(tmp_path / "older.ckpt")
+    assert (gen.sampler, gen.sampler_steps, older.sampler, older.sampler_steps) == ("ddim", 4, "ddim", 50)
+    start = get_task("digits_mlp").init_params(3, torch.Generator().manual_seed(0))  # [3, P]
+    run = lambda g, **kw: g.generate(start, 0.9, 0.1, generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
+    assert torch.equal(run(gen), run(gen, sampler="ddim", steps=4))
+    assert not torch.equal(run(gen), run(gen, sampler="ddim", steps=2))
+    for flags, want in (([], ("ddim", 4)), (["--sampler", "dpm++", "--steps", "2"], ("dpm++", 2))):
+        out = tmp_path / f"prompted_{len(flags)}"
+        assert main(["prompt", "--ckpt", str(tmp_path / "ddim4.ckpt"), "--target", "0.3", "--num", "1",
+                     "--out", str(out)] + flags) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert (results["sampler"], results["steps"]) == want
 
 
 def test_prompt_is_deterministic_for_a_seed(trained, tmp_path):

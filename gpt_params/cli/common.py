@@ -33,8 +33,12 @@ def prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> Non
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default=None,
+                   help="sampler (default: the generator's, set at training by --model.sampler; dpm++ unless "
+                        "the checkpoint predates it, then ddim)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps, one denoiser call each (default: the generator's, set at training by "
+                        "--model.sampler_steps; 3 unless the checkpoint predates it, then 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1.0: off; default: the generator's, set at training by "
                         "--model.guidance)")
@@ -64,7 +68,7 @@ def check_device(name: str) -> None:
 
 def check_sampling(args) -> None:
     check_device(args.device)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     if args.guidance is not None and args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")

@@ -47,7 +47,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--num must be at least 1 (got {args.num})")
     check_sampling(args)
     gen = Generator.load(args.ckpt, device=args.device)
-    guidance = gen.guidance if args.guidance is None else args.guidance  # used, and recorded in results.json
+    # what is used, and recorded in results.json
+    guidance = gen.guidance if args.guidance is None else args.guidance
+    sampler = gen.sampler if args.sampler is None else args.sampler
+    steps = gen.sampler_steps if args.steps is None else args.steps
     task = gen.make_task(args.task, data_dir=args.data_dir, evaluator=args.evaluator)
     start_arg, target_values = _check_mode_arguments(gen, args)
     out = Path(args.out)
@@ -61,7 +64,7 @@ def main(argv: list[str]) -> int:
     n = len(target_values) * args.num
     start, start_metric = _start(gen, task, start_arg, n, g)                       # [n, P], [n] or None
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
-    params = gen.generate(start, start_metric, targets, sampler=args.sampler, steps=args.steps,
+    params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps,
                           guidance=guidance, generator=g).cpu()                     # [n, P]
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
     if achieved is None:
@@ -72,7 +75,8 @@ def main(argv: list[str]) -> int:
         remove_previous_results(out)
     records = _write_networks(out, gen, task, params, [target_values[i // args.num] for i in range(n)], args.num,
                               achieved)
-    write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "records": records})
+    write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
+                                             "steps": steps, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0

@@ -162,8 +162,7 @@ def main(argv: list[str]) -> int:
     if n_runs > 0 and data.task is not None:
         gen = model.generator
         t0 = time.perf_counter()
-        result, fig = prompt_alignment(gen, data.task, data.store, runs=data.store.test_runs[:n_runs],
-                                       sampler="ddim", steps=20)
+        result, fig = prompt_alignment(gen, data.task, data.store, runs=data.store.test_runs[:n_runs])
         savefig_atomic(fig, log_dir / "alignment.png", dpi=100)
         print(f"Prompt alignment on {len(result['per_network'])} held-out runs ({gen.metric}): "
               f"R^2 median {result['median']:.3f}, mean {result['mean']:.3f} "

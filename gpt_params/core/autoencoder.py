@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .dit import DiTBlock, TokenLinear
+from .dit import Activation, DiTBlock, TokenLinear
 
 
 class ParameterAutoencoder(nn.Module):
@@ -47,12 +47,13 @@ class ParameterAutoencoder(nn.Module):
         input_noise, latent_noise: standard deviations of p-diff's training noise (normalized units).
         token_mask: ``[T, C]`` bool (tokenizer.mask); reconstructions are zero at padding, the loss
             counts real entries only.
+        activation: the blocks' GELU (``ParameterDiT``'s; the generator gives both the same).
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None,
                  latent_dim: int = 32, hidden_size: int = 128, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 4.0, input_noise: float = 1e-3, latent_noise: float = 0.1,
-                 token_mask: Tensor | None = None):
+                 token_mask: Tensor | None = None, activation: Activation = "gelu"):
         super().__init__()
         if latent_dim < 2:
             raise ValueError(f"latent_dim must be >= 2 (latent tokens are normalized over it), got {latent_dim}")
@@ -71,12 +72,12 @@ class ParameterAutoencoder(nn.Module):
         self.register_buffer("token_mask", mask.bool(), persistent=False)
         self.enc_in = TokenLinear(ids, token_dim, hidden_size)
         self.enc_cond = nn.Parameter(torch.zeros(hidden_size))  # the constant adaLN conditioning vector
-        self.enc_blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.enc_blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation) for _ in range(depth)])
         self.enc_out = TokenLinear(ids, hidden_size, latent_dim)
         self.latent_norm = nn.BatchNorm1d(latent_dim, affine=False)
         self.dec_in = TokenLinear(ids, latent_dim, hidden_size)
         self.dec_cond = nn.Parameter(torch.zeros(hidden_size))
-        self.dec_blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.dec_blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation) for _ in range(depth)])
         self.dec_out = TokenLinear(ids, hidden_size, token_dim)
         self._init_weights()
 

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 from checkpoints_dataset.info import DataInfo
-from gpt_params.core.dit import PRESETS, Prediction
+from gpt_params.core.diffusion import Sampler
+from gpt_params.core.dit import PRESETS, Activation, Prediction
 from gpt_params.core.tokenizer import Layout
 
 Space = Literal["params", "latent"]
@@ -39,6 +40,8 @@ class DiTOptions:
             networks with two hidden layers were at chance). Networks with one hidden layer have no such
             weights, so the option changes nothing for them; a latent-space generator has none either.
         edge_size: rank of the edge encoder's and decoder's products.
+        activation: the MLPs' GELU, also the latent autoencoder's: exact ("gelu") or the tanh approximation
+            ("gelu_tanh", the only one before issue 16; slower on CPUs, bench/activation.py).
     """
 
     size: Literal["XS", "S", "B", "L"] = "XS"
@@ -49,11 +52,13 @@ class DiTOptions:
     projection: Literal["layer", "position"] = "layer"
     relations: Literal["edges", "none"] = "edges"
     edge_size: int = 64
+    activation: Activation = "gelu"
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
             raise ValueError(f"dit.size must be one of {list(PRESETS)}, got {self.size!r}")
         _choice("dit.relations", self.relations, ("edges", "none"))
+        _choice("dit.activation", self.activation, ("gelu", "gelu_tanh"))
         if int(self.edge_size) < 1:
             raise ValueError(f"dit.edge_size must be >= 1, got {self.edge_size}")
 
@@ -104,6 +109,11 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+# what checkpoints written before these options existed were made with
+BEFORE_ISSUE_16 = {"sampler": "ddim", "sampler_steps": 50}
+DIT_BEFORE_ISSUE_16 = {"relations": "none", "activation": "gelu_tanh"}
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
     """A generator, as plain values.
@@ -120,6 +130,9 @@ class GeneratorConfig:
         condition: condition on the target metric ("target") or nothing ("none", unconditional).
         autoencoder: the latent-space autoencoder (``space="latent"`` only).
         guidance: the classifier-free guidance scale ``generate`` uses when not told otherwise (1.0: off).
+        sampler, sampler_steps: the sampler and its number of denoiser calls ``generate`` uses when not told
+            otherwise. The x0 denoiser is nearly deterministic given its prompt, so a few DPM-Solver++ steps
+            align as well as DDIM-50 at a tenth of the time (bench/NOTES.md, issue 16).
     """
 
     data: DataInfo
@@ -133,14 +146,19 @@ class GeneratorConfig:
     condition: Condition = "target"
     autoencoder: AutoencoderOptions = AutoencoderOptions()
     guidance: float = 1.0
+    sampler: Sampler = "dpm++"
+    sampler_steps: int = 3
 
     def __post_init__(self) -> None:
         for name, value, choices in (("space", self.space, ("params", "latent")),
                                      ("start", self.start, ("checkpoint", "none")),
-                                     ("condition", self.condition, ("target", "none"))):
+                                     ("condition", self.condition, ("target", "none")),
+                                     ("sampler", self.sampler, ("ddpm", "ddim", "dpm++"))):
             _choice(name, value, choices)
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ValueError(f"guidance must be a finite number >= 0 (1.0: off), got {self.guidance}")
+        if int(self.sampler_steps) != self.sampler_steps or self.sampler_steps < 1:
+            raise ValueError(f"sampler_steps must be a whole number >= 1, got {self.sampler_steps}")
         if self.space == "latent" and self.autoencoder.steps < 1:
             raise ValueError(f"autoencoder.steps must be >= 1 in latent space, got {self.autoencoder.steps}")
 
@@ -157,9 +175,9 @@ class GeneratorConfig:
         if unknown:
             raise ValueError(f"unknown generator config keys {unknown}: the checkpoint was written by a newer "
                              "gpt-params; upgrade to load it")
-        kwargs = dict(config)
+        kwargs = {**BEFORE_ISSUE_16, **config}   # older checkpoints keep what they were written with
         kwargs["data"] = DataInfo.from_json(config["data"])
-        kwargs["dit"] = DiTOptions(**{"relations": "none", **config.get("dit", {})})   # before issue 16: none
+        kwargs["dit"] = DiTOptions(**{**DIT_BEFORE_ISSUE_16, **config.get("dit", {})})
         kwargs["autoencoder"] = AutoencoderOptions(**config.get("autoencoder", {}))
         return cls(**kwargs)
 
@@ -168,12 +186,12 @@ class GeneratorConfig:
         """The config of a checkpoint written before the redesign (flat ``GeneratorModule`` hyperparameters)."""
         top = {f.name for f in dataclasses.fields(cls)} - {"data", "dit", "autoencoder"}
         groups: dict[str, dict[str, Any]] = {"dit": {}, "optim": {}, "autoencoder": {}}
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(BEFORE_ISSUE_16)
         for key, value in hparams.items():
             if key in LEGACY_NAMES:
                 group, field = LEGACY_NAMES[key]
                 groups[group][field] = value
             elif key in top:
                 kwargs[key] = value
-        return cls(data=DataInfo.from_json(hparams["data_info"]), dit=DiTOptions(**{"relations": "none", **groups["dit"]}),
+        return cls(data=DataInfo.from_json(hparams["data_info"]), dit=DiTOptions(**{**DIT_BEFORE_ISSUE_16, **groups["dit"]}),
                    autoencoder=AutoencoderOptions(**groups["autoencoder"]), **kwargs)

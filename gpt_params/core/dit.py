@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from gpt_params.core.relations import EdgeDecoder, EdgeEncoder, add_to_units, attention_bias, gather_edges, relations_from_json
 
 Prediction = Literal["x0", "epsilon", "v"]
+Activation = Literal["gelu", "gelu_tanh"]
 
 PRESETS: dict[str, dict[str, int]] = {  # DiT's S/B/L plus a small CPU model
     "XS": dict(hidden_size=256, depth=4, num_heads=4),
@@ -78,12 +79,13 @@ class ScalarEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero: shift/scale/gate for attention and MLP from ``c``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, activation: Activation = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate=approximate))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor, attn_bias: Tensor | None = None) -> Tensor:
@@ -159,6 +161,8 @@ class ParameterDiT(nn.Module):
             tokens (see ``gpt_params.core.relations``). None or empty: every entry goes through the
             per-token projections.
         edge_size: width E of the edge encoder and decoder.
+        activation: the MLPs' GELU, exact ("gelu") or DiT's tanh approximation ("gelu_tanh", the only one
+            before issue 16): the two compute nearly the same, and torch's exact GELU is the faster on CPUs.
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
@@ -167,7 +171,7 @@ class ParameterDiT(nn.Module):
                  projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None,
                  start_input: Literal["checkpoint", "none"] = "checkpoint",
                  condition: Literal["target", "none"] = "target", relations: list[dict] | None = None,
-                 edge_size: int = 64):
+                 edge_size: int = 64, activation: Activation = "gelu"):
         super().__init__()
         if prediction not in ("x0", "epsilon", "v"):
             raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
@@ -177,6 +181,8 @@ class ParameterDiT(nn.Module):
             raise ValueError(f"projection must be 'layer' or 'position', got {projection!r}")
         if start_input not in ("checkpoint", "none"):
             raise ValueError(f"start_input must be 'checkpoint' or 'none', got {start_input!r}")
+        if activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
         if condition not in ("target", "none"):
             raise ValueError(f"condition must be 'target' or 'none', got {condition!r}")
         if residual and start_input == "none":
@@ -197,7 +203,8 @@ class ParameterDiT(nn.Module):
                             prediction=prediction, residual=residual, metric_range=[lo, hi], projection=projection,
                             token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist(),
                             start_input=start_input, condition=condition,
-                            relations=[dict(r) for r in relations or []], edge_size=edge_size)
+                            relations=[dict(r) for r in relations or []], edge_size=edge_size,
+                            activation=activation)
         proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
         uses_start = start_input == "checkpoint"
         self.x_embedder = TokenLinear(proj_ids, (2 if uses_start else 1) * token_dim, hidden_size)
@@ -207,7 +214,7 @@ class ParameterDiT(nn.Module):
             self.null_target = nn.Parameter(torch.zeros(hidden_size))
         if uses_start:
             self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, proj_ids, token_dim)
         mask = torch.ones(num_tokens, token_dim, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask)
         if mask.shape != (num_tokens, token_dim):

@@ -62,7 +62,8 @@ class Generator(nn.Module):
             self.autoencoder = ParameterAutoencoder(
                 tok.num_tokens, tok.token_dim, tok.token_layer_ids, latent_dim=ae.latent_dim,
                 hidden_size=ae.hidden_size, depth=ae.depth, num_heads=ae.num_heads,
-                input_noise=ae.input_noise, latent_noise=ae.latent_noise, token_mask=tok.mask)
+                input_noise=ae.input_noise, latent_noise=ae.latent_noise, token_mask=tok.mask,
+                activation=config.dit.activation)
         self.model = ParameterDiT.from_preset(
             config.dit.size, num_tokens=tok.num_tokens,
             token_dim=config.autoencoder.latent_dim if latent else tok.token_dim,
@@ -70,7 +71,7 @@ class Generator(nn.Module):
             metric_range=info.metric_range, projection=config.dit.projection,
             token_mask=None if latent else tok.mask, start_input=config.start, condition=config.condition,
             relations=[r.to_json() for r in find_relations(tok)] if config.dit.relations == "edges" and not latent
-            else None, edge_size=config.dit.edge_size,
+            else None, edge_size=config.dit.edge_size, activation=config.dit.activation,
             **config.dit.overrides())
         self.diffusion = Diffusion(prediction=config.prediction, min_snr_gamma=config.min_snr_gamma)
         self.register_buffer("token_mask", tok.mask.clone(), persistent=False)   # [T, C]
@@ -120,6 +121,16 @@ class Generator(nn.Module):
     def guidance(self) -> float:
         """The classifier-free guidance scale ``generate`` uses by default (``--model.guidance``; 1.0: off)."""
         return float(self.config.guidance)
+
+    @property
+    def sampler(self) -> str:
+        """The sampler ``generate`` uses by default (``--model.sampler``)."""
+        return self.config.sampler
+
+    @property
+    def sampler_steps(self) -> int:
+        """The sampler's number of denoiser calls ``generate`` uses by default (``--model.sampler_steps``)."""
+        return int(self.config.sampler_steps)
 
     @property
     def task_name(self) -> Optional[str]:
@@ -174,14 +185,16 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------ prompting
     @torch.no_grad()
-    def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Sampler = "ddim",
-                 steps: int = 50, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
+    def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Optional[Sampler] = None,
+                 steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  batch_size: int = 4096) -> Tensor:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
-        given start; an unconditional one ignores ``target_metric`` (it still sets N). ``guidance`` None:
-        the scale the generator was trained to use by default (``self.guidance``)."""
+        given start; an unconditional one ignores ``target_metric`` (it still sets N). ``sampler``, ``steps``
+        and ``guidance`` None: the generator's defaults (``self.sampler``, ``self.sampler_steps``, ``self.guidance``)."""
         guidance = self.guidance if guidance is None else guidance
+        sampler = self.sampler if sampler is None else sampler
+        steps = self.sampler_steps if steps is None else steps
         device = self.device
         if start_params is None:
             if self.uses_start:

@@ -34,7 +34,7 @@ def alignment_r2(prompted: np.ndarray, achieved: np.ndarray) -> np.ndarray:
 
 
 def prompt_alignment(gen, task, store, runs: int | Sequence[int] = 32, num_prompts: int = 20, *,
-                     sampler: str = "ddim", steps: int = 50, guidance: float | None = None, seed: int = 0,
+                     sampler: str | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                      device=None, notes: list[str] | None = None) -> tuple[dict, Figure]:
     """G.pt's prompt alignment over ``runs`` held-out runs (an int: the first of ``store.test_runs``)."""
     notes = [] if notes is None else notes

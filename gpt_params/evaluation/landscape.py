@@ -17,7 +17,7 @@ from gpt_params.evaluation.common import (aligned_to, as_tensor, at_least_as_goo
 
 
 def landscape(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 8, grid: int = 15,
-              margin: float = 0.3, metric: str | None = None, sampler: str = "ddim", steps: int = 50,
+              margin: float = 0.3, metric: str | None = None, sampler: str | None = None, steps: int | None = None,
               guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
     """The plane of the two principal directions of aligned trained and generated solutions; the task's

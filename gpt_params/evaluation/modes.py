@@ -65,7 +65,7 @@ def markdown_table(rows: list[dict], metric: str) -> str:
 
 def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | Path | None = None, *,
                   runs: int = 16, num_prompts: int = 10, num_inits: int = 8, num_networks: int = 8,
-                  sampler: str = "ddim", steps: int = 20, guidance: float | None = None, seed: int = 0,
+                  sampler: str | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                   device=None) -> dict:
     """Evaluate each generator ``ckpts[name]`` on the same held-out runs and seeds; write
     ``out_dir/modes.md`` and ``out_dir/modes.json`` when ``out_dir`` is given; return
@@ -83,7 +83,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
     options = {"prompt_alignment": {"num_prompts": num_prompts},
                "one_step": {"num_inits": num_inits, "schemes": ("default",), "optimizers": {}},
                "novelty": {"num_networks": num_networks}, "diversity": {"num_networks": num_networks}}
-    rows, results, seconds, metric, scales = [], {}, {}, None, {}
+    rows, results, seconds, metric, scales, sampling = [], {}, {}, None, {}, {}
     for name, path in ckpts.items():
         gen = Generator.load(path, device=device)
         if not store.layer_shapes.same_layout(gen.layer_shapes):
@@ -93,6 +93,8 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
                              "compare generators of one conditioning metric")
         metric = gen.metric
         scales[name] = gen.guidance if guidance is None else guidance  # None: each generator's own default
+        sampling[name] = {"sampler": gen.sampler if sampler is None else sampler,
+                          "steps": gen.sampler_steps if steps is None else steps}
         mode_notes: list[str] = []
         t0 = time.perf_counter()
         res = run_sections(gen, task, store, sections, runs=run_ids, options=options, notes=mode_notes, **common)
@@ -105,7 +107,7 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
               "config": {"task": task.name, "store": str(store.root), "metric": metric,
                          "runs": len(run_ids), "num_prompts": num_prompts, "num_inits": num_inits,
                          "num_networks": num_networks, "ckpts": {k: str(v) for k, v in ckpts.items()}, **common,
-                         "guidance": scales, "device": None if device is None else str(device)}}
+                         "guidance": scales, "sampling": sampling, "device": None if device is None else str(device)}}
     report = to_json(report)
     if out_dir is not None:
         out = Path(out_dir)

@@ -56,7 +56,7 @@ def _layer_noise(store, spec_shapes, scale: float, like: torch.Tensor, seed: int
 
 
 def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 16, candidates: int = 8,
-            max_pool: int = 20000, noise_scale: float = 0.05, sampler: str = "ddim", steps: int = 50,
+            max_pool: int = 20000, noise_scale: float = 0.05, sampler: str | None = None, steps: int | None = None,
             guidance: float | None = None, seed: int = 0, device=None, notes: list[str] | None = None,
             generated: torch.Tensor | None = None) -> tuple[dict, Figure]:
     """Aligned distance of generated networks to their nearest training checkpoint, against held-out

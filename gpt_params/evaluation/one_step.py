@@ -50,8 +50,8 @@ def _optimizer_curves(task, inits, seeds, labels, metric: str, hp: dict, *, max_
 
 def one_step(gen, task, store=None, *, num_inits: int = 8,
              schemes: Sequence[InitScheme] = ("default", *OOD_SCHEMES), optimizers: dict | None = None,
-             max_steps: int = 2000, batch_size: int = 64, num_evals: int = 40, sampler: str = "ddim",
-             steps: int = 50, guidance: float | None = None, seed: int = 0, device=None,
+             max_steps: int = 2000, batch_size: int = 64, num_evals: int = 40, sampler: str | None = None,
+             steps: int | None = None, guidance: float | None = None, seed: int = 0, device=None,
              notes: list[str] | None = None) -> tuple[dict, Figure]:
     """One generated step, prompting the data's best metric, from ``num_inits`` random inits per scheme;
     then Adam / SGD (``optimizers``: name -> lr, momentum, weight_decay) from the same inits up to

@@ -14,7 +14,7 @@ from gpt_params.evaluation.common import (OOD_SCHEMES, InitScheme, at_least_as_g
 
 
 def recursive(gen, task, store=None, *, k: int = 5, num_inits: int = 8,
-              schemes: Sequence[InitScheme] = OOD_SCHEMES, sampler: str = "ddim", steps: int = 50,
+              schemes: Sequence[InitScheme] = OOD_SCHEMES, sampler: str | None = None, steps: int | None = None,
               guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
     """``k`` successive prompts of the data's best metric, each starting from the previous output, from

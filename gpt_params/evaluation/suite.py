@@ -57,7 +57,7 @@ def check_sections(names) -> None:
 
 
 def run_sections(gen, task, store, sections: Sequence[Section] = SECTIONS, *, runs: int | Sequence[int] = 32,
-                 sampler: str = "ddim", steps: int = 50, guidance: float | None = None, seed: int = 0,
+                 sampler: str | None = None, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  device=None, options: dict[str, dict] | None = None, notes: list[str] | None = None,
                  on_figure: Callable[[str, Figure], None] | None = None, seconds: dict[str, float] | None = None,
                  progress: bool = False) -> dict[str, dict]:
@@ -131,7 +131,11 @@ def summary_lines(report: dict) -> list[str]:
     if "pairwise_distance" in div:
         d = div["pairwise_distance"]
         lines.append(f"Diversity: pairwise aligned distance generated {fmt(d['generated']['median'])} vs trained "
-                     f"{fmt(d['trained']['median'])} (median)")
+                     f"{fmt(d['trained']['median'])} (median; generated from one start)")
+        if "across_starts" in div:
+            a = div["across_starts"]["pairwise_distance"]
+            lines.append(f"  from {div['across_starts']['num_generated']} different starts: generated "
+                         f"{fmt(a['generated']['median'])} vs trained {fmt(a['trained']['median'])}")
     land = report.get("landscape", {})
     if "generated_basins" in land:
         lines.append(f"Landscape ({land['metric']}): {100 * land['generated_in_low_fraction']:.0f}% of generated "
@@ -139,7 +143,7 @@ def summary_lines(report: dict) -> list[str]:
     return lines + [f"Note: {n}" for n in report.get("notes", [])]
 
 
-def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: str = "ddim", steps: int = 50,
+def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: str | None = None, steps: int | None = None,
                  guidance: float | None = None, device=None, tb_logger=None, sections: Sequence[Section] = SECTIONS,
                  seed: int = 0, global_step: int = 0, options: dict[str, dict] | None = None,
                  progress: bool = True) -> dict:
@@ -177,7 +181,8 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
 
     report = {"config": {"task": task.name, "store": str(store.root), "metric": gen.metric,
                          "lower_is_better": bool(gen.lower_is_better), "data_range": list(gen.data_range),
-                         "runs": len(run_ids), "run_ids": [int(r) for r in run_ids], "sampler": sampler, "steps": steps,
+                         "runs": len(run_ids), "run_ids": [int(r) for r in run_ids], "sampler": getattr(gen, "sampler", None) if sampler is None else sampler,
+                         "steps": getattr(gen, "sampler_steps", None) if steps is None else steps,
                          "guidance": getattr(gen, "guidance", 1.0) if guidance is None else guidance,
                          "seed": seed, "sections": list(sections), "options": options},
               "notes": notes, "seconds": {}}

@@ -108,7 +108,7 @@ class AlignmentMonitor(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 5, runs: int = 8, num_prompts: int = 10,
-                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 10) -> None:
+                 sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None, steps: Optional[int] = None) -> None:
         self.every_n_epochs, self.runs, self.num_prompts = every_n_epochs, runs, num_prompts
         self.sampler, self.steps = sampler, steps
 
@@ -151,7 +151,7 @@ class ParameterPrompter(pl.Callback):
         metric_fn: measures the model's conditioning metric (module -> float); default: the generator's
             task evaluates the parameter vector; without either, the data's median metric at init is
             used as the start metric and the metric is not logged.
-        sampler, steps, guidance: the sampling settings (guidance None: the generator's default).
+        sampler, steps, guidance: the sampling settings (None: the generator's defaults).
         seed: seed of the sampling noise.
         task: the task that scores the model (built-in name or "pkg.module:Class", imported); default: the
             generator's own task when it is built in (an import path saved in a checkpoint is never imported).
@@ -159,7 +159,8 @@ class ParameterPrompter(pl.Callback):
 
     def __init__(self, ckpt: str, target: float, at: Literal["fit_start", "never"] = "fit_start",
                  every_n_epochs: Optional[int] = None, metric_fn: Optional[Callable[[pl.LightningModule], float]] = None,
-                 sampler: Literal["ddpm", "ddim", "dpm++"] = "ddim", steps: int = 50, guidance: Optional[float] = None,
+                 sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None, steps: Optional[int] = None,
+                 guidance: Optional[float] = None,
                  seed: int = 0, task: Optional[str] = None) -> None:
         self.ckpt, self.target, self.at, self.every_n_epochs = ckpt, float(target), at, every_n_epochs
         self.metric_fn, self.sampler, self.steps, self.guidance, self.seed = metric_fn, sampler, steps, guidance, seed
