@@ -2,8 +2,11 @@
 would write it (a plain ``ClassificationTask``, not a subclass of the built-in ``digits_mlp``), and given
 to the tools by its import path:
 
-    gpt-params build-dataset --task bench.user_tasks:TwoLayerDigits --out data/user_2layer --runs 512
-    gpt-params train --data.root data/user_2layer --data.task bench.user_tasks:TwoLayerDigits
+    PYTHONPATH=. gpt-params build-dataset --task bench.user_tasks:TwoLayerDigits --out data/user_2layer --runs 512
+    PYTHONPATH=. gpt-params train --data.root data/user_2layer --data.task bench.user_tasks:TwoLayerDigits
+
+(from the repository root: the import path must be importable). ``RecordedTwoLayer`` scores the networks
+``bench/record_user_store.py`` records.
 """
 from __future__ import annotations
 
@@ -31,3 +34,25 @@ class TwoLayerDigits(ClassificationTask):
         n_train, n_val = int(0.6 * len(y)), int(0.2 * len(y))
         parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
         return {k: (x[i], y[i]) for k, i in parts.items()}
+
+
+class TanhNet(nn.Module):
+    """The network of ``bench/record_user_store.py``'s LightningModule: its parameters are named ``net.*``
+    there, so the task builds the same names."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RecordedTwoLayer(TwoLayerDigits):
+    """The task of a store recorded with ``CheckpointRecorder`` from a user's own training
+    (``bench/record_user_store.py``): a 64-32-32-10 tanh MLP on the same digits splits."""
+
+    name = "recorded_two_layer"
+
+    def build_model(self) -> nn.Module:
+        return TanhNet()
