@@ -229,6 +229,7 @@ def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
     assert set(on_disk["one_step"]["optimizers"]) == {"adam", "sgd"}
     for o in on_disk["one_step"]["optimizers"].values():   # every network counted, matched within the cap or not
         assert o["steps_to_match"]["count"] == 4 and o["steps_to_match"]["cap"] == 16
+        assert o["wall_seconds_to_match"]["cap"] == pytest.approx(16 * o["seconds_per_step"])   # in seconds
         assert o["wall_ratio"] is None or o["wall_ratio"] > 0
     assert len(on_disk["recursive"]["schemes"]["xavier"]["median_after_each"]) == 3
     assert np.asarray(on_disk["landscape"]["values"]).shape == (6, 6)

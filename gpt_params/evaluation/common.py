@@ -54,7 +54,7 @@ def summary(values) -> dict:
             "max": float(v.max()), "count": int(v.size)}
 
 
-def capped_summary(values, cap: int) -> dict:
+def capped_summary(values, cap: float) -> dict:
     """Steps (or seconds) each network needed, NaN for those that did not get there within ``cap``: those
     count as above the cap, not dropped. ``median`` over all networks (None when it lies above the cap,
     with ``median_above_cap`` True), ``above_cap`` how many; mean / min / max of those that got there."""
@@ -63,7 +63,7 @@ def capped_summary(values, cap: int) -> dict:
     out = summary(v)
     median = float(np.median(np.where(missing, np.inf, v))) if v.size else float("nan")
     out.update(median=median if np.isfinite(median) else None, median_above_cap=bool(v.size and np.isinf(median)),
-               above_cap=int(missing.sum()), cap=int(cap), count=int(v.size))
+               above_cap=int(missing.sum()), cap=cap, count=int(v.size))
     return out
 
 

@@ -87,11 +87,11 @@ def one_step(gen, task, store=None, *, num_inits: int = 8,
         reached = at_least_as_good(c["values"], achieved[None, :], lower)  # [E, K]
         first = np.where(reached.any(0), reached.argmax(0), -1)
         needed = np.where(first >= 0, c["steps"][np.maximum(first, 0)], np.nan).astype(np.float64)  # [K]
-        wall = capped_summary(needed * c["seconds_per_step"], c["max_steps"])
+        wall = capped_summary(needed * c["seconds_per_step"], c["max_steps"] * c["seconds_per_step"])  # seconds
         result["optimizers"][name] = {
             "hparams": hp, "max_steps": c["max_steps"], "reached_fraction": float((first >= 0).mean()),
             "steps_to_match": capped_summary(needed, c["max_steps"]), "per_network_steps": needed,
-            "wall_seconds_to_match": wall,
+            "wall_seconds_to_match": wall, "seconds_per_step": c["seconds_per_step"],
             "wall_note": "amortized: the vectorized trainer's time per step for all networks together",
             # how many times longer the optimizer takes than the generation, on the same networks and machine
             "wall_ratio": None if wall["median"] is None or gen_time <= 0 else wall["median"] / gen_time,
