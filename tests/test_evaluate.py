@@ -20,6 +20,7 @@ from checkpoints_dataset.tasks import Task, get_task
 from gpt_params.evaluation import SECTIONS, alignment_r2, evaluate_all, prompt_alignment, run_sections
 from gpt_params.evaluation.common import (aligned_to, nearest_aligned, run_endpoints, sorted_features, to_json,
                                           trained_checkpoints)
+from gpt_params.evaluation.diversity import _pairwise, diversity
 from gpt_params.evaluation.novelty import novelty
 
 
@@ -204,6 +205,31 @@ def test_novelty_checks_updates_and_a_noise_baseline(digits):
     nb = res["noise_baseline"]
     assert set(nb) == {"generated", "noisy_nearest", "better_fraction", "better"} and 0 <= nb["better_fraction"] <= 1
     assert nb["generated"]["median"] == pytest.approx(float(np.median(task.evaluate(held)["val_error"])))
+
+
+def test_diversity_from_one_start_and_across_starts(digits):
+    """A generator that returns its start: from one start every network is the same (distance 0), from
+    different starts they are as far apart as the inits; one held-out run leaves no across-starts part."""
+    task, store = digits
+
+    class Identity(Copier):
+        def generate(self, start, start_metric, target, *, sampler, steps, guidance, generator):
+            return start.clone()
+
+    gen = Identity(store, trained_checkpoints(store, store.train_runs))
+    res, _ = diversity(gen, task, store, runs=4, num_networks=3)
+    assert res["pairwise_distance"]["generated"]["max"] < 1e-5
+    across = res["across_starts"]
+    inits, _ = run_endpoints(store, store.test_runs[:3])
+    init_params = torch.as_tensor(store.params(inits))
+    assert across["num_generated"] == 3 and across["pairwise_distance"]["generated"]["min"] > 1.0
+    assert across["pairwise_distance"]["generated"]["median"] == pytest.approx(
+        float(np.median(_pairwise(init_params, task.permutation_spec))))   # the inits' own aligned distances
+    assert across["generated_metric"]["median"] == pytest.approx(
+        float(np.median(task.evaluate(init_params)["val_error"])), abs=1e-6)
+    notes: list[str] = []
+    res, _ = diversity(gen, task, store, runs=[int(store.test_runs[0])], num_networks=3, notes=notes)
+    assert "across_starts" not in res and any("across_starts skipped" in n for n in notes)
 
 
 def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):
