@@ -59,14 +59,18 @@ class SetBias:
         return out
 
 
-def _bias_store(root, task: BiasTask):
+def _bias_store(root, task: BiasTask, missing_first: bool = False):
+    """8 runs of 3 checkpoints; ``missing_first``: no metric at each run's first checkpoint (as a recorder
+    writes it: the run starts before any validation)."""
     runs, per_run = 8, 3
+    first = np.arange(runs * per_run) % per_run == 0
     params = torch.randn(runs * per_run, task.num_params, generator=torch.Generator().manual_seed(0))
     create_store(root, task=None, layer_shapes=task.layer_shapes, metric_names=["score"],
                  lower_is_better=task.lower_is_better, permutation_spec=task.permutation_spec.to_json())
     write_shard(root, "s0", params=params.numpy(), run_ids=np.repeat(np.arange(runs), per_run),
                 steps=np.tile(np.arange(per_run), runs), epochs=np.tile(np.arange(per_run), runs).astype(float),
-                metrics={"score": params[:, -1].numpy()})
+                metrics={"score": np.where(first & missing_first, np.nan, params[:, -1].numpy())},
+                nan_metrics_ok=first & missing_first)
     finalize_store(root)
     return open_store(root)
 
@@ -230,6 +234,21 @@ def test_diversity_from_one_start_and_across_starts(digits):
     notes: list[str] = []
     res, _ = diversity(gen, task, store, runs=[int(store.test_runs[0])], num_networks=3, notes=notes)
     assert "across_starts" not in res and any("across_starts skipped" in n for n in notes)
+
+
+def test_novelty_scores_initial_checkpoints_the_store_has_no_metric_for(tmp_path):
+    """The quality half of the verdict needs the held-out runs' initial metric: where the store has none,
+    the task scores those checkpoints."""
+    from gpt_params.evaluation.novelty import _progress
+
+    task = BiasTask()
+    store = _bias_store(tmp_path / "store", task, missing_first=True)
+    first, last = run_endpoints(store, store.test_runs)
+    assert np.isnan(store.metrics(first)["score"]).all()
+    notes: list[str] = []
+    quality = _progress(task, store, "score", np.array([0.0]), notes)
+    assert quality["init_median"] == pytest.approx(float(np.median(np.asarray(store.params(first))[:, -1])), abs=1e-6)
+    assert quality["progress"] is not None and not notes
 
 
 def test_evaluate_all_writes_report_pngs_and_tensorboard(digits, tmp_path):

@@ -93,7 +93,7 @@ def novelty(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: i
         notes.append("novelty: no held-out trained checkpoints; copy threshold = 10 x the noisy copies' median")
     is_copy = d_gen < threshold
     fraction = float(is_copy.mean()) if G else 0.0
-    quality = _progress(store, gen.metric, gen_metric, notes)
+    quality = _progress(task, store, gen.metric, gen_metric, notes, device)
     updates = _update_novelty(gen_params, starts, store, spec, noise_scale, seed, notes)
     noise = _noise_baseline(task, store, gen.metric, bool(store.lower_is_better.get(gen.metric, True)), gen_params,
                             gen_metric, d_gen, nearest[:G], seed, device)
@@ -166,10 +166,16 @@ def _noise_baseline(task, store, metric: str, lower: bool, gen_params, gen_metri
             "better": bool(gen_median < noisy_median if lower else gen_median > noisy_median)}
 
 
-def _progress(store, metric: str, gen_metric: np.ndarray, notes: list[str]) -> dict:
-    """How far the generated networks get from an init to a trained network, on the held-out runs' metric."""
+def _progress(task, store, metric: str, gen_metric: np.ndarray, notes: list[str], device=None) -> dict:
+    """How far the generated networks get from an init to a trained network, on the held-out runs' metric
+    (scored by the task where the store has none: a recorded run's first checkpoint comes before any
+    validation)."""
     first, last = run_endpoints(store, store.test_runs)
-    values = store.metrics(np.concatenate([first, last]))[metric]
+    idx = np.concatenate([first, last])
+    values = np.array(store.metrics(idx)[metric], dtype=np.float64)
+    missing = ~np.isfinite(values)
+    if missing.any():
+        values[missing] = metric_of(task, as_tensor(store.params(idx[missing])), metric, device=device)
     init, final = float(np.nanmedian(values[:len(first)])), float(np.nanmedian(values[len(first):]))
     generated = float(np.nanmedian(gen_metric)) if len(gen_metric) else float("nan")
     progress = (init - generated) / (init - final) if np.isfinite([init, final, generated]).all() and init != final \
