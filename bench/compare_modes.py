@@ -63,7 +63,7 @@ def run(store: str, out: str, steps: int, ae_steps: int, max_time: str, runs: in
             last = sorted(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
         ckpts[name] = last[-1]
     s = open_store(store)
-    report = compare_modes(ckpts, ref.task, s, Path(out) / "compare", runs=runs, steps=20)
+    report = compare_modes(ckpts, ref.task, s, Path(out) / "compare", runs=runs)
     print(report["markdown"])
     for note in report["notes"]:
         print("note:", note)

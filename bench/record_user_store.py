@@ -10,7 +10,7 @@ Then train and evaluate a generator as a user would, naming the task that scores
     PYTHONPATH=. gpt-params evaluate --ckpt <last.ckpt> --out eval --task bench.user_tasks:RecordedTwoLayer
 
 Run from the repository root: the task is imported by its path, ``bench.user_tasks``. A killed recording
-resumes: runs already in the store are skipped.
+resumes: complete runs already in the store count, a run cut short does not (it stays in the store).
 """
 from __future__ import annotations
 
@@ -52,11 +52,15 @@ class UserModule(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-def recorded_runs(out) -> int:
+def recorded_runs(out, epochs: int) -> tuple[int, int]:
+    """(complete runs, all runs) in the store: a killed fit leaves a run with fewer than ``epochs + 1``
+    checkpoints, which does not count."""
     try:
-        return open_store(out).num_runs
+        store = open_store(out)
     except (FileNotFoundError, ValueError):
-        return 0
+        return 0, 0
+    runs = np.unique(store.run_ids)
+    return sum(len(store.run_checkpoints(r)) >= epochs + 1 for r in runs), len(runs)
 
 
 def main(argv=None) -> None:
@@ -69,15 +73,15 @@ def main(argv=None) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)   # one progress bar, not a fit's chatter per run
     task = RecordedTwoLayer()
     train, val = task.split("train"), task.split("val")
-    lrs = np.exp(np.random.default_rng(0).uniform(math.log(3e-4), math.log(1e-2), args.runs))
-    done = recorded_runs(args.out)
+    done, recorded = recorded_runs(args.out, args.epochs)
     t0 = time.perf_counter()
-    for run in tqdm(range(done, args.runs), desc="recording runs", initial=done, total=args.runs):
+    for run in tqdm(range(recorded, recorded + args.runs - done), desc="recording runs", initial=done, total=args.runs):
+        lr = math.exp(np.random.default_rng(run).uniform(math.log(3e-4), math.log(1e-2)))   # a run's seed sets all
         pl.seed_everything(run, verbose=False)
         trainer = pl.Trainer(max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                              callbacks=[CheckpointRecorder(args.out, metrics=["val_error", "val_loss"])])
-        trainer.fit(UserModule(float(lrs[run])),
+        trainer.fit(UserModule(lr),
                     DataLoader(TensorDataset(*train), batch_size=args.batch_size, shuffle=True),
                     DataLoader(TensorDataset(*val), batch_size=len(val[1])))
     store = open_store(args.out)

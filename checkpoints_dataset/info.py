@@ -60,10 +60,13 @@ class DataInfo:
 
     @classmethod
     def from_store(cls, store, metric: str, runs: Sequence[int], *, task: str | None = None,
-                   task_kwargs: Mapping[str, Any] | None = None, val_runs: Sequence[int] = ()) -> DataInfo:
+                   task_kwargs: Mapping[str, Any] | None = None, val_runs: Sequence[int] = (),
+                   metric_values: np.ndarray | None = None) -> DataInfo:
         """Summarize ``store`` for ``metric`` over ``runs`` (the training and validation runs, never the
-        held-out test runs); ``val_runs`` are recorded as they are."""
-        all_values = store.metrics(np.arange(store.num_checkpoints))[metric]
+        held-out test runs); ``val_runs`` are recorded as they are. ``metric_values``: the metric of every
+        checkpoint to use instead of the stored one (see ``PairDataset``)."""
+        all_values = store.metrics(np.arange(store.num_checkpoints))[metric] if metric_values is None \
+            else np.asarray(metric_values, np.float64)
         values, init_values = [], []
         for r in runs:
             finite = all_values[store.run_checkpoints(r)]

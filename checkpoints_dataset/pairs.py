@@ -50,6 +50,8 @@ class PairDataset(Dataset):
         permute: apply permutation augmentation (needs the store's permutation spec).
         fields: "params" (full pairs) or "metrics" (metrics and steps only, no params read: quick checks).
         seed: base seed of the dataset's generators.
+        metric_values: the metric of every checkpoint of the store (``[num_checkpoints]``, store order) to use
+            instead of the stored one, e.g. with a task's scores where the store has none (None: the store's).
         device: None (default): parameters are read from the memory-mapped store per batch. A device
             ("cuda", "cpu", ...): the chosen runs' parameters are loaded once as one tensor there, and
             batches are gathered and permuted on it (its own generator on that device).
@@ -57,7 +59,8 @@ class PairDataset(Dataset):
 
     def __init__(self, store: CheckpointStore | str, runs=None, metric: str | None = None, init_prob: float = 0.25,
                  ordered: bool = True, permute: bool = True, seed: int = 0,
-                 fields: Literal["params", "metrics"] = "params", device: str | torch.device | None = None):
+                 fields: Literal["params", "metrics"] = "params", device: str | torch.device | None = None,
+                 metric_values: np.ndarray | None = None):
         self.store = store if isinstance(store, CheckpointStore) else open_store(store)
         self.metric = metric or _default_metric(self.store)
         if self.metric not in self.store.metric_names:
@@ -71,7 +74,10 @@ class PairDataset(Dataset):
             raise ValueError("the store has no permutation spec; pass permute=False (or rebuild the store with a spec)")
         self.init_prob, self.ordered, self.permute, self.fields = init_prob, ordered, permute, fields
         runs = self.store.train_runs if runs is None else np.asarray(runs, np.int64).reshape(-1)
-        metric_all = self.store._metrics[self.metric]
+        metric_all = self.store._metrics[self.metric] if metric_values is None else np.asarray(metric_values, np.float64)
+        if metric_all.shape != (self.store.num_checkpoints,):
+            raise ValueError(f"metric_values must have one value per checkpoint of the store "
+                             f"[{self.store.num_checkpoints}], got {list(metric_all.shape)}")
         # checkpoints without a finite metric cannot condition a pair (the recorder's initial checkpoint
         # before any metric was logged): a run starts at its first checkpoint with a finite metric
         per_run = [c[np.isfinite(metric_all[c])] for c in (self.store.run_checkpoints(r) for r in runs)]
@@ -83,7 +89,7 @@ class PairDataset(Dataset):
         self._run_len = np.repeat(lens, lens)  # [N]
         self._run_start = np.repeat(np.cumsum(lens) - lens, lens)  # [N] position of the run's initial checkpoint
         self._pos = np.arange(len(self._order)) - self._run_start  # [N] position within the run
-        self._metric = self.store._metrics[self.metric].astype(np.float32)
+        self._metric = metric_all.astype(np.float32)
         self.device = None if device is None else torch.device(device)
         self._resident = None if self.device is None or fields != "params" else self._load_resident()
         self.seed, self.epoch, self._worker = seed, 0, None

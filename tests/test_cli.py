@@ -55,6 +55,20 @@ def test_resume_from_last_ckpt_continues_the_step_count(trained, tiny_digits_sto
     assert torch.load(new, map_location="cpu", weights_only=True)["global_step"] == 16
 
 
+def test_resuming_a_checkpoint_written_with_other_denoiser_options_names_them(trained, tiny_digits_store, tmp_path,
+                                                                              capsys):
+    """A checkpoint from before an option existed reads as that option's old value (here the tanh GELU):
+    resuming it with today's defaults is refused with the flag to pass, and with the flag it resumes."""
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    del ckpt["gpt_params"]["generator"]["dit"]["activation"]
+    older = tmp_path / "older.ckpt"
+    torch.save(ckpt, older)
+    rc = main(_train_args(tiny_digits_store, tmp_path / "a", steps=16, extra=["--ckpt_path", str(older)]))
+    assert rc == 2 and "--model.dit.activation gelu_tanh" in capsys.readouterr().err
+    assert main(_train_args(tiny_digits_store, tmp_path / "b", steps=16, extra=[
+        "--ckpt_path", str(older), "--final_eval_runs", "0", "--model.dit.activation", "gelu_tanh"])) == 0
+
+
 def test_prompt_writes_loadable_networks_and_results(trained, tmp_path, capsys):
     out = tmp_path / "prompted"
     assert main(["prompt", "--ckpt", str(trained), "--target", "0.2", "--target", "0.5", "--num", "2",
@@ -105,9 +119,11 @@ def test_the_default_sampler_is_the_one_set_at_training(trained, tmp_path):
     torch.save(ckpt, tmp_path / "ddim4.ckpt")
     for key in ("sampler", "sampler_steps"):
         del config[key]
+    del config["dit"]["activation"]
     torch.save(ckpt, tmp_path / "older.ckpt")
     gen, older = Generator.load(tmp_path / "ddim4.ckpt"), Generator.load(tmp_path / "older.ckpt")
     assert (gen.sampler, gen.sampler_steps, older.sampler, older.sampler_steps) == ("ddim", 4, "ddim", 50)
+    assert (gen.config.dit.activation, older.config.dit.activation) == ("gelu", "gelu_tanh")
     start = get_task("digits_mlp").init_params(3, torch.Generator().manual_seed(0))  # [3, P]
     run = lambda g, **kw: g.generate(start, 0.9, 0.1, generator=torch.Generator().manual_seed(1), **kw)  # noqa: E731
     assert torch.equal(run(gen), run(gen, sampler="ddim", steps=4))

@@ -75,3 +75,26 @@ def test_random_start_without_a_task_is_refused(recorded, capsys):
     ckpt = next((recorded / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     rc = main(["prompt", "--ckpt", str(ckpt), "--target", "0.5", "--num", "1", "--out", str(recorded / "p2")])
     assert rc == 2 and "--start random needs the task's model: give --task pkg.module:Class" in capsys.readouterr().err
+
+
+def test_the_task_scores_the_recorders_initial_checkpoints_for_training(recorded):
+    """The recorder's first checkpoint of a run comes before any validation (no metric). Given a task, the
+    data module scores those checkpoints, so training pairs start at real inits and init_metric is theirs."""
+    import numpy as np
+
+    from gpt_params.training.data import ParameterDataModule
+    from tests.user_task import RecordedDigits
+
+    store = open_store(recorded / "store")
+    data = ParameterDataModule(root=str(recorded / "store"), task="tests.user_task:RecordedDigits",
+                               metric="val_loss", batch_size=8)
+    runs = np.concatenate([data.train_run_ids, data.val_run_ids])
+    first = np.array([store.run_checkpoints(int(r))[0] for r in runs])
+    assert np.isnan(store.metrics(first)["val_loss"]).all()
+    scored = RecordedDigits().evaluate(torch.as_tensor(np.asarray(store.params(first))))["val_loss"].double().numpy()
+    np.testing.assert_allclose(data.metric_values[first], scored, rtol=1e-6)
+    assert data.info.init_metric == pytest.approx(float(np.median(scored)), rel=1e-6)
+    data.setup("fit")
+    assert set(first[np.isin(runs, data.train_run_ids)]) <= set(data.train_set._order.tolist())
+    without = ParameterDataModule(root=str(recorded / "store"), metric="val_loss", batch_size=8)   # no task
+    assert without.metric_values is None and without.info.init_metric != pytest.approx(data.info.init_metric)

@@ -11,3 +11,21 @@ class SmallDigits(DigitsMLP):
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class RecordedDigits(DigitsMLP):
+    """The network of test_recorded_store.py's UserModule (64-16-10 under ``net.``), scored on digits."""
+
+    name = "recorded_digits"
+
+    def build_model(self) -> nn.Module:
+        return _Net()

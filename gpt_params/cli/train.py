@@ -5,6 +5,7 @@ finished; under DDP rank 0 builds and the others wait), so the data module only 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -20,7 +21,8 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from checkpoints_dataset.fileio import savefig_atomic
 from checkpoints_dataset.info import DataInfo
 from gpt_params.cli.common import UsageError
-from gpt_params.core.config import LEGACY_NAMES
+from gpt_params.core.config import LEGACY_NAMES, DiTOptions, GeneratorConfig
+from gpt_params.core.generator import CHECKPOINT_KEY
 from gpt_params.evaluation import prompt_alignment
 from gpt_params.training import AtomicCheckpointIO, GeneratorModule, LogProgressBar, ParameterDataModule
 
@@ -117,8 +119,9 @@ def check_old_option_names(argv: list[str]) -> None:
                                  f"{[_renamed(k)[2:] for k in old]} (nested under model:)")
 
 
-def check_resume(ckpt_path: Path, info: DataInfo) -> None:
-    """Refuse, before anything is written, a --ckpt_path that is missing or trained on another architecture."""
+def check_resume(ckpt_path: Path, info: DataInfo, dit: Optional[DiTOptions] = None) -> None:
+    """Refuse, before anything is written, a --ckpt_path that is missing, trained on another architecture, or
+    written with other denoiser options than ``dit`` (today's defaults differ from older checkpoints')."""
     if not ckpt_path.is_file():
         raise UsageError(f"--ckpt_path {ckpt_path} is not a file; give the last.ckpt of a run to resume")
     try:
@@ -131,6 +134,23 @@ def check_resume(ckpt_path: Path, info: DataInfo) -> None:
         raise UsageError(f"--ckpt_path {ckpt_path} was trained on networks of another architecture than the store "
                          f"at {info.store_root} holds; resume with the --data.root it was trained on "
                          f"({saved.get('store_root')})")
+    written = _saved_dit(ckpt)
+    if dit is not None and written is not None and written != dit:
+        flags = " ".join(f"--model.dit.{k} {v}" for k, v in dataclasses.asdict(written).items()
+                         if getattr(dit, k) != v and v is not None)
+        raise UsageError(f"--ckpt_path {ckpt_path} was written with other denoiser options than this command's; "
+                         f"resume with the ones it was trained with: {flags}")
+
+
+def _saved_dit(ckpt) -> Optional[DiTOptions]:
+    """The denoiser options a checkpoint was written with (older ones read with their defaults), if any."""
+    try:
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(CHECKPOINT_KEY), dict) and "generator" in ckpt[CHECKPOINT_KEY]:
+            return GeneratorConfig.from_json(ckpt[CHECKPOINT_KEY]["generator"]).dit
+        hparams = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        return GeneratorConfig.from_legacy_hparams(hparams).dit if "data_info" in hparams else None
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -148,7 +168,7 @@ def main(argv: list[str]) -> int:
         )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if cli.config.get("ckpt_path"):
-        check_resume(Path(cli.config.get("ckpt_path")), data.info)
+        check_resume(Path(cli.config.get("ckpt_path")), data.info, model.generator.config.dit)
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.get("ckpt_path"), weights_only=True)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
     if not trainer.is_global_zero:

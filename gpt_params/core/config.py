@@ -41,7 +41,7 @@ class DiTOptions:
             weights, so the option changes nothing for them; a latent-space generator has none either.
         edge_size: rank of the edge encoder's and decoder's products.
         activation: the MLPs' GELU, also the latent autoencoder's: exact ("gelu") or the tanh approximation
-            ("gelu_tanh", the only one before issue 16; slower on CPUs, bench/activation.py).
+            ("gelu_tanh", the only one before issue 16; speed: bench/activation.py).
     """
 
     size: Literal["XS", "S", "B", "L"] = "XS"
@@ -132,7 +132,7 @@ class GeneratorConfig:
         guidance: the classifier-free guidance scale ``generate`` uses when not told otherwise (1.0: off).
         sampler, sampler_steps: the sampler and its number of denoiser calls ``generate`` uses when not told
             otherwise. The x0 denoiser is nearly deterministic given its prompt, so a few DPM-Solver++ steps
-            align as well as DDIM-50 at a tenth of the time (bench/NOTES.md, issue 16).
+            align as well as many DDIM steps (the study: bench/NOTES.md, issue 16).
     """
 
     data: DataInfo

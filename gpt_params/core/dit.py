@@ -84,6 +84,8 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        if activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
         approximate = "tanh" if activation == "gelu_tanh" else "none"
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=partial(nn.GELU, approximate=approximate))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -162,7 +164,7 @@ class ParameterDiT(nn.Module):
             per-token projections.
         edge_size: width E of the edge encoder and decoder.
         activation: the MLPs' GELU, exact ("gelu") or DiT's tanh approximation ("gelu_tanh", the only one
-            before issue 16): the two compute nearly the same, and torch's exact GELU is the faster on CPUs.
+            before issue 16); the two compute nearly the same (speed: bench/activation.py).
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
@@ -181,8 +183,6 @@ class ParameterDiT(nn.Module):
             raise ValueError(f"projection must be 'layer' or 'position', got {projection!r}")
         if start_input not in ("checkpoint", "none"):
             raise ValueError(f"start_input must be 'checkpoint' or 'none', got {start_input!r}")
-        if activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
         if condition not in ("target", "none"):
             raise ValueError(f"condition must be 'target' or 'none', got {condition!r}")
         if residual and start_input == "none":

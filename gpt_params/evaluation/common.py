@@ -113,9 +113,10 @@ def metric_of(task, params, metric: str, *, device=None, chunk: int = 256) -> np
     return out[metric]
 
 
-def generate(gen, start, start_metric, target, *, sampler: str, steps: int, guidance: float | None,
+def generate(gen, start, start_metric, target, *, sampler: str | None, steps: int | None, guidance: float | None,
              seed: int, chunk: int = 256) -> Tensor:
-    """``gen.generate`` over ``start [N, P]`` in chunks, with one seeded ``torch.Generator`` -> ``[N, P]``."""
+    """``gen.generate`` over ``start [N, P]`` in chunks, with one seeded ``torch.Generator`` -> ``[N, P]``
+    (``sampler``, ``steps``, ``guidance`` None: the generator's own)."""
     start = as_tensor(start)  # [N, P]
     start_metric = torch.as_tensor(np.asarray(start_metric, dtype=np.float32)).reshape(-1)  # [N]
     target = torch.as_tensor(np.asarray(target, dtype=np.float32)).reshape(-1)  # [N]

@@ -55,7 +55,9 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
     trained = as_tensor(store.params(trained_idx))  # [T, P]
     dist = {"generated": _pairwise(gen_params, spec), "trained": _pairwise(trained, spec)}
     across = None
-    if len(run_ids) > 1:
+    if not getattr(gen, "uses_start", True):
+        notes.append("diversity: the generator ignores the start; across_starts skipped")
+    elif len(run_ids) > 1:
         starts_params, starts_metric = generate_best(gen, task, store, run_ids, num_networks, sampler=sampler,
                                                      steps=steps, guidance=guidance, seed=seed, device=device)
         near = checkpoints_near(store, finals, [np.median(starts_metric)], num_networks, metric=gen.metric)
@@ -69,7 +71,7 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
         result["across_starts"] = {"num_generated": len(starts_params), "generated_metric": summary(starts_metric),
                                    "trained_metric": summary(store.metrics(near)[gen.metric]),
                                    "pairwise_distance": {k: summary(v) for k, v in across.items()}}
-    else:
+    elif getattr(gen, "uses_start", True):
         notes.append("diversity: one held-out run only; across_starts skipped")
     agree = {}
     if has_data(task):

@@ -102,12 +102,15 @@ def compare_modes(ckpts: Mapping[str, str | Path], task, store, out_dir: str | P
         notes += [f"{name}: {n}" for n in dict.fromkeys(mode_notes)]
         results[name] = res
         rows.append(_row(name, gen, res))
+    if len({(v["sampler"], v["steps"]) for v in sampling.values()}) > 1:
+        notes.append(f"the generators sample differently (each with its own default): {sampling}; pass "
+                     "--sampler and --steps to compare them with the same sampler")
     table = markdown_table(rows, metric)
     report = {"rows": rows, "markdown": table, "results": results, "notes": notes, "seconds": seconds,
               "config": {"task": task.name, "store": str(store.root), "metric": metric,
                          "runs": len(run_ids), "num_prompts": num_prompts, "num_inits": num_inits,
                          "num_networks": num_networks, "ckpts": {k: str(v) for k, v in ckpts.items()}, **common,
-                         "guidance": scales, "sampling": sampling, "device": None if device is None else str(device)}}
+                         "guidance": scales, "sampler": None, "steps": None, "sampling": sampling, "device": None if device is None else str(device)}}
     report = to_json(report)
     if out_dir is not None:
         out = Path(out_dir)

@@ -181,7 +181,8 @@ def evaluate_all(gen, out_dir, task=None, store=None, runs: int = 32, sampler: s
 
     report = {"config": {"task": task.name, "store": str(store.root), "metric": gen.metric,
                          "lower_is_better": bool(gen.lower_is_better), "data_range": list(gen.data_range),
-                         "runs": len(run_ids), "run_ids": [int(r) for r in run_ids], "sampler": getattr(gen, "sampler", None) if sampler is None else sampler,
+                         "runs": len(run_ids), "run_ids": [int(r) for r in run_ids],
+                         "sampler": getattr(gen, "sampler", None) if sampler is None else sampler,
                          "steps": getattr(gen, "sampler_steps", None) if steps is None else steps,
                          "guidance": getattr(gen, "guidance", 1.0) if guidance is None else guidance,
                          "seed": seed, "sections": list(sections), "options": options},
