@@ -125,9 +125,10 @@ class ParameterDataModule(pl.LightningDataModule):
                              "record more runs (at least 7)")
         n_val = min(val_runs, max(len(train) // 5, 1))
         self.val_run_ids, self.train_run_ids = train[-n_val:], train[:-n_val]
-        self.metric_values = self._scored_metric(np.concatenate([self.train_run_ids, self.val_run_ids]))
+        seen = np.concatenate([self.train_run_ids, self.val_run_ids])
+        self.metric_values = self._scored_metric(seen)
         self.info = DataInfo.from_store(
-            self.store, metric, np.concatenate([self.train_run_ids, self.val_run_ids]),
+            self.store, metric, seen,
             task=None if self.task_ref is None else self.task_ref.name,
             task_kwargs=None if self.task_ref is None else self.task_ref.options, val_runs=self.val_run_ids,
             metric_values=self.metric_values)
@@ -136,10 +137,12 @@ class ParameterDataModule(pl.LightningDataModule):
         """The conditioning metric of every checkpoint, with the ones the store has none for among ``runs``
         scored by the task (a recorded run's first checkpoint comes before any validation, so without this
         no training pair would start at a real init); None when nothing is missing or there is no task."""
+        if self.task is None or self.metric not in self.task.metric_names:
+            return None
         values = np.array(self.store.metrics(np.arange(self.store.num_checkpoints))[self.metric], dtype=np.float64)
         idx = np.concatenate([self.store.run_checkpoints(int(r)) for r in runs])
         missing = idx[~np.isfinite(values[idx])]
-        if self.task is None or self.metric not in self.task.metric_names or not len(missing):
+        if not len(missing):
             return None
         scores = self.task.evaluate(torch.from_numpy(np.asarray(self.store.params(missing), np.float32)))
         values[missing] = scores[self.metric].double().numpy()
