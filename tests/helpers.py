@@ -1,9 +1,31 @@
-"""Test-only Lightning callbacks (imported by subprocesses through PYTHONPATH)."""
+"""Test-only Lightning callbacks (imported by subprocesses through PYTHONPATH) and small data writers."""
+import gzip
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """A gzip IDX file of uint8 ``array`` (the Fashion-MNIST format)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion(directory, n_train=40, n_test=20) -> dict:
+    """Random Fashion-MNIST-shaped IDX files in ``directory`` (file name -> array), so that the Fashion tasks
+    run without the real data."""
+    rng = np.random.default_rng(0)
+    files = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+             "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+             "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
+             "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test)}
+    for name, arr in files.items():
+        write_idx(Path(directory) / name, arr)
+    return files
 
 
 class RecordBatches(pl.Callback):

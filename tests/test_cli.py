@@ -319,3 +319,12 @@ def test_evaluate_scores_the_validation_runs_the_generator_set_aside(trained, ti
         assert main(["evaluate", "--ckpt", str(trained), "--split", split, "--runs", "2", "--steps", "1",
                      "--out", str(out)]) == 0
         assert json.loads((out / "report.json").read_text())["config"]["run_ids"] == want
+
+
+def test_the_data_module_builds_the_checkpoints_per_run_it_is_given(tmp_path):
+    from checkpoints_dataset import open_store
+    from gpt_params.training.data import ParameterDataModule
+
+    store = ParameterDataModule.prepare_store(root=str(tmp_path / "s"), task="digits_mlp", build_runs=4,
+                                              build_epochs=1, build_checkpoints=3)
+    assert store.num_checkpoints == 4 * 3 and open_store(tmp_path / "s").manifest["build_config"]["num_checkpoints"] == 3

@@ -14,6 +14,7 @@ from checkpoints_dataset import float_layer_shapes, get_task, state_dict_to_vect
 from checkpoints_dataset.params import check_params, count_params
 from checkpoints_dataset.tasks import ClassificationTask, Task
 from checkpoints_dataset.tasks.fashion import FashionTask, download_fashion_mnist, read_idx
+from tests.helpers import fake_fashion
 
 
 
@@ -110,25 +111,8 @@ def test_get_task_errors_and_import_paths():
     assert get_task("tests.test_tasks:_TinyTask").num_params == 6
 
 
-def _write_idx(path, array: np.ndarray):
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def _fake_fashion(tmp_path, n_train=40, n_test=20):
-    rng = np.random.default_rng(0)
-    files = {"train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
-             "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
-             "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)),
-             "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test)}
-    for name, arr in files.items():
-        _write_idx(tmp_path / name, arr)
-    return files
-
-
 def test_fashion_idx_reader_and_tasks_on_small_files(tmp_path):
-    files = _fake_fashion(tmp_path)
+    files = fake_fashion(tmp_path)
     assert np.array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), files["t10k-images-idx3-ubyte.gz"])
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09abc"))
     with pytest.raises(ValueError, match="truncated"):
@@ -144,7 +128,7 @@ def test_fashion_idx_reader_and_tasks_on_small_files(tmp_path):
 
 
 def test_fashion_data_dir_defaults_to_the_environment(tmp_path, monkeypatch):
-    _fake_fashion(tmp_path)
+    fake_fashion(tmp_path)
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     assert FashionTask("mlp", val_size=10).data_dir == tmp_path
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "empty"))
@@ -160,7 +144,7 @@ def test_fashion_missing_files_message(tmp_path):
 def test_download_helper_checks_checksums(tmp_path):
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
-    _fake_fashion(src)
+    fake_fashion(src)
     sums = {p.name: hashlib.sha256(gzip.decompress(p.read_bytes())).hexdigest() for p in src.iterdir()}
     download_fashion_mnist(dest, base_url=src.as_uri(), checksums=sums)
     assert len(get_task("fashion_mlp", data_dir=dest, val_size=10).split("train")[1]) == 30

@@ -47,6 +47,13 @@ def test_function_loss_is_zero_on_the_target_and_has_gradients():
     value.backward()
     assert value.item() > 0 and predicted.grad.abs().sum() > 0
     assert FunctionLoss(task, 1.0)(predicted, target).item() == pytest.approx(value.item() / 2, rel=1e-5)
+    # fewer probe inputs: the loss on the first 8 of them, the same as the task's own outputs on those 8
+    few = FunctionLoss(task, 1.0, probes=8)
+    want = task.network_outputs(target, task.probe_inputs()[:8])
+    got = task.network_outputs(predicted.detach(), task.probe_inputs()[:8])
+    expected = ((got - want) ** 2 / want.var(dim=(1, 2), keepdim=True)).mean()
+    assert few(predicted.detach(), target).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert few._probe.shape[0] == 8
 
 
 def test_function_loss_needs_x0_predictions_in_parameter_space(tiny_digits_store):
@@ -57,12 +64,15 @@ def test_function_loss_needs_x0_predictions_in_parameter_space(tiny_digits_store
         GeneratorModule(info, prediction="epsilon", function_loss=1.0)
     with pytest.raises(ValueError, match=">= 0"):
         GeneratorModule(info, function_loss=-1.0)
+    with pytest.raises(ValueError, match="function_probes must be at least 1"):
+        GeneratorModule(info, function_probes=0)
 
 
 def test_train_with_edges_and_function_loss(two_layer_store, tmp_path):
     printed = io.StringIO()
     args = train_args(two_layer_store, tmp_path, steps=6, extra=["--model.dit.relations", "edges",
-                                                               "--model.function_loss", "1.0"])
+                                                               "--model.function_loss", "1.0",
+                                                               "--model.function_probes", "16"])
     with contextlib.redirect_stdout(printed):
         assert main(args) == 0, printed.getvalue()[-3000:]
     (ckpt,) = tmp_path.glob("**/last.ckpt")

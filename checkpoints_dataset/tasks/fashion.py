@@ -137,11 +137,23 @@ class FashionTask(ClassificationTask):
                  eval_size: int | None = 2000, val_size: int = 5000, split_seed: int = 0, hidden: int = 32):
         if arch not in ("mlp", "cnn", "cnn_bn"):
             raise ValueError(f"unknown Fashion-MNIST architecture {arch!r}; use mlp, cnn or cnn_bn")
+        if int(hidden) < 1 or (arch != "mlp" and int(hidden) != 32):
+            raise ValueError(f"hidden={hidden!r}: the hidden width is an option of fashion_mlp only (a width >= 1); "
+                             f"fashion_{arch}'s layers are fixed")
+        if eval_size is not None and eval_size < 1 or not 1 <= val_size < 60000:
+            raise ValueError(f"eval_size must be None or >= 1 and val_size in [1, 60000), got {eval_size}, {val_size}")
         self.arch, self.name = arch, f"fashion_{arch}"
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
-        self.eval_size, self.val_size, self.split_seed, self.hidden = eval_size, val_size, split_seed, hidden
+        self.eval_size, self.val_size, self.split_seed, self.hidden = eval_size, val_size, split_seed, int(hidden)
         if not all((self.data_dir / f).exists() for f in FILES.values()):  # fail early, before any work
             raise FileNotFoundError(missing_files_message(self.data_dir))
+
+    def build_options(self) -> dict:
+        """The options that change the networks or their metrics, when they differ from the defaults (a store
+        records them, so ``train``, ``prompt`` and ``evaluate`` rebuild its network: ``hidden=1280`` stays
+        784-1280-10). ``data_dir`` is where the files are, not what they hold, so it is not recorded."""
+        defaults = {"hidden": 32, "eval_size": 2000, "val_size": 5000, "split_seed": 0}
+        return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
 
     def build_model(self) -> nn.Module:
         if self.arch == "mlp":

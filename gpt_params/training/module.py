@@ -76,15 +76,16 @@ class FunctionLoss:
     """``weight`` x the mean squared difference between the outputs of predicted and target networks on the
     task's ``probe_inputs()``, per network divided by the variance of its target's outputs (so the weight
     means the same for any output scale). Weight error is not function error: a small MSE in weight space
-    can still break a network (issue 16, hypothesis 2; Meynent et al. 2025 for weight autoencoders)."""
+    can still break a network (issue 16, hypothesis 2; Meynent et al. 2025 for weight autoencoders).
+    ``probes``: the first ``probes`` probe inputs only (None: all); its cost is N x B network forwards."""
 
-    def __init__(self, task, weight: float):
-        self.task, self.weight = task, float(weight)
+    def __init__(self, task, weight: float, probes: Optional[int] = None):
+        self.task, self.weight, self.probes = task, float(weight), probes
         self._probe: Optional[torch.Tensor] = None
 
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._probe is None or self._probe.device != predicted.device:
-            self._probe = self.task.probe_inputs().to(predicted.device)            # [B, ...]
+            self._probe = self.task.probe_inputs()[:self.probes].to(predicted.device)  # [B, ...]
         with torch.no_grad():
             want = self.task.network_outputs(target.float(), self._probe).flatten(2)  # [N, B, O]
         got = self.task.network_outputs(predicted.float(), self._probe).flatten(2)  # [N, B, O]
@@ -126,6 +127,9 @@ class GeneratorModule(pl.LightningModule):
             against their targets' on the task's probe inputs). None (default): 1.0 where it applies (x0
             predictions of parameter tokens, and a task that defines ``probe_inputs``), else off. A number:
             that weight (0: off), and an error where it cannot apply.
+        function_probes: how many of the task's probe inputs the function-space loss uses (None: all of them,
+            256 for a classification task). Its cost grows with it: a ConvNet's forwards on 256 images for every
+            network of the batch cost more than the DiT's step, so ``configs/fashion_cnn.yaml`` uses fewer.
         compile: wrap the denoiser in torch.compile.
     """
 
@@ -147,6 +151,7 @@ class GeneratorModule(pl.LightningModule):
         autoencoder: AutoencoderOptions = AutoencoderOptions(),
         optim: OptimOptions = OptimOptions(),
         function_loss: Optional[float] = None,
+        function_probes: Optional[int] = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -175,6 +180,8 @@ class GeneratorModule(pl.LightningModule):
         if function_loss and (prediction != "x0" or space != "params"):
             raise ValueError("--model.function_loss needs --model.prediction x0 and --model.space params (it scores "
                              "the networks of the x0 predictions)")
+        if function_probes is not None and function_probes < 1:
+            raise ValueError(f"--model.function_probes must be at least 1 (or null: all), got {function_probes}")
         self.optim = optim
         self._function_loss: Optional[FunctionLoss] = None
         self._function_loss_decided = False
@@ -234,7 +241,7 @@ class GeneratorModule(pl.LightningModule):
         except NotImplementedError:
             probe_ok = False
         if probe_ok:
-            return FunctionLoss(task, 1.0 if weight is None else weight)
+            return FunctionLoss(task, 1.0 if weight is None else weight, self.hparams.function_probes)
         if weight is None:
             return None   # the default applies only where it can
         raise ValueError("--model.function_loss needs a task whose probe_inputs() give the networks' inputs: give "

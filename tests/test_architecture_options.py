@@ -1,0 +1,64 @@
+"""A task's architecture options survive the round trip store -> checkpoint -> prompt -> evaluate (issue 17).
+
+Fashion-MNIST-shaped random files written by the test stand in for the real data, so this runs everywhere;
+the store is a real build of ``fashion_mlp`` at a non-default width."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from checkpoints_dataset import get_task, open_store
+from gpt_params import Generator
+from gpt_params.cli import main
+from tests.conftest import train_args
+from tests.helpers import fake_fashion
+
+OPTIONS = {"hidden": 8, "val_size": 40, "eval_size": 30}   # 784-8-10: 6,370 parameters, not the default 25,450
+
+
+@pytest.fixture(scope="module")
+def wide_store(tmp_path_factory):
+    data = tmp_path_factory.mktemp("fashion")
+    fake_fashion(data, n_train=200, n_test=30)
+    store = tmp_path_factory.mktemp("stores") / "fashion_mlp_8"
+    rc = main(["build-dataset", "--task", "fashion_mlp", "--data-dir", str(data), "--out", str(store),
+               "--runs", "12", "--epochs", "2", "--checkpoints", "4", "--group-size", "12", "--no-progress",
+               *[f"--task-option={k}={v}" for k, v in OPTIONS.items()]])
+    assert rc == 0
+    return store, data
+
+
+def test_fashion_records_its_options_and_only_those_that_differ(tmp_path):
+    fake_fashion(tmp_path)
+    assert get_task("fashion_mlp", data_dir=tmp_path).build_options() == {}
+    assert get_task("fashion_mlp", data_dir=tmp_path, hidden=1280, eval_size=None).build_options() == {
+        "hidden": 1280, "eval_size": None}
+    with pytest.raises(ValueError, match="fashion_mlp only"):
+        get_task("fashion_cnn", data_dir=tmp_path, hidden=64)
+
+
+def test_a_non_default_width_survives_store_checkpoint_prompt_and_evaluate(wide_store, tmp_path):
+    store, data = wide_store
+    manifest = open_store(store).manifest
+    assert manifest["build_config"]["task_options"] == OPTIONS
+    width = get_task("fashion_mlp", data_dir=data, **OPTIONS).num_params
+    assert manifest["build_config"]["num_params"] == width == 784 * 8 + 8 + 8 * 10 + 10
+
+    # train names neither the task nor its options: both come from the store (the final alignment scores them)
+    assert main(train_args(store, tmp_path / "run", steps=4, extra=["--data.data_dir", str(data), "--data.batch_size", "4"])) == 0
+    ckpt = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    gen = Generator.load(ckpt)
+    assert gen.info.task == "fashion_mlp" and gen.info.task_kwargs["hidden"] == 8
+    assert gen.make_task().num_params == width
+
+    assert main(["prompt", "--ckpt", str(ckpt), "--target", "0.9", "--num", "2", "--out", str(tmp_path / "p")]) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    net = load_file(str(tmp_path / "p" / results["records"][0]["file"]))
+    assert tuple(net["1.weight"].shape) == (8, 784) and tuple(net["3.weight"].shape) == (10, 8)
+    assert 0 <= results["records"][0]["achieved"]["val_error"] <= 1      # scored by the 784-8-10 network
+
+    assert main(["evaluate", "--ckpt", str(ckpt), "--out", str(tmp_path / "e"), "--runs", "2"]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["prompt_alignment"]["num_networks"] > 0
