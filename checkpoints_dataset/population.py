@@ -161,18 +161,21 @@ def store_is_complete(s: "store.CheckpointStore") -> bool:
 
 
 def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfig, device: str | torch.device = "cpu",
-                 *, rank_zero: bool = True, option: str = "--task", timeout_s: float = 3600.0) -> "store.CheckpointStore":
+                 *, rank_zero: bool = True, option: str = "--task", timeout_s: float = 3600.0,
+                 dtype: str = "float32") -> "store.CheckpointStore":
     """A complete store at ``root``: opened as it is, built with ``task`` and ``config`` when missing, or an
     interrupted build finished with the settings it recorded (its task must be built in, or the import path
     ``task`` names: a name read from a manifest is never imported otherwise; ``option`` is the user's flag
     for it). A group another process is building is waited for (``build_population``'s locks); with ``rank_zero``
-    False the caller only waits for another process's build (DDP ranks)."""
+    False the caller only waits for another process's build (DDP ranks). ``dtype``: the storage dtype of a new
+    build ("float16" halves disk and memory); an interrupted build keeps its own."""
     root = Path(root)
     if (root / "manifest.json").exists():
         existing = store.open_store(root)
         if store_is_complete(existing):
             return existing
         built = existing.manifest.get("build_config") or {}
+        dtype = existing.manifest.get("dtype", dtype)
         options = {**(task.options if task is not None else {}), **built.get("task_options", {})}
         task = TaskRef.from_file(existing.task, options, given=None if task is None else task.name, option=option,
                                  source=f"the interrupted build at {root}")
@@ -186,7 +189,7 @@ def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfi
         return _wait_for_store(root, timeout_s)
     log.info("Building the %s checkpoint store at %s (%d runs x %d epochs) ...", task.name, root, config.runs,
              config.epochs)
-    built_store = build_population(task.task, root, config, device=device)   # waits for a build already running
+    built_store = build_population(task.task, root, config, device=device, dtype=dtype)  # waits for a running build
     if built_store is None:
         raise ValueError(f"the store at {root} is built in shards and some are still missing; finish them with "
                          "`gpt-params build-dataset ... --shard I/N` first")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -321,10 +322,13 @@ def test_evaluate_scores_the_validation_runs_the_generator_set_aside(trained, ti
         assert json.loads((out / "report.json").read_text())["config"]["run_ids"] == want
 
 
-def test_the_data_module_builds_the_checkpoints_per_run_it_is_given(tmp_path):
+def test_the_data_module_builds_the_checkpoints_per_run_and_dtype_it_is_given(tmp_path):
     from checkpoints_dataset import open_store
     from gpt_params.training.data import ParameterDataModule
 
     store = ParameterDataModule.prepare_store(root=str(tmp_path / "s"), task="digits_mlp", build_runs=4,
-                                              build_epochs=1, build_checkpoints=3)
-    assert store.num_checkpoints == 4 * 3 and open_store(tmp_path / "s").manifest["build_config"]["num_checkpoints"] == 3
+                                              build_epochs=1, build_checkpoints=3, build_dtype="float16")
+    manifest = open_store(tmp_path / "s").manifest
+    assert store.num_checkpoints == 4 * 3 and manifest["build_config"]["num_checkpoints"] == 3
+    (shard,) = (tmp_path / "s" / "shards").glob("*.params.npy")
+    assert manifest["dtype"] == "float16" and np.load(shard, mmap_mode="r").dtype == np.float16

@@ -72,6 +72,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_runs: runs to build when the store is missing.
         build_epochs: epochs per run when building.
         build_checkpoints: checkpoints per run when building (the init and the last step included).
+        build_dtype: storage dtype of the parameters when building ("float16" halves disk and memory).
         build_seed: seed of the build.
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
@@ -100,6 +101,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_runs: int = 512,
         build_epochs: int = 20,
         build_checkpoints: int = 32,
+        build_dtype: Literal["float32", "float16"] = "float32",
         build_seed: int = 0,
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
@@ -155,8 +157,8 @@ class ParameterDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- store
     @staticmethod
     def prepare_store(root: str = "data/digits_mlp", task: Optional[str] = "digits_mlp", build_runs: int = 512,
-                      build_epochs: int = 20, build_checkpoints: int = 32, build_seed: int = 0,
-                      build_device: str = "cpu",
+                      build_epochs: int = 20, build_checkpoints: int = 32, build_dtype: str = "float32",
+                      build_seed: int = 0, build_device: str = "cpu",
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -173,7 +175,7 @@ class ParameterDataModule(pl.LightningDataModule):
         config = PopulationConfig(runs=build_runs, epochs=build_epochs, num_checkpoints=build_checkpoints,
                                   seed=build_seed)
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
-                            option="--data.task")
+                            option="--data.task", dtype=build_dtype)
 
     def _open(self) -> CheckpointStore:
         if not (self.root / "manifest.json").exists():

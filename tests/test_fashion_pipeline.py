@@ -1,12 +1,14 @@
-"""A task's architecture options survive the round trip store -> checkpoint -> prompt -> evaluate (issue 17).
+"""The Fashion tasks through the whole pipeline: a task's architecture options survive the round trip store ->
+checkpoint -> prompt -> evaluate (issue 17), and configs/fashion_cnn.yaml runs end to end (issue 16).
 
 Fashion-MNIST-shaped random files written by the test stand in for the real data, so this runs everywhere;
-the store is a real build of ``fashion_mlp`` at a non-default width."""
+the stores are real builds (``fashion_mlp`` at a non-default width, ``fashion_cnn``) at reduced size."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from checkpoints_dataset import get_task, open_store
@@ -62,3 +64,29 @@ def test_a_non_default_width_survives_store_checkpoint_prompt_and_evaluate(wide_
     assert main(["evaluate", "--ckpt", str(ckpt), "--out", str(tmp_path / "e"), "--runs", "2"]) == 0
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["prompt_alignment"]["num_networks"] > 0
+
+
+def test_the_fashion_cnn_config_runs_end_to_end_at_reduced_size(tmp_path):
+    """configs/fashion_cnn.yaml as shipped (store built by `train`, function loss on 32 probes, edges between the
+    conv channels), at reduced size: 12 runs on the test's own small files, a tiny DiT, 3 steps."""
+    from pathlib import Path
+
+    data = tmp_path / "fashion"
+    data.mkdir()
+    fake_fashion(data, n_train=200, n_test=30)
+    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_cnn.yaml"
+    store = tmp_path / "store"
+    args = ["train", "--config", str(config), "--data.root", str(store), "--data.data_dir", str(data),
+            "--data.build_runs", "12", "--data.build_checkpoints", "4",
+            "--data.task_options", "{val_size: 40, eval_size: 30}", "--data.batch_size", "4"]
+    args += train_args(store, tmp_path / "run", steps=3)[1:]     # tiny model, 3 steps, quiet
+    assert main(args) == 0
+    manifest = open_store(store).manifest
+    assert manifest["task"] == "fashion_cnn" and manifest["build_config"]["epochs"] == 1
+    assert manifest["build_config"]["num_checkpoints"] == 4
+    ckpt = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    gen = Generator.load(ckpt)
+    assert gen.model.num_relations == 1          # conv2's 3x3 kernels, between its 32 and conv1's 16 channels
+    task = gen.make_task()
+    out = gen.generate(task.init_params(2, torch.Generator().manual_seed(0)), 0.9, 0.5)
+    assert out.shape == (2, task.num_params)
