@@ -90,3 +90,20 @@ def test_the_fashion_cnn_config_runs_end_to_end_at_reduced_size(tmp_path):
     task = gen.make_task()
     out = gen.generate(task.init_params(2, torch.Generator().manual_seed(0)), 0.9, 0.5)
     assert out.shape == (2, task.num_params)
+
+
+def test_the_million_parameter_fashion_mlp_tokenizes_exactly(tmp_path):
+    """fashion_mlp with hidden=1280 (784-1280-10, issue 17's million-parameter target): one token per hidden
+    unit (its 784 inputs, its bias and its 10 outgoing weights) and one for the output bias, every value
+    placed once, and the round trip exact."""
+    from gpt_params.core.tokenizer import ParameterTokenizer
+
+    fake_fashion(tmp_path)
+    task = get_task("fashion_mlp", data_dir=tmp_path, hidden=1280)
+    assert task.num_params == 784 * 1280 + 1280 + 1280 * 10 + 10 == 1_017_610
+    tok = ParameterTokenizer(task.layer_shapes, layout="neuron", chunk_size=2048, spec=task.permutation_spec)
+    assert tok.num_tokens == 1280 + 1 and tok.token_dim == 784 + 1 + 10
+    params = task.init_params(2, torch.Generator().manual_seed(0))     # [2, 1,017,610]
+    tokens = tok.tokenize(params)                                       # [2, 1281, 795]
+    assert tokens.shape == (2, 1281, 795) and int(tok.mask.sum()) == task.num_params
+    assert torch.equal(tok.detokenize(tokens), params)
