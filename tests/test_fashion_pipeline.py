@@ -37,8 +37,9 @@ def test_fashion_records_its_options_and_only_those_that_differ(tmp_path):
     assert get_task("fashion_mlp", data_dir=tmp_path).build_options() == {}
     assert get_task("fashion_mlp", data_dir=tmp_path, hidden=1280, eval_size=None).build_options() == {
         "hidden": 1280, "eval_size": None}
-    with pytest.raises(ValueError, match="fashion_mlp only"):
-        get_task("fashion_cnn", data_dir=tmp_path, hidden=64)
+    for arch, hidden in (("fashion_cnn", 64), ("fashion_mlp", [32, 32]), ("fashion_mlp", 0)):
+        with pytest.raises(ValueError, match="fashion_mlp only"):
+            get_task(arch, data_dir=tmp_path, hidden=hidden)
 
 
 def test_a_non_default_width_survives_store_checkpoint_prompt_and_evaluate(wide_store, tmp_path):

@@ -137,9 +137,9 @@ class FashionTask(ClassificationTask):
                  eval_size: int | None = 2000, val_size: int = 5000, split_seed: int = 0, hidden: int = 32):
         if arch not in ("mlp", "cnn", "cnn_bn"):
             raise ValueError(f"unknown Fashion-MNIST architecture {arch!r}; use mlp, cnn or cnn_bn")
-        if int(hidden) < 1 or (arch != "mlp" and int(hidden) != 32):
-            raise ValueError(f"hidden={hidden!r}: the hidden width is an option of fashion_mlp only (a width >= 1); "
-                             f"fashion_{arch}'s layers are fixed")
+        if not isinstance(hidden, (int, np.integer)) or hidden < 1 or (arch != "mlp" and hidden != 32):
+            raise ValueError(f"hidden={hidden!r}: the hidden width is an option of fashion_mlp only, one width >= 1 "
+                             f"(one hidden layer); fashion_{arch}'s layers are fixed")
         if eval_size is not None and eval_size < 1 or not 1 <= val_size < 60000:
             raise ValueError(f"eval_size must be None or >= 1 and val_size in [1, 60000), got {eval_size}, {val_size}")
         self.arch, self.name = arch, f"fashion_{arch}"
