@@ -44,22 +44,19 @@ TARGETS = {
 }
 
 
+def status_mb(field: str) -> float:
+    """A memory field of this process's /proc status in MB ("VmRSS": resident now, "VmHWM": its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: max allocated since start; CPU: this process's peak resident memory (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb("VmHWM")
 
 
 def gather_forward(self: TokenLinear, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +92,7 @@ def main(argv=None) -> None:
     if args.projection == "both":
         compare(argv if argv is not None else sys.argv[1:])
         return
-    baseline = resident_mb()   # after import torch (and timm): what the measured work adds goes on top
+    baseline = status_mb("VmRSS")   # after import torch (and timm): what the measured work adds goes on top
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     target_name = args.target or "resnet18.layer3"
