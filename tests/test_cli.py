@@ -327,8 +327,10 @@ def test_the_data_module_builds_the_checkpoints_per_run_and_dtype_it_is_given(tm
     from gpt_params.training.data import ParameterDataModule
 
     store = ParameterDataModule.prepare_store(root=str(tmp_path / "s"), task="digits_mlp", build_runs=4,
-                                              build_epochs=1, build_checkpoints=3, build_dtype="float16")
+                                              build_epochs=1, build_checkpoints=3, build_dtype="float16",
+                                              build_group_size=2)
     manifest = open_store(tmp_path / "s").manifest
     assert store.num_checkpoints == 4 * 3 and manifest["build_config"]["num_checkpoints"] == 3
-    (shard,) = (tmp_path / "s" / "shards").glob("*.params.npy")
+    assert manifest["build_config"]["group_size"] == 2 and len(list((tmp_path / "s" / "shards").glob("*.params.npy"))) == 2
+    shard = sorted((tmp_path / "s" / "shards").glob("*.params.npy"))[0]
     assert manifest["dtype"] == "float16" and np.load(shard, mmap_mode="r").dtype == np.float16

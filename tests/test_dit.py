@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from timm.layers import Attention
 
 from gpt_params import PRESETS, ParameterDiT
+from gpt_params.core.config import DiTOptions
+from gpt_params.core.window import window_attention
 
 
 
@@ -88,3 +91,61 @@ def test_bad_options_raise():
         tiny(metric_range=(1.0, 1.0))
     with pytest.raises(ValueError, match="x_t and start"):
         tiny()(torch.zeros(1, T, C + 1), torch.zeros(1), torch.zeros(1, T, C + 1), torch.zeros(1), torch.zeros(1))
+
+
+def _window_reference(attn, x, w, bias=None):
+    """Window attention written out token by token: keys are the token's window and every window's mean."""
+    n, t, d = x.shape
+    h, e = attn.num_heads, d // attn.num_heads
+    starts = range(0, t, w)
+    summary = torch.stack([x[:, i:i + w].mean(1) for i in starts], 1)  # [N, M, D]
+    qkv, qkv_s = attn.qkv(x).view(n, t, 3, h, e), attn.qkv(summary).view(n, len(starts), 3, h, e)
+    out = torch.zeros(n, t, h, e)
+    for i in range(t):
+        idx = list(range(i // w * w, min(i // w * w + w, t)))
+        k = torch.cat([qkv[:, idx, 1], qkv_s[:, :, 1]], 1)  # [N, K, H, E]
+        v = torch.cat([qkv[:, idx, 2], qkv_s[:, :, 2]], 1)
+        scores = torch.einsum("nhe,nkhe->nhk", qkv[:, i, 0], k) / e ** 0.5
+        if bias is not None:
+            scores = scores + torch.cat([bias[:, :, i, idx], torch.zeros(n, h, len(starts))], -1)
+        out[:, i] = torch.einsum("nhk,nkhe->nhe", scores.softmax(-1), v)
+    return attn.proj(out.reshape(n, t, d))
+
+
+@pytest.mark.parametrize("window", [3, 4, 5, 11])
+def test_window_attention_matches_its_definition(window):
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    x, bias = torch.randn(2, 11, 32), torch.randn(2, 4, 11, 11)
+    assert torch.allclose(window_attention(attn, x, window), _window_reference(attn, x, window), atol=1e-5)
+    assert torch.allclose(window_attention(attn, x, window, bias), _window_reference(attn, x, window, bias), atol=1e-5)
+
+
+def test_window_attention_model_rebuilds_and_trains():
+    model = tiny(attention="window", window=2)
+    perturb_output_layer(model)
+    again = ParameterDiT(**model.config())
+    again.load_state_dict(model.state_dict())
+    x_t, t, start, tm, sm = inputs()
+    out = model(x_t, t, start, tm, sm)
+    assert torch.equal(out, again(x_t, t, start, tm, sm)) and again.config()["attention"] == "window"
+    full = tiny()
+    full.load_state_dict(model.state_dict())
+    assert not torch.allclose(out, full(x_t, t, start, tm, sm), atol=1e-4)  # the windows change the output
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters() if p.requires_grad)
+    # a window as long as the sequence is full attention
+    whole = tiny(attention="window", window=T)
+    whole.load_state_dict(full.state_dict())
+    assert torch.allclose(full(x_t, t, start, tm, sm), whole(x_t, t, start, tm, sm), atol=1e-6)
+
+
+def test_bad_attention_options_raise():
+    with pytest.raises(ValueError, match="attention"):
+        tiny(attention="local")
+    with pytest.raises(ValueError, match="window"):
+        tiny(attention="window", window=0)
+    with pytest.raises(ValueError, match="dit.attention"):
+        DiTOptions(attention="sparse")
+    with pytest.raises(ValueError, match="dit.window"):
+        DiTOptions(window=1.5)

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from checkpoints_dataset.info import DataInfo
 from gpt_params.core.diffusion import Sampler
-from gpt_params.core.dit import PRESETS, Activation, Prediction
+from gpt_params.core.dit import PRESETS, Activation, AttentionKind, Prediction
 from gpt_params.core.tokenizer import Layout
 
 Space = Literal["params", "latent"]
@@ -42,6 +42,11 @@ class DiTOptions:
         edge_size: rank of the edge encoder's and decoder's products.
         activation: the MLPs' GELU, also the latent autoencoder's: exact ("gelu") or the tanh approximation
             ("gelu_tanh", the only one before issue 16; speed: bench/activation.py).
+        attention: every token attends to every other ("full") or to the ``window`` consecutive tokens of its
+            window plus one summary per window ("window": ``T * (window + T / window)`` attention scores
+            instead of ``T^2``, for long sequences such as a million-parameter target; bench/NOTES.md,
+            issue 17). The latent autoencoder keeps full attention.
+        window: tokens per window of ``attention="window"``.
     """
 
     size: Literal["XS", "S", "B", "L"] = "XS"
@@ -53,12 +58,17 @@ class DiTOptions:
     relations: Literal["edges", "none"] = "edges"
     edge_size: int = 64
     activation: Activation = "gelu"
+    attention: AttentionKind = "full"
+    window: int = 128
 
     def __post_init__(self) -> None:
         if self.size not in PRESETS:
             raise ValueError(f"dit.size must be one of {list(PRESETS)}, got {self.size!r}")
         _choice("dit.relations", self.relations, ("edges", "none"))
         _choice("dit.activation", self.activation, ("gelu", "gelu_tanh"))
+        _choice("dit.attention", self.attention, ("full", "window"))
+        if int(self.window) != self.window or self.window < 1:
+            raise ValueError(f"dit.window must be a whole number >= 1, got {self.window}")
         if int(self.edge_size) < 1:
             raise ValueError(f"dit.edge_size must be >= 1, got {self.edge_size}")
 

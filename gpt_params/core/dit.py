@@ -20,6 +20,10 @@ Differences from an image DiT:
   target-metric embedding where ``drop_target`` is True (classifier-free guidance).
 - Blocks: timm ``Attention`` (fused scaled-dot-product attention) and ``Mlp`` with adaLN-Zero; a final
   adaLN layer; the output projection and every adaLN modulation are zero-initialized.
+- Long sequences: ``attention="window"`` (``window_attention``) lets a token attend to its window of
+  consecutive tokens and to one mean summary per window instead of to every token. Which units share a
+  window depends on their order, so the model is then no longer exactly equivariant to unit permutations
+  (the data module's permutation augmentation teaches it the symmetry instead).
 - ``prediction`` says what the output means ("x0", "epsilon", "v"); ``residual=True`` (x0 only) returns
   ``start + update`` with a zero-initialized update, so the untrained model returns the start tokens.
 - Relations (``relations``, from ``relations.find_relations``): the weights between two hidden layers sit
@@ -43,9 +47,11 @@ from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
 from gpt_params.core.relations import EdgeDecoder, EdgeEncoder, add_to_units, attention_bias, gather_edges, relations_from_json
+from gpt_params.core.window import window_attention
 
 Prediction = Literal["x0", "epsilon", "v"]
 Activation = Literal["gelu", "gelu_tanh"]
+AttentionKind = Literal["full", "window"]
 
 PRESETS: dict[str, dict[str, int]] = {  # DiT's S/B/L plus a small CPU model
     "XS": dict(hidden_size=256, depth=4, num_heads=4),
@@ -79,8 +85,10 @@ class ScalarEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero: shift/scale/gate for attention and MLP from ``c``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, activation: Activation = "gelu"):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, activation: Activation = "gelu",
+                 window: int | None = None):
         super().__init__()
+        self.window = window  # None: full attention; else ``window_attention`` with this window
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -92,7 +100,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, attn_bias: Tensor | None = None) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [N, D]
-        attn = self.attn(modulate(self.norm1(x), shift1, scale1), attn_mask=attn_bias)  # [N, T, D]
+        y = modulate(self.norm1(x), shift1, scale1)  # [N, T, D]
+        if self.window is None or self.window >= x.shape[1]:
+            attn = self.attn(y, attn_mask=attn_bias)  # [N, T, D]
+        else:
+            attn = window_attention(self.attn, y, self.window, attn_bias)  # [N, T, D]
         x = x + rearrange(gate1, "n d -> n 1 d") * attn  # [N, T, D]
         x = x + rearrange(gate2, "n d -> n 1 d") * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [N, T, D]
         return x
@@ -165,6 +177,13 @@ class ParameterDiT(nn.Module):
         edge_size: width E of the edge encoder and decoder.
         activation: the MLPs' GELU, exact ("gelu") or DiT's tanh approximation ("gelu_tanh", the only one
             before issue 16); the two compute nearly the same (speed: bench/activation.py).
+        attention: "full" (every token attends to every token) or "window" (``window_attention``: within
+            windows of ``window`` consecutive tokens plus one summary per window; the tokenizer orders
+            tokens layer by layer, so a window mostly lies within one layer). Window attention costs
+            ``T * (window + T / window)`` scores per head instead of ``T^2`` (issue 17; quality on digits and
+            speed: bench/NOTES.md).
+        window: tokens per window (``attention="window"`` only; a sequence no longer than it gets full
+            attention).
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
@@ -173,7 +192,8 @@ class ParameterDiT(nn.Module):
                  projection: Literal["layer", "position"] = "layer", token_mask: Tensor | None = None,
                  start_input: Literal["checkpoint", "none"] = "checkpoint",
                  condition: Literal["target", "none"] = "target", relations: list[dict] | None = None,
-                 edge_size: int = 64, activation: Activation = "gelu"):
+                 edge_size: int = 64, activation: Activation = "gelu", attention: AttentionKind = "full",
+                 window: int = 128):
         super().__init__()
         if prediction not in ("x0", "epsilon", "v"):
             raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
@@ -190,6 +210,10 @@ class ParameterDiT(nn.Module):
         lo, hi = float(metric_range[0]), float(metric_range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise ValueError(f"metric_range must be finite (lo, hi) with hi > lo, got {metric_range}")
+        if attention not in ("full", "window"):
+            raise ValueError(f"attention must be 'full' or 'window', got {attention!r}")
+        if int(window) != window or window < 1:
+            raise ValueError(f"window must be a whole number >= 1, got {window}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         ids = torch.arange(num_tokens) if token_layer_ids is None else torch.as_tensor(token_layer_ids).long()
@@ -204,7 +228,7 @@ class ParameterDiT(nn.Module):
                             token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist(),
                             start_input=start_input, condition=condition,
                             relations=[dict(r) for r in relations or []], edge_size=edge_size,
-                            activation=activation)
+                            activation=activation, attention=attention, window=int(window))
         proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
         uses_start = start_input == "checkpoint"
         self.x_embedder = TokenLinear(proj_ids, (2 if uses_start else 1) * token_dim, hidden_size)
@@ -214,7 +238,9 @@ class ParameterDiT(nn.Module):
             self.null_target = nn.Parameter(torch.zeros(hidden_size))
         if uses_start:
             self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation) for _ in range(depth)])
+        block_window = int(window) if attention == "window" else None
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation, block_window)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, proj_ids, token_dim)
         mask = torch.ones(num_tokens, token_dim, dtype=torch.bool) if token_mask is None else torch.as_tensor(token_mask)
         if mask.shape != (num_tokens, token_dim):

@@ -72,7 +72,7 @@ class Generator(nn.Module):
             token_mask=None if latent else tok.mask, start_input=config.start, condition=config.condition,
             relations=[r.to_json() for r in find_relations(tok)] if config.dit.relations == "edges" and not latent
             else None, edge_size=config.dit.edge_size, activation=config.dit.activation,
-            **config.dit.overrides())
+            attention=config.dit.attention, window=config.dit.window, **config.dit.overrides())
         self.diffusion = Diffusion(prediction=config.prediction, min_snr_gamma=config.min_snr_gamma)
         self.register_buffer("token_mask", tok.mask.clone(), persistent=False)   # [T, C]
         self.conditions = Conditions(

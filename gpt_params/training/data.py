@@ -73,6 +73,8 @@ class ParameterDataModule(pl.LightningDataModule):
         build_epochs: epochs per run when building.
         build_checkpoints: checkpoints per run when building (the init and the last step included).
         build_dtype: storage dtype of the parameters when building ("float16" halves disk and memory).
+        build_group_size: runs trained together when building (fewer: less memory for large networks; the
+            runs are the same for any grouping).
         build_seed: seed of the build.
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
@@ -102,6 +104,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_epochs: int = 20,
         build_checkpoints: int = 32,
         build_dtype: Literal["float32", "float16"] = "float32",
+        build_group_size: int = PopulationConfig.group_size,
         build_seed: int = 0,
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
@@ -158,7 +161,7 @@ class ParameterDataModule(pl.LightningDataModule):
     @staticmethod
     def prepare_store(root: str = "data/digits_mlp", task: Optional[str] = "digits_mlp", build_runs: int = 512,
                       build_epochs: int = 20, build_checkpoints: int = 32, build_dtype: str = "float32",
-                      build_seed: int = 0, build_device: str = "cpu",
+                      build_group_size: int = PopulationConfig.group_size, build_seed: int = 0, build_device: str = "cpu",
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -173,7 +176,7 @@ class ParameterDataModule(pl.LightningDataModule):
         if task is not None:
             ref = TaskRef(task, _task_kwargs(task_options, data_dir, None))
         config = PopulationConfig(runs=build_runs, epochs=build_epochs, num_checkpoints=build_checkpoints,
-                                  seed=build_seed)
+                                  group_size=build_group_size, seed=build_seed)
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
                             option="--data.task", dtype=build_dtype)
 
