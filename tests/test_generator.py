@@ -82,3 +82,21 @@ def test_a_checkpoint_of_before_resumes_into_the_training_module():
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"])   # strict: every key renamed, none left over
     assert all(torch.equal(v, gen.state_dict()[k]) for k, v in module.generator.state_dict().items())
+
+
+def test_generation_is_batched_by_parameter_count(monkeypatch):
+    """By default as many networks at once as hold GENERATE_VALUES parameters (a million-parameter target: 16),
+    the same networks as that batch size given explicitly."""
+    import gpt_params.core.generator as generator_module
+
+    gen = Generator.load(DATA / "legacy_params.ckpt")
+    p = gen.tokenizer.num_params
+    start = torch.randn(5, p, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_sample = generator_module.sample
+    monkeypatch.setattr(generator_module, "sample", lambda *a, **k: seen.append(a[2].shape[0]) or real_sample(*a, **k))
+    monkeypatch.setattr(generator_module, "GENERATE_VALUES", 2 * p + 1)
+    out = gen.generate(start, 0.9, 0.2, steps=2, generator=torch.Generator().manual_seed(1))
+    assert seen == [2, 2, 1]
+    again = gen.generate(start, 0.9, 0.2, steps=2, generator=torch.Generator().manual_seed(1), batch_size=2)
+    assert torch.equal(out, again)

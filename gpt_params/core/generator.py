@@ -36,6 +36,7 @@ Sampler = Literal["ddpm", "ddim", "dpm++"]
 CHECKPOINT_KEY = "gpt_params"            # top-level checkpoint key: {"format": 2, "generator": config.to_json()}
 CHECKPOINT_FORMAT = 2
 LEGACY_MARKER = "gpt_params_format"      # format 1: flat GeneratorModule hyperparameters held the config
+GENERATE_VALUES = 2 ** 24                # parameters generated at once by default (16 networks of 1M)
 
 
 class Generator(nn.Module):
@@ -187,11 +188,13 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Optional[Sampler] = None,
                  steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 batch_size: int = 4096) -> Tensor:
+                 batch_size: Optional[int] = None) -> Tensor:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
         given start; an unconditional one ignores ``target_metric`` (it still sets N). ``sampler``, ``steps``
-        and ``guidance`` None: the generator's defaults (``self.sampler``, ``self.sampler_steps``, ``self.guidance``)."""
+        and ``guidance`` None: the generator's defaults (``self.sampler``, ``self.sampler_steps``, ``self.guidance``).
+        ``batch_size`` None: as many networks at once as hold ``GENERATE_VALUES`` parameters (at most 4096);
+        sampling holds several token tensors per network, so 80 networks of 1M parameters took 6 GB at once."""
         guidance = self.guidance if guidance is None else guidance
         sampler = self.sampler if sampler is None else sampler
         steps = self.sampler_steps if steps is None else steps
@@ -206,6 +209,8 @@ class Generator(nn.Module):
         n = start_params.shape[0]
         start_metric = torch.as_tensor(start_metric, dtype=torch.float32).reshape(-1).expand(n)    # [N]
         target_metric = torch.as_tensor(target_metric, dtype=torch.float32).reshape(-1).expand(n)  # [N]
+        if batch_size is None:
+            batch_size = max(1, min(4096, GENERATE_VALUES // self.tokenizer.num_params))
         out = []
         for i in range(0, n, batch_size):
             sl = slice(i, i + batch_size)
