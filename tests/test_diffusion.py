@@ -156,3 +156,35 @@ def test_cuda_overfit_sample_and_determinism():
         assert ((a.cpu() - target) ** 2).mean() < 1e-3
     out = sample(model, tok, start, 0.8, 0.1, sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(5))
     assert out.device.type == "cpu"  # results come back on start_params' device
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon", "v"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_the_step_callback_sees_every_step_and_ends_at_the_sample(prediction, sampler):
+    """``callback(i, t, x0)`` after each of the steps, timesteps falling; the last predicted clean sample is the
+    result (every sampler's last step lands on its x0 prediction); padding stays zero in every prediction."""
+    tok = make_tokenizer()
+    model = perturbed(make_model(tok, prediction=prediction)).eval()
+    diffusion = Diffusion(prediction=prediction)
+    start = torch.randn(3, tok.num_tokens, tok.token_dim) * tok.mask
+    seen = []
+    with torch.no_grad():
+        out = diffusion.sample_tokens(model, start, 0.9, 0.2, sampler=sampler, steps=4, guidance=2.0,
+                                      generator=torch.Generator().manual_seed(0), mask=tok.mask,
+                                      callback=lambda i, t, x0: seen.append((i, t, x0.clone())))
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3]
+    assert all(a > b for (_, a, _), (_, b, _) in zip(seen, seen[1:])) and seen[0][1] == 999
+    assert torch.allclose(seen[-1][2], out, atol=1e-5)
+    assert all((x0[:, ~tok.mask] == 0).all() for _, _, x0 in seen)
+    assert not torch.allclose(seen[0][2], seen[1][2])   # the prediction moves as the noise falls
+
+
+def test_sample_decodes_every_step_to_parameters():
+    tok = make_tokenizer()
+    model = perturbed(make_model(tok))
+    start = torch.randn(2, tok.num_params)
+    params = []
+    out = sample(model, tok, start, 0.9, 0.1, sampler="ddim", steps=3, generator=torch.Generator().manual_seed(0),
+                 callback=lambda i, t, p: params.append(p))
+    assert len(params) == 3 and all(p.shape == (2, tok.num_params) for p in params)
+    assert torch.allclose(params[-1], out, atol=1e-5)

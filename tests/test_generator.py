@@ -25,6 +25,11 @@ def test_checkpoints_written_before_the_redesign_generate_the_same(mode):
                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, expected["out"])
     assert gen.space == mode and gen.guidance == 2.0 and gen.config.dit.hidden_size == 16
+    # the trajectory: every step's predicted clean sample decoded to parameters (through the autoencoder in
+    # latent space), sampled in batches of 2 here, the last step the result
+    again, path = gen.generate(expected["start"], torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.1, 0.2, 0.3]),
+                               steps=5, generator=torch.Generator().manual_seed(1), trajectory=True, batch_size=2)
+    assert path.shape == (5, 3, out.shape[1]) and torch.allclose(path[-1], again, atol=1e-5)
 
 
 def test_a_generator_is_rebuilt_from_its_json_config():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from .dit import Prediction
 
 Sampler = Literal["ddpm", "ddim", "dpm++"]
+StepCallback = Callable[[int, int, Tensor], None]  # (step index, timestep, predicted clean sample [N, ...])
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 PREDICTION_TYPES = {"x0": "sample", "epsilon": "epsilon", "v": "v_prediction"}  # ours -> diffusers'
 
@@ -155,11 +157,14 @@ class Diffusion:
     @torch.no_grad()
     def sample_tokens(self, model: nn.Module, start_tokens: Tensor, start_metric: Tensor, target_metric: Tensor, *,
                       sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
-                      generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, mask: Tensor | None = None,
+                      callback: StepCallback | None = None) -> Tensor:
         """Sample target tokens ``[N, T, C]`` for start tokens ``[N, T, C]`` and metrics ``[N]`` (raw values).
 
         Runs on the model's device (inputs are moved there) with the model as given (``sample`` puts it
         in eval mode). ``mask [T, C]`` keeps padding at zero. Deterministic for a given ``generator``.
+        ``callback(i, t, x0)``, when given, sees after every step ``i`` (timestep ``t``) the predicted clean
+        sample ``x0 [N, T, C]`` (``predicted_clean``), e.g. to watch the parameters emerge.
         """
         self._check_model(model)
         scheduler = self.make_scheduler(sampler, steps)
@@ -178,7 +183,7 @@ class Diffusion:
             start2 = torch.cat([start, start])  # [2N, T, C]
             sm2, tm2 = torch.cat([start_metric, start_metric]), torch.cat([target_metric, target_metric])  # [2N]
             drop = torch.arange(2 * n, device=device) >= n  # [2N]
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             tt = t.to(device).expand(n)  # [N]
             if guidance == 1.0:
                 out = model(x, tt, start, target_metric, start_metric)  # [N, T, C]
@@ -186,14 +191,32 @@ class Diffusion:
                 both = model(torch.cat([x, x]), tt.repeat(2), start2, tm2, sm2, drop_target=drop)  # [2N, T, C]
                 cond, uncond = both.chunk(2)  # 2 x [N, T, C]
                 out = uncond + guidance * (cond - uncond)  # [N, T, C]
-            x = scheduler.step(out, t, x, generator=generator).prev_sample * maskf  # [N, T, C]
+            step = scheduler.step(out, t, x, generator=generator)
+            if callback is not None:
+                callback(i, int(t), self.predicted_clean(out, x, t, step) * maskf)  # [N, T, C]
+            x = step.prev_sample * maskf  # [N, T, C]
         return x
+
+    def predicted_clean(self, out: Tensor, x_t: Tensor, t, step=None) -> Tensor:
+        """The clean sample a (guided) model output ``out`` predicts at ``x_t`` and timestep ``t``: the output
+        itself for x0 models; else the scheduler step's ``pred_original_sample`` where it gives one (DDPM,
+        DDIM), or ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)`` (epsilon) / ``sqrt(abar) x_t - sqrt(1 - abar) v``
+        (v) from the schedule (DPM-Solver++)."""
+        if self.prediction == "x0":
+            return out
+        given = getattr(step, "pred_original_sample", None)
+        if given is not None:
+            return given
+        abar = self.alphas_cumprod[int(t)].to(device=x_t.device, dtype=x_t.dtype)
+        if self.prediction == "epsilon":
+            return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * out
 
 
 def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, target_metric, *,
            sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
            generator: torch.Generator | None = None, diffusion: Diffusion | None = None,
-           autoencoder: nn.Module | None = None) -> Tensor:
+           autoencoder: nn.Module | None = None, callback: StepCallback | None = None) -> Tensor:
     """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
 
     ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
@@ -202,6 +225,8 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
     Latent space: with an ``autoencoder`` (``ParameterAutoencoder``) the model denoises latent tokens;
     the start is encoded and the sample decoded at the end. A start-free model
     (``model.start_input == "none"``) gets zero start tokens; ``start_params`` then only gives N.
+    ``callback(i, t, params [N, P])`` sees the predicted clean sample of every step, decoded to parameter
+    vectors like the result (``Diffusion.sample_tokens``).
     """
     start_params = torch.as_tensor(start_params)
     if start_params.dim() == 1:
@@ -227,12 +252,17 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
                 start_tokens = tokenizer.tokenize(start_params.to(device)).float()  # [N, T, C]
                 if autoencoder is not None:
                     start_tokens = autoencoder.encode(start_tokens)  # [N, T, d]
+            def decode(tokens: Tensor) -> Tensor:  # [N, T, C] or latents [N, T, d] -> [N, P]
+                if autoencoder is not None:
+                    tokens = autoencoder.decode(tokens)  # [N, T, C]
+                return tokenizer.detokenize(tokens.float()).to(start_params.device)  # [N, P]
+
+            step_fn = None if callback is None else (lambda i, t, x0: callback(i, t, decode(x0)))
             tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
                                              steps=steps, guidance=guidance, generator=generator,
-                                             mask=None if autoencoder is not None else tokenizer.mask)
-            if autoencoder is not None:
-                tokens = autoencoder.decode(tokens)  # [N, T, d] -> [N, T, C]
-            return tokenizer.detokenize(tokens.float()).to(start_params.device)  # [N, P]
+                                             mask=None if autoencoder is not None else tokenizer.mask,
+                                             callback=step_fn)
+            return decode(tokens)  # [N, P]
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)

@@ -188,13 +188,15 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Optional[Sampler] = None,
                  steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 batch_size: Optional[int] = None) -> Tensor:
+                 batch_size: Optional[int] = None, trajectory: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
         given start; an unconditional one ignores ``target_metric`` (it still sets N). ``sampler``, ``steps``
         and ``guidance`` None: the generator's defaults (``self.sampler``, ``self.sampler_steps``, ``self.guidance``).
         ``batch_size`` None: as many networks at once as hold ``GENERATE_VALUES`` parameters (at most 4096);
-        sampling holds several token tensors per network, so 80 networks of 1M parameters took 6 GB at once."""
+        sampling holds several token tensors per network, so 80 networks of 1M parameters took 6 GB at once.
+        ``trajectory=True`` also returns the predicted clean sample of every step, decoded to parameters
+        ``[S, N, P]`` (S sampler steps; the last equals the result for the deterministic samplers)."""
         guidance = self.guidance if guidance is None else guidance
         sampler = self.sampler if sampler is None else sampler
         steps = self.sampler_steps if steps is None else steps
@@ -211,14 +213,18 @@ class Generator(nn.Module):
         target_metric = torch.as_tensor(target_metric, dtype=torch.float32).reshape(-1).expand(n)  # [N]
         if batch_size is None:
             batch_size = max(1, min(4096, GENERATE_VALUES // self.tokenizer.num_params))
-        out = []
+        out, path = [], []
         for i in range(0, n, batch_size):
-            sl = slice(i, i + batch_size)
+            sl, steps_seen = slice(i, i + batch_size), []
             out.append(sample(self.model, self.tokenizer, start_params[sl].to(device),
                               start_metric[sl].to(device), target_metric[sl].to(device),
                               sampler=sampler, steps=steps, guidance=guidance, generator=generator,
-                              diffusion=self.diffusion, autoencoder=self.autoencoder))
-        return torch.cat(out)                                 # [N, P]
+                              diffusion=self.diffusion, autoencoder=self.autoencoder,
+                              callback=(lambda _i, _t, x0: steps_seen.append(x0)) if trajectory else None))
+            path.append(steps_seen)
+        if not trajectory:
+            return torch.cat(out)                             # [N, P]
+        return torch.cat(out), torch.stack([torch.cat(step) for step in zip(*path)])  # [N, P], [S, N, P]
 
     def make_task(self, name: Optional[str] = None, **options) -> Optional[Task]:
         """The task that builds and scores this generator's networks.
