@@ -110,8 +110,9 @@ def infer_permutation_spec(module: nn.Module) -> PermutationSpec:
 
     Supported layers: Linear, Conv2d (groups=1), BatchNorm1d/2d and LayerNorm over features (their weight,
     bias and running statistics move with the channel), element-wise activations, Dropout, pooling, global
-    average pooling and Flatten. The Linear after ``Flatten`` of a ``C x H x W`` map gets
-    ``block = in_features // C``. Anything else raises a ValueError asking to declare the spec.
+    average pooling and Flatten, and before the first layer any parameter-free module (an input encoding such
+    as Fourier features: it changes inputs, which are never permuted). The Linear after ``Flatten`` of a
+    ``C x H x W`` map gets ``block = in_features // C``. Anything else raises a ValueError asking to declare the spec.
     """
     shapes = float_layer_shapes(module)
     prefix, seq = _find_sequential(module)
@@ -142,6 +143,9 @@ def infer_permutation_spec(module: nn.Module) -> PermutationSpec:
                                     if f"{name}.{k}" in shapes]
         elif isinstance(m, nn.Flatten):
             flattened = True
+        elif open_group is None and not any(True for _ in m.parameters()) and not any(
+                k.startswith(f"{name}.") for k in shapes):
+            pass   # a parameter-free input encoding (Fourier features) before the first layer: inputs, not units
         elif not isinstance(m, _ELEMENTWISE + _POOL):
             raise ValueError(f"cannot infer a permutation spec through layer {name!r} ({type(m).__name__}); "
                              "declare the spec (PermutationSpec) in the task instead")

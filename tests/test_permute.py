@@ -72,7 +72,12 @@ def test_builtin_task_permutation_preserves_function(name):
     task = builtin_task(name)
     model = _randomize(task.build_model())
     first = next(m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    x = torch.randn(4, first.in_features) if isinstance(first, nn.Linear) else torch.randn(4, first.in_channels, 28, 28)
+    if not isinstance(model[0], (nn.Linear, nn.Conv2d, nn.Flatten)):   # an input encoding first (fields)
+        x = task.probe_inputs()[:4]
+    elif isinstance(first, nn.Linear):
+        x = torch.randn(4, first.in_features)
+    else:
+        x = torch.randn(4, first.in_channels, 28, 28)
     _assert_function_preserved(model, x, spec=task.permutation_spec)
 
 

@@ -24,6 +24,7 @@ from .base import Task
 from .cartpole import CartpoleTask
 from .digits import DigitsMLP
 from .fashion import FashionTask
+from .fields import DigitsField, FashionField
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "digits_mlp": DigitsMLP,
@@ -31,6 +32,8 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "fashion_cnn": functools.partial(FashionTask, arch="cnn"),
     "fashion_cnn_bn": functools.partial(FashionTask, arch="cnn_bn"),
     "cartpole": CartpoleTask,
+    "digits_field": DigitsField,
+    "fashion_field": FashionField,
 }
 
 

@@ -1,0 +1,108 @@
+"""Neural-field tasks (issue 18): the population fits its images, metrics match known cases, renders, stores."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints_dataset import get_task, open_store
+from checkpoints_dataset.population import PopulationConfig, build_population, draw_hparams
+from checkpoints_dataset.tasks.fields import FourierFeatures, grid, psnr, sharpness
+from tests.helpers import fake_fashion
+
+
+@pytest.fixture(scope="module")
+def field():
+    return get_task("digits_field")
+
+
+def constant_field(task, value: float) -> torch.Tensor:
+    """The parameters of a network whose field is ``value`` everywhere (only the output bias is set)."""
+    params = torch.zeros(task.num_params)
+    shapes = task.layer_shapes
+    last_bias = list(shapes)[-1]
+    params[shapes.slices[last_bias]] = value
+    return params
+
+
+def test_the_network_is_about_2k_parameters_and_the_fourier_features_are_not_among_them(field):
+    assert 2000 <= field.num_params <= 2500
+    assert not any("freqs" in name for name in field.layer_shapes)
+    model = field.build_model()
+    assert isinstance(model[0], FourierFeatures) and "0.freqs" not in model.state_dict()
+    assert torch.equal(model[0].freqs, field.build_model()[0].freqs)   # the same in every network
+    spec = field.permutation_spec                                      # inferred through the encoding
+    assert [g.size for g in spec.groups] == [32, 32]
+
+
+def test_metrics_of_known_fields(field):
+    pool, labels = field.pool
+    assert pool.shape == (200, 8, 8) and torch.equal(torch.bincount(labels), torch.full((10,), 20))
+    half = constant_field(field, 0.5)
+    out = field.evaluate(torch.stack([half, constant_field(field, 2.0)]))
+    mse = ((pool.flatten(1) - 0.5) ** 2).mean(1)                       # [M]
+    assert out["psnr"][0] == pytest.approx(float(-10 * torch.log10(mse.min())), abs=1e-4)
+    assert out["label"][0] == labels[mse.argmin()]
+    assert out["sharpness"].tolist() == [0.0, 0.0]                     # flat fields
+    white = ((pool.flatten(1) - 1.0) ** 2).mean(1)                     # 2.0 is clamped to white
+    assert out["psnr"][1] == pytest.approx(float(-10 * torch.log10(white.min())), abs=1e-4)
+    assert float(psnr(torch.tensor(0.01))) == pytest.approx(20.0)
+    ramp = torch.linspace(0, 1, 5)[None, None].expand(1, 5, 5)         # +0.25 per pixel along x
+    assert float(sharpness(ramp)) == pytest.approx(0.25)
+
+
+def test_the_population_fits_its_images_and_records_them(field, tmp_path):
+    config = PopulationConfig(runs=10, epochs=3, num_checkpoints=4, group_size=10, optimizers=("adam",),
+                              lr=(3e-3, 1e-2))
+    store = build_population(field, tmp_path / "store", config, progress=False)
+    final = store.metrics(store.run_checkpoints(0)[-1:])
+    psnrs = np.array([store.metrics(store.run_checkpoints(r))["psnr"][-1] for r in range(10)])
+    inits = np.array([store.metrics(store.run_checkpoints(r))["psnr"][0] for r in range(10)])
+    assert np.median(psnrs) > 30 and np.all(psnrs > inits + 10), (inits, psnrs)
+    for r in range(10):
+        h = store.run_hparams(r)
+        assert h["label"] == r % 10 and int(field.pool[1][h["image"]]) == h["label"]
+        fitted = store.params(store.run_checkpoints(r)[-1:])
+        assert int(field.evaluate(torch.as_tensor(np.asarray(fitted, np.float32)))["label"][0]) == h["label"]
+    assert set(final) == {"psnr", "label", "sharpness"}
+
+
+def test_a_shared_init_starts_every_run_from_the_same_network():
+    task = get_task("digits_field", init="shared")
+    assert task.build_options() == {"init": "shared"}
+    config = PopulationConfig(runs=3, epochs=1, num_checkpoints=2)
+    hparams = [draw_hparams(config, r) for r in range(3)]
+    result = task.train_population(hparams, config, torch.device("cpu"))
+    assert torch.equal(result.params[0, 0], result.params[1, 0]) and torch.equal(result.params[0, 0], result.params[2, 0])
+    assert not torch.equal(result.params[0, -1], result.params[1, -1])
+
+
+def test_renders_are_fine_grids_of_uint8(field):
+    img = field.render(torch.stack([constant_field(field, 0.5), constant_field(field, -1.0)]), size=56)
+    assert img.shape == (2, 56, 56, 3) and img.dtype == torch.uint8
+    assert (img[0] == 128).all() and (img[1] == 0).all()
+    assert grid(4).shape == (16, 2) and grid(4).abs().max() < 1
+
+
+def test_fashion_field_on_fashion_shaped_files(tmp_path):
+    fake_fashion(tmp_path, n_train=200, n_test=30)
+    task = get_task("fashion_field", data_dir=tmp_path, pool_per_class=5, hidden=[32, 32, 32])
+    assert task.pool[0].shape == (50, 28, 28) and task.size == 28
+    assert task.build_options() == {"hidden": [32, 32, 32], "pool_per_class": 5}
+    out = task.evaluate(task.init_params(2, torch.Generator().manual_seed(0)))
+    assert out["psnr"].shape == (2,) and torch.isfinite(out["psnr"]).all()
+
+
+@pytest.mark.parametrize("bad", [dict(hidden=[]), dict(hidden=[0]), dict(init="zeros"), dict(features=0),
+                                 dict(pool_per_class=1000)])
+def test_bad_options_name_the_problem(bad):
+    with pytest.raises(ValueError, match=next(iter(bad)) if "pool" not in next(iter(bad)) else "pool_per_class"):
+        get_task("digits_field", **bad).pool
+
+
+def test_a_missing_fashion_directory_names_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        get_task("fashion_field", data_dir=tmp_path / "none")
+    assert math.isfinite(float(psnr(torch.tensor(0.0))))
