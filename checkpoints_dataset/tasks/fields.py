@@ -164,6 +164,15 @@ class ImageFieldTask(Task):
             img = self.images(check_params(params, self.num_params), size)  # [K, s, s]
         return (img * 255).round().to(torch.uint8)[..., None].expand(-1, -1, -1, 3).contiguous()
 
+    def nearest(self, params: Tensor, size: int = 56) -> tuple[Tensor, Tensor]:
+        """The pool image nearest to each field, ``uint8 [K, size, size, 3]`` (pixels enlarged), and its PSNR."""
+        pool = self.pool[0]
+        with torch.no_grad():
+            mse = torch.cdist(self.images(check_params(params, self.num_params)).flatten(1), pool.flatten(1)) ** 2
+            best, idx = (mse / pool[0].numel()).min(dim=1)
+        img = nn.functional.interpolate(pool[idx][:, None], size=(size, size), mode="nearest")[:, 0]
+        return (img * 255).round().to(torch.uint8)[..., None].expand(-1, -1, -1, 3).contiguous(), psnr(best)
+
     def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
         """``psnr`` to the nearest pool image, that image's ``label``, and the render's ``sharpness``."""
         params = check_params(params, self.num_params)

@@ -32,13 +32,15 @@ def prepare_out(out: Path, overwrite: bool, marker: str = "results.json") -> Non
     remove_stale_temps(out)
 
 
-def add_sampling_options(p: argparse.ArgumentParser) -> None:
+def add_sampling_options(p: argparse.ArgumentParser, steps: int | None = None) -> None:
+    """--sampler, --steps (default ``steps``; None: the generator's), --guidance and --device."""
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default=None,
                    help="sampler (default: the generator's, set at training by --model.sampler; dpm++ unless "
                         "the checkpoint predates it, then ddim)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps, one denoiser call each (default: the generator's, set at training by "
-                        "--model.sampler_steps; 3 unless the checkpoint predates it, then 50)")
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"sampler steps, one denoiser call each (default {steps})" if steps is not None else
+                   "sampler steps, one denoiser call each (default: the generator's, set at training by "
+                   "--model.sampler_steps; 3 unless the checkpoint predates it, then 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1.0: off; default: the generator's, set at training by "
                         "--model.guidance)")

@@ -1,4 +1,4 @@
-"""The ``gpt-params`` dispatcher: one verb per module (build_dataset, train, prompt, evaluate).
+"""The ``gpt-params`` dispatcher: one verb per module (build_dataset, train, prompt, denoise, evaluate).
 
 Library code raises; this is the one place that turns bad input into one line on stderr and exit code 2.
 """
@@ -11,14 +11,16 @@ import os
 import sys
 from typing import Optional
 
-from gpt_params.cli import build_dataset, evaluate, prompt, train
+from gpt_params.cli import build_dataset, denoise, evaluate, prompt, train
 
-VERBS = {"build-dataset": build_dataset.main, "train": train.main, "prompt": prompt.main, "evaluate": evaluate.main}
-USAGE = """usage: gpt-params {build-dataset,train,prompt,evaluate} [options]
+VERBS = {"build-dataset": build_dataset.main, "train": train.main, "prompt": prompt.main, "denoise": denoise.main,
+         "evaluate": evaluate.main}
+USAGE = """usage: gpt-params {build-dataset,train,prompt,denoise,evaluate} [options]
 
   build-dataset  train many small networks at once into a checkpoint store
   train          train the generator (LightningCLI; default config: configs/digits_mlp.yaml)
   prompt         generate networks for target metrics and evaluate them
+  denoise        watch networks emerge step by step: denoise.gif, denoise.png, trajectory.json
   evaluate       prompt alignment, one step, recursive, novelty, diversity, landscape
 
 `gpt-params VERB --help` explains each verb."""
