@@ -34,6 +34,10 @@ class DataInfo:
         task_kwargs: the task's keyword options at training (e.g. data_dir, cartpole's hidden).
         val_runs: the runs held out for validation (their loss; settings are chosen on them), never trained on;
             empty in checkpoints written before they were recorded.
+        parts: the generator's condition parts besides ``metric`` (issue 18), as JSON dicts ``{name, kind,
+            range, classes}``: a categorical metric (the task's ``label_metrics``) is a "label" with ``classes``
+            = its largest value in the store + 1, any other a "scalar" with its range over ``runs``. Empty in checkpoints
+            written before they existed.
     """
 
     layer_shapes: LayerShapes
@@ -48,6 +52,7 @@ class DataInfo:
     task: str | None = None
     task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     val_runs: tuple[int, ...] = ()
+    parts: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -57,14 +62,17 @@ class DataInfo:
             fix("stats", {k: (float(v[0]), float(v[1])) for k, v in dict(self.stats).items()})
         fix("task_kwargs", dict(self.task_kwargs or {}))
         fix("val_runs", () if self.val_runs is None else tuple(int(r) for r in self.val_runs))
+        fix("parts", tuple(dict(p) for p in self.parts or ()))
 
     @classmethod
     def from_store(cls, store, metric: str, runs: Sequence[int], *, task: str | None = None,
                    task_kwargs: Mapping[str, Any] | None = None, val_runs: Sequence[int] = (),
-                   metric_values: np.ndarray | None = None) -> DataInfo:
+                   metric_values: np.ndarray | None = None, parts: Sequence[str] = (),
+                   label_metrics: Sequence[str] = ()) -> DataInfo:
         """Summarize ``store`` for ``metric`` over ``runs`` (the training and validation runs, never the
         held-out test runs); ``val_runs`` are recorded as they are. ``metric_values``: the metric of every
-        checkpoint to use instead of the stored one (see ``PairDataset``)."""
+        checkpoint to use instead of the stored one (see ``PairDataset``). ``parts``: other metrics to
+        condition on; those in ``label_metrics`` are categorical."""
         all_values = store.metrics(np.arange(store.num_checkpoints))[metric] if metric_values is None \
             else np.asarray(metric_values, np.float64)
         values, init_values = [], []
@@ -82,7 +90,8 @@ class DataInfo:
                    init_metric=float(np.nanmedian(init_values)),
                    stats={k: (float(m), float(s)) for k, (m, s) in store.stats.items()},
                    permutation_spec=store.manifest.get("permutation_spec"), store_root=str(store.root),
-                   task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {}, val_runs=val_runs)
+                   task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {}, val_runs=val_runs,
+                   parts=tuple(_part(store, name, runs, name in label_metrics) for name in parts))
 
     def to_json(self) -> dict:
         """Plain JSON types (the ``data_info`` of a checkpoint's hyperparameters)."""
@@ -99,6 +108,7 @@ class DataInfo:
             "stats": None if self.stats is None else {k: list(v) for k, v in self.stats.items()},
             "permutation_spec": None if self.permutation_spec is None else dict(self.permutation_spec),
             "val_runs": list(self.val_runs),
+            "parts": [dict(p) for p in self.parts],
         }
 
     @classmethod
@@ -112,3 +122,21 @@ class DataInfo:
         if missing:
             raise ValueError(f"data_info lacks {missing}: it must come from ParameterDataModule(...).info")
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _part(store, name: str, runs: Sequence[int], label: bool) -> dict:
+    """A condition part's description from its values over ``runs``."""
+    if name not in store.metric_names:
+        raise ValueError(f"condition part {name!r} is not a metric of the store; choose among {list(store.metric_names)}")
+    # a label's classes are the store's whole vocabulary (a class the training runs lack is still one)
+    idx = np.arange(store.num_checkpoints) if label else np.concatenate([store.run_checkpoints(r) for r in runs])
+    values = np.asarray(store.metrics(idx)[name], np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        raise ValueError(f"condition part {name!r} has no finite value in the training runs")
+    if label:
+        if (values != np.round(values)).any() or values.min() < 0:
+            raise ValueError(f"label {name!r} must take whole values >= 0 (class indices)")
+        return {"name": name, "kind": "label", "range": [0.0, 1.0], "classes": int(values.max()) + 1}
+    lo, hi = float(values.min()), float(values.max())
+    return {"name": name, "kind": "scalar", "range": [lo, hi if hi > lo else lo + 1.0], "classes": 0}

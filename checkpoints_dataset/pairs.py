@@ -21,6 +21,7 @@ distribution; with ``device="cpu"`` and the same seed both paths give identical 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -55,12 +56,14 @@ class PairDataset(Dataset):
         device: None (default): parameters are read from the memory-mapped store per batch. A device
             ("cuda", "cpu", ...): the chosen runs' parameters are loaded once as one tensor there, and
             batches are gathered and permuted on it (its own generator on that device).
+        parts: other metrics of the target checkpoint a batch carries as ``target_parts [n, E]`` (float32,
+            in this order): the generator's condition parts, e.g. a field's ``label``.
     """
 
     def __init__(self, store: CheckpointStore | str, runs=None, metric: str | None = None, init_prob: float = 0.25,
                  ordered: bool = True, permute: bool = True, seed: int = 0,
                  fields: Literal["params", "metrics"] = "params", device: str | torch.device | None = None,
-                 metric_values: np.ndarray | None = None):
+                 metric_values: np.ndarray | None = None, parts: Sequence[str] = ()):
         self.store = store if isinstance(store, CheckpointStore) else open_store(store)
         self.metric = metric or _default_metric(self.store)
         if self.metric not in self.store.metric_names:
@@ -90,6 +93,15 @@ class PairDataset(Dataset):
         self._run_start = np.repeat(np.cumsum(lens) - lens, lens)  # [N] position of the run's initial checkpoint
         self._pos = np.arange(len(self._order)) - self._run_start  # [N] position within the run
         self._metric = metric_all.astype(np.float32)
+        self.parts = list(parts)
+        missing = [p for p in self.parts if p not in self.store.metric_names]
+        if missing:
+            raise ValueError(f"condition parts {missing} are not metrics of the store; choose among "
+                             f"{list(self.store.metric_names)}")
+        self._parts = (np.stack([self.store._metrics[p] for p in self.parts], 1).astype(np.float32)
+                       if self.parts else None)  # [num_checkpoints, E]
+        if self._parts is not None and not np.isfinite(self._parts[self._order]).all():
+            raise ValueError(f"the chosen runs have checkpoints without a finite value of the parts {self.parts}")
         self.device = None if device is None else torch.device(device)
         self._resident = None if self.device is None or fields != "params" else self._load_resident()
         self.seed, self.epoch, self._worker = seed, 0, None
@@ -153,6 +165,8 @@ class PairDataset(Dataset):
                  "start_step": torch.from_numpy(self.store.steps[start]),
                  "target_step": torch.from_numpy(self.store.steps[target]),
                  "run_id": torch.from_numpy(self.store.run_ids[target])}
+        if self._parts is not None:
+            batch["target_parts"] = torch.from_numpy(self._parts[target])  # [n, E]
         if self.device is not None:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.fields == "params":

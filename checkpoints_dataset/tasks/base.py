@@ -76,6 +76,9 @@ class Task:
     (0, 500)): which values a prompt can sensibly ask for. Declarative: nothing in checkpoints_dataset reads
     it; tools on top (prompting, evaluation) may."""
 
+    label_metrics: tuple[str, ...] = ()
+    """Metrics that are class indices, not quantities (a field's ``label``): a generator embeds them as labels."""
+
     default_metric: str = ""
     """The metric a generator is conditioned on when none is chosen (``"val_error"``; cartpole ``"return"``);
     one of ``metric_names``."""

@@ -83,6 +83,7 @@ class ImageFieldTask(Task):
     """
 
     metric_names = ("psnr", "label", "sharpness")
+    label_metrics = ("label",)
     default_metric = "psnr"
     lower_is_better = {"psnr": False, "label": False, "sharpness": False}
     metric_bounds = {"psnr": (0.0, 100.0), "label": (0.0, math.inf), "sharpness": (0.0, math.inf)}

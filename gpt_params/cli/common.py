@@ -74,3 +74,30 @@ def check_sampling(args) -> None:
         raise UsageError(f"--steps must be at least 1 (got {args.steps})")
     if args.guidance is not None and args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0 (1.0: off; got {args.guidance})")
+
+
+def add_part_options(p: argparse.ArgumentParser) -> None:
+    """--label/--part NAME=VALUE and --part-guidance NAME=SCALE: the condition parts besides the target."""
+    p.add_argument("--label", "--part", dest="parts", action="append", default=None, metavar="NAME=VALUE",
+                   help="a condition part besides --target, e.g. --label label=7 (a class index) or --part "
+                        "sparsity=0.9; repeat for several; parts not given are left out (their null embedding)")
+    p.add_argument("--part-guidance", dest="part_guidance", action="append", default=None, metavar="NAME=SCALE",
+                   help="classifier-free guidance on one part alone (1.0: off), e.g. --part-guidance label=2")
+
+
+def parse_parts(items: list[str] | None, option: str, parts: list) -> dict[str, float]:
+    """``["NAME=VALUE", ...]`` -> ``{NAME: float}``, names checked against the generator's ``parts``."""
+    out: dict[str, float] = {}
+    known = [q.name for q in parts]
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{option} {item!r}: write NAME=VALUE, e.g. {option} label=3")
+        if name not in known:
+            raise UsageError(f"{option} {name}: this generator is conditioned on "
+                             f"{known or 'no parts'} besides its target (train with --data.parts '[{name}]')")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise UsageError(f"{option} {item!r}: {value!r} is not a number") from None
+    return out

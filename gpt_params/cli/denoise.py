@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from checkpoints_dataset.fileio import savefig_atomic, write_bytes_atomic, write_json_atomic
-from gpt_params.cli.common import UsageError, add_sampling_options, add_task_options, check_sampling, prepare_out
+from gpt_params.cli.common import (UsageError, add_part_options, add_sampling_options, add_task_options,
+                                   check_sampling, parse_parts, prepare_out)
 from gpt_params.cli.prompt import _check_mode_arguments, _print_table, _start, _write_networks, remove_previous_results
 from gpt_params.core.generator import Generator
 from gpt_params.evaluation.denoise import gif_bytes, log_spaced, render_networks, side_by_side, strip_figure, trajectory
@@ -36,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--start", default=None, help="as for `gpt-params prompt` (default: random, or none for "
                                                  "start-free generators)")
+    add_part_options(p)
     add_sampling_options(p, steps=50)
     p.add_argument("--size", type=int, default=56, help="pixels per network drawing (default 56)")
     p.add_argument("--columns", type=int, default=6, help="log-spaced steps shown in denoise.png (default 6)")
@@ -56,6 +58,8 @@ def main(argv: list[str]) -> int:
     sampler = gen.sampler if args.sampler is None else args.sampler
     task = gen.make_task(args.task, data_dir=args.data_dir, evaluator=args.evaluator)
     start_arg, targets = _check_mode_arguments(gen, args)
+    parts = parse_parts(args.parts, "--label", gen.parts)
+    part_guidance = parse_parts(args.part_guidance, "--part-guidance", gen.parts)
     if len(targets) != 1:
         raise UsageError(f"denoise shows one prompt at a time: give one --target (got {len(targets)})")
     out = Path(args.out)
@@ -68,7 +72,7 @@ def main(argv: list[str]) -> int:
     start, start_metric = _start(gen, task, start_arg, args.num, g)
     target = torch.full((args.num,), 0.0 if targets[0] is None else float(targets[0]))
     traj = trajectory(gen, task, start, start_metric, target, sampler=sampler, steps=args.steps,
-                      guidance=guidance, generator=g)
+                      guidance=guidance, generator=g, parts=parts, part_guidance=part_guidance)
     s, n, p = traj.steps.shape
     rendered = render_networks(task, gen.layer_shapes, traj.steps.reshape(s * n, p), args.size)
     rendered = rendered.view(s, n, args.size, args.size, 3)                     # [S, N, H, W, 3]
@@ -81,7 +85,7 @@ def main(argv: list[str]) -> int:
     achieved = {k: v.cpu() for k, v in task.evaluate(traj.params).items()} if task is not None else None
     records = _write_networks(out, gen, task, traj.params, targets * n, n, achieved)
     write_json_atomic(out / "trajectory.json", {
-        "metric": gen.metric, "target": targets[0], "sampler": sampler, "steps": s, "guidance": guidance,
+        "metric": gen.metric, "target": targets[0], "parts": parts, "sampler": sampler, "steps": s, "guidance": guidance,
         "timesteps": traj.timesteps, "values": traj.values.tolist(),
         "mean": [float(np.nanmean(v)) if np.isfinite(v).any() else None for v in traj.values]})
     write_bytes_atomic(out / "denoise.gif", gif_bytes(np.stack([side_by_side(r) for r in rendered]), captions))

@@ -12,8 +12,8 @@ import torch
 
 from checkpoints_dataset.fileio import write_json_atomic
 from checkpoints_dataset.params import state_dict_to_vector
-from gpt_params.cli.common import (UsageError, add_sampling_options, add_task_options, check_sampling,
-                                   prepare_out)
+from gpt_params.cli.common import (UsageError, add_part_options, add_sampling_options, add_task_options,
+                                   check_sampling, parse_parts, prepare_out)
 from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
 
 
@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
                    help="'random' (fresh inits of the task's model), a .safetensors state_dict, or 'none'; "
                         "default: random for generators trained with a start, none for start-free ones "
                         "(which refuse any other)")
+    add_part_options(p)
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
@@ -53,6 +54,8 @@ def main(argv: list[str]) -> int:
     steps = gen.sampler_steps if args.steps is None else args.steps
     task = gen.make_task(args.task, data_dir=args.data_dir, evaluator=args.evaluator)
     start_arg, target_values = _check_mode_arguments(gen, args)
+    parts = parse_parts(args.parts, "--label", gen.parts)
+    part_guidance = parse_parts(args.part_guidance, "--part-guidance", gen.parts)
     out = Path(args.out)
     prepare_out(out, args.overwrite)
     bounds = task.metric_bounds.get(gen.metric) if task is not None else None
@@ -64,8 +67,8 @@ def main(argv: list[str]) -> int:
     n = len(target_values) * args.num
     start, start_metric = _start(gen, task, start_arg, n, g)                       # [n, P], [n] or None
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
-    params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps,
-                          guidance=guidance, generator=g).cpu()                     # [n, P]
+    params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
+                          generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
     if achieved is None:
         print("note: no task given, so the generated networks are not evaluated "
@@ -76,7 +79,8 @@ def main(argv: list[str]) -> int:
     records = _write_networks(out, gen, task, params, [target_values[i // args.num] for i in range(n)], args.num,
                               achieved)
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
-                                             "steps": steps, "records": records})
+                                             "steps": steps, "parts": parts, "part_guidance": part_guidance,
+                                             "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -123,8 +123,9 @@ class Diffusion:
 
     def training_terms(self, model: nn.Module, target_tokens: Tensor, start_tokens: Tensor, start_metric: Tensor,
                        target_metric: Tensor, cond_drop_prob: float = 0.1, mask: Tensor | None = None,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``training_loss`` per pair ``[N]`` (weighted) and the model's output ``[N, T, C]``."""
+                       generator: torch.Generator | None = None, parts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``training_loss`` per pair ``[N]`` (weighted) and the model's output ``[N, T, C]``. ``parts [N, E]``:
+        the condition parts' values (a model with parts), each dropped on its own with ``cond_drop_prob``."""
         self._check_model(model)
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
@@ -137,7 +138,12 @@ class Diffusion:
         noise = noise * maskf
         x_t = self.train_scheduler.add_noise(x0, noise, t)  # [N, T, C]
         drop = torch.rand(n, generator=generator, device=gen_device).to(device) < cond_drop_prob  # [N]
-        pred = model(x_t, t, start_tokens, target_metric, start_metric, drop_target=drop)  # [N, T, C]
+        extra = {}
+        if parts is not None:  # each part dropped on its own: guidance per part at sampling
+            e = parts.shape[1]
+            drop_parts = torch.rand(n, e, generator=generator, device=gen_device).to(device) < cond_drop_prob  # [N, E]
+            extra = dict(parts=parts.to(device), drop_parts=drop_parts)
+        pred = model(x_t, t, start_tokens, target_metric, start_metric, drop_target=drop, **extra)  # [N, T, C]
         if self.prediction == "x0":
             target = x0
         elif self.prediction == "epsilon":
@@ -158,13 +164,19 @@ class Diffusion:
     def sample_tokens(self, model: nn.Module, start_tokens: Tensor, start_metric: Tensor, target_metric: Tensor, *,
                       sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
                       generator: torch.Generator | None = None, mask: Tensor | None = None,
-                      callback: StepCallback | None = None) -> Tensor:
+                      callback: StepCallback | None = None, parts: Tensor | None = None,
+                      parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None) -> Tensor:
         """Sample target tokens ``[N, T, C]`` for start tokens ``[N, T, C]`` and metrics ``[N]`` (raw values).
 
         Runs on the model's device (inputs are moved there) with the model as given (``sample`` puts it
         in eval mode). ``mask [T, C]`` keeps padding at zero. Deterministic for a given ``generator``.
         ``callback(i, t, x0)``, when given, sees after every step ``i`` (timestep ``t``) the predicted clean
         sample ``x0 [N, T, C]`` (``predicted_clean``), e.g. to watch the parameters emerge.
+        Condition parts (a model with parts): ``parts [N, E]`` their values, ``parts_given [N, E]`` bool which of
+        them are prompted (the others get their null embedding; default all when ``parts`` is given, none
+        without), ``part_guidance`` one scale per part (1.0: off). Guidance composes: ``out = cond + (g - 1)
+        (cond - uncond_target) + sum_j (g_j - 1) (cond - uncond_j)``, each ``uncond`` dropping only its own part,
+        so guidance on one part leaves the others' conditioning alone (all from one batched forward).
         """
         self._check_model(model)
         scheduler = self.make_scheduler(sampler, steps)
@@ -179,23 +191,56 @@ class Diffusion:
         target_metric = _metric(target_metric, n, device, "target_metric")  # [N]
         maskf = torch.ones_like(start[0]) if mask is None else mask.to(device=device, dtype=dtype)  # [T, C]
         x = _randn(tuple(start.shape), generator, device).to(dtype) * maskf * scheduler.init_noise_sigma  # [N, T, C]
-        if guidance != 1.0:  # conditional and unconditional halves in one batch of 2N
-            start2 = torch.cat([start, start])  # [2N, T, C]
-            sm2, tm2 = torch.cat([start_metric, start_metric]), torch.cat([target_metric, target_metric])  # [2N]
-            drop = torch.arange(2 * n, device=device) >= n  # [2N]
+        variants, extra = self._guidance_variants(n, device, guidance, parts, parts_given, part_guidance)
+        k = len(variants)  # forwards per step, in one batch of k*N: the conditional one, then one per guided part
+        if k > 1:
+            start_k, sm_k, tm_k = start.repeat(k, 1, 1), start_metric.repeat(k), target_metric.repeat(k)  # [kN, ...]
+            drop_k = torch.cat([torch.full((n,), v == "target", device=device) for v, _ in variants])  # [kN]
         for i, t in enumerate(scheduler.timesteps):
             tt = t.to(device).expand(n)  # [N]
-            if guidance == 1.0:
-                out = model(x, tt, start, target_metric, start_metric)  # [N, T, C]
+            if k == 1:
+                out = model(x, tt, start, target_metric, start_metric, **extra)  # [N, T, C]
             else:
-                both = model(torch.cat([x, x]), tt.repeat(2), start2, tm2, sm2, drop_target=drop)  # [2N, T, C]
-                cond, uncond = both.chunk(2)  # 2 x [N, T, C]
-                out = uncond + guidance * (cond - uncond)  # [N, T, C]
+                outs = model(x.repeat(k, 1, 1), tt.repeat(k), start_k, tm_k, sm_k, drop_target=drop_k,
+                             **extra).chunk(k)  # k x [N, T, C]
+                cond, out = outs[0], outs[0]
+                for (kind, scale), uncond in zip(variants[1:], outs[1:]):
+                    if kind == "target":  # G.pt's formula exactly (checkpoints before parts sample the same)
+                        out = uncond + scale * (cond - uncond) + (out - cond)
+                    else:
+                        out = out + (scale - 1.0) * (cond - uncond)  # [N, T, C]
             step = scheduler.step(out, t, x, generator=generator)
             if callback is not None:
                 callback(i, int(t), self.predicted_clean(out, x, t, step) * maskf)  # [N, T, C]
             x = step.prev_sample * maskf  # [N, T, C]
         return x
+
+    @staticmethod
+    def _guidance_variants(n: int, device, guidance: float, parts: Tensor | None, parts_given: Tensor | None,
+                           part_guidance: Sequence[float] | None) -> tuple[list[tuple[str, float]], dict]:
+        """The forwards of one sampling step: ("cond", 1) first, then ("target", g) and ("part j", g_j) for each
+        guided condition; and the model's part arguments for all of them stacked ``[kN, E]``."""
+        variants = [("cond", 1.0)] + ([("target", guidance)] if guidance != 1.0 else [])
+        if parts is None:
+            if part_guidance is not None and any(g != 1.0 for g in part_guidance):
+                raise ValueError("part_guidance needs the parts' values (parts=...)")
+            return variants, {}
+        parts = parts.to(device).float()  # [N, E]
+        e = parts.shape[1]
+        given = torch.ones(n, e, dtype=torch.bool, device=device) if parts_given is None else parts_given.to(device)
+        scales = [1.0] * e if part_guidance is None else [float(g) for g in part_guidance]
+        if len(scales) != e or not all(math.isfinite(g) for g in scales):
+            raise ValueError(f"part_guidance needs one finite scale per part ({e}), got {part_guidance}")
+        variants += [(f"part {j}", g) for j, g in enumerate(scales) if g != 1.0]
+        drops = []
+        for kind, _ in variants:
+            drop = ~given  # [N, E] parts not prompted always get their null embedding
+            if kind.startswith("part"):
+                drop = drop.clone()
+                drop[:, int(kind.split()[1])] = True
+            drops.append(drop)
+        k = len(variants)
+        return variants, dict(parts=parts.repeat(k, 1), drop_parts=torch.cat(drops))
 
     def predicted_clean(self, out: Tensor, x_t: Tensor, t, step=None) -> Tensor:
         """The clean sample a (guided) model output ``out`` predicts at ``x_t`` and timestep ``t``: the output
@@ -216,7 +261,8 @@ class Diffusion:
 def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, target_metric, *,
            sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
            generator: torch.Generator | None = None, diffusion: Diffusion | None = None,
-           autoencoder: nn.Module | None = None, callback: StepCallback | None = None) -> Tensor:
+           autoencoder: nn.Module | None = None, callback: StepCallback | None = None, parts: Tensor | None = None,
+           parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None) -> Tensor:
     """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
 
     ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
@@ -226,7 +272,8 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
     the start is encoded and the sample decoded at the end. A start-free model
     (``model.start_input == "none"``) gets zero start tokens; ``start_params`` then only gives N.
     ``callback(i, t, params [N, P])`` sees the predicted clean sample of every step, decoded to parameter
-    vectors like the result (``Diffusion.sample_tokens``).
+    vectors like the result; ``parts``, ``parts_given`` and ``part_guidance``: the condition parts (see
+    ``Diffusion.sample_tokens``).
     """
     start_params = torch.as_tensor(start_params)
     if start_params.dim() == 1:
@@ -261,7 +308,8 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
             tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
                                              steps=steps, guidance=guidance, generator=generator,
                                              mask=None if autoencoder is not None else tokenizer.mask,
-                                             callback=step_fn)
+                                             callback=step_fn, parts=parts, parts_given=parts_given,
+                                             part_guidance=part_guidance)
             return decode(tokens)  # [N, P]
     finally:
         for m, mode in zip(modules, was_training):

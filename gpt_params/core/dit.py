@@ -46,6 +46,7 @@ from einops import rearrange
 from timm.layers import Attention, Mlp
 from torch import Tensor, nn
 
+from gpt_params.core.parts import PartEmbedders, parts_from_json
 from gpt_params.core.relations import EdgeDecoder, EdgeEncoder, add_to_units, attention_bias, gather_edges, relations_from_json
 from gpt_params.core.window import window_attention
 
@@ -184,6 +185,8 @@ class ParameterDiT(nn.Module):
             speed: bench/NOTES.md).
         window: tokens per window (``attention="window"`` only; a sequence no longer than it gets full
             attention).
+        parts: condition parts besides the target metric (``parts.PartSpec`` JSON dicts: named scalars and
+            labels), each embedded and added to the conditioning vector, each with its own null embedding.
     """
 
     def __init__(self, num_tokens: int, token_dim: int, token_layer_ids: Tensor | None = None, hidden_size: int = 384,
@@ -193,7 +196,7 @@ class ParameterDiT(nn.Module):
                  start_input: Literal["checkpoint", "none"] = "checkpoint",
                  condition: Literal["target", "none"] = "target", relations: list[dict] | None = None,
                  edge_size: int = 64, activation: Activation = "gelu", attention: AttentionKind = "full",
-                 window: int = 128):
+                 window: int = 128, parts: list[dict] | None = None):
         super().__init__()
         if prediction not in ("x0", "epsilon", "v"):
             raise ValueError(f"prediction must be 'x0', 'epsilon' or 'v', got {prediction!r}")
@@ -228,7 +231,8 @@ class ParameterDiT(nn.Module):
                             token_mask=None if token_mask is None else torch.as_tensor(token_mask).bool().tolist(),
                             start_input=start_input, condition=condition,
                             relations=[dict(r) for r in relations or []], edge_size=edge_size,
-                            activation=activation, attention=attention, window=int(window))
+                            activation=activation, attention=attention, window=int(window),
+                            parts=[q.to_json() for q in parts_from_json(parts)])
         proj_ids = ids if projection == "layer" else torch.arange(num_tokens)
         uses_start = start_input == "checkpoint"
         self.x_embedder = TokenLinear(proj_ids, (2 if uses_start else 1) * token_dim, hidden_size)
@@ -238,6 +242,8 @@ class ParameterDiT(nn.Module):
             self.null_target = nn.Parameter(torch.zeros(hidden_size))
         if uses_start:
             self.start_embedder = ScalarEmbedder(hidden_size, scale=1000.0)
+        specs = parts_from_json(parts)
+        self.part_embedders = PartEmbedders(specs, hidden_size, ScalarEmbedder) if specs else None
         block_window = int(window) if attention == "window" else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, activation, block_window)
                                      for _ in range(depth)])
@@ -300,6 +306,11 @@ class ParameterDiT(nn.Module):
                 nn.init.normal_(getattr(self, name).mlp[2].weight, std=0.02)
         if self.condition == "target":
             nn.init.normal_(self.null_target, std=0.02)
+        if self.part_embedders is not None:
+            for embed in self.part_embedders.embedders:
+                for w in ([embed.weight] if isinstance(embed, nn.Embedding) else [embed.mlp[0].weight, embed.mlp[2].weight]):
+                    nn.init.normal_(w, std=0.02)
+            nn.init.normal_(self.part_embedders.nulls, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -322,10 +333,13 @@ class ParameterDiT(nn.Module):
         return (metric.float() - lo) / (hi - lo)
 
     def forward(self, x_t: Tensor, timesteps: Tensor, start: Tensor | None, target_metric: Tensor | None,
-                start_metric: Tensor | None, drop_target: Tensor | None = None) -> Tensor:
+                start_metric: Tensor | None, drop_target: Tensor | None = None, parts: Tensor | None = None,
+                drop_parts: Tensor | None = None) -> Tensor:
         """Predict ``[N, T, C]`` (x0, epsilon or v per ``prediction``) from noisy tokens ``x_t [N, T, C]``,
         ``timesteps [N]``, ``start [N, T, C]``, raw ``target_metric [N]`` and ``start_metric [N]``;
         ``drop_target [N]`` bool swaps the target-metric embedding for the learned null embedding.
+        A model with condition parts takes their raw values ``parts [N, E]`` (None: all dropped) and
+        ``drop_parts [N, E]`` bool (each part's null embedding where True).
         A start-free model ignores ``start``/``start_metric``, an unconditional one ``target_metric``."""
         uses_start = self.start_input == "checkpoint"
         if x_t.shape[1:] != (self.num_tokens, self.token_dim) or (uses_start and (start is None or start.shape != x_t.shape)):
@@ -358,6 +372,8 @@ class ParameterDiT(nn.Module):
             c = c + target
         if uses_start:
             c = c + self.start_embedder(self.normalize_metric(start_metric.expand(n)))  # [N, D]
+        if self.part_embedders is not None:
+            c = c + self.part_embedders(parts, drop_parts, n, x_t.device)  # [N, D]
         for block, b in zip(self.blocks, biases):
             h = block(h, c, b)  # [N, T, D]
         features = self.final_layer.features(h, c)  # [N, T, D]

@@ -13,7 +13,7 @@ an unconditional one (``conditional`` False) ignores the target metric.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -29,6 +29,7 @@ from gpt_params.core.conditions import Conditions
 from gpt_params.core.config import GeneratorConfig
 from gpt_params.core.diffusion import Diffusion, sample
 from gpt_params.core.dit import ParameterDiT
+from gpt_params.core.parts import PartSpec, parts_from_json
 from gpt_params.core.relations import find_relations
 from gpt_params.core.tokenizer import ParameterTokenizer
 
@@ -73,7 +74,8 @@ class Generator(nn.Module):
             token_mask=None if latent else tok.mask, start_input=config.start, condition=config.condition,
             relations=[r.to_json() for r in find_relations(tok)] if config.dit.relations == "edges" and not latent
             else None, edge_size=config.dit.edge_size, activation=config.dit.activation,
-            attention=config.dit.attention, window=config.dit.window, **config.dit.overrides())
+            attention=config.dit.attention, window=config.dit.window,
+            parts=list(info.parts), **config.dit.overrides())
         self.diffusion = Diffusion(prediction=config.prediction, min_snr_gamma=config.min_snr_gamma)
         self.register_buffer("token_mask", tok.mask.clone(), persistent=False)   # [T, C]
         self.conditions = Conditions(
@@ -89,6 +91,11 @@ class Generator(nn.Module):
     @property
     def metric(self) -> str:
         return self.conditions.metric
+
+    @property
+    def parts(self) -> list[PartSpec]:
+        """The condition parts besides the target metric (named scalars and labels; issue 18)."""
+        return parts_from_json(self.info.parts)
 
     @property
     def lower_is_better(self) -> bool:
@@ -175,7 +182,7 @@ class Generator(nn.Module):
         err, pred = self.diffusion.training_terms(
             denoiser or self.model, target, start, batch["start_metric"], batch["target_metric"],
             cond_drop_prob=cond_drop_prob, mask=None if self.autoencoder is not None else self.token_mask,
-            generator=generator)
+            generator=generator, parts=batch.get("target_parts") if self.parts else None)
         loss = err.mean()
         if function_loss is not None:
             if self.autoencoder is not None or self.config.prediction != "x0":
@@ -188,7 +195,8 @@ class Generator(nn.Module):
     @torch.no_grad()
     def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Optional[Sampler] = None,
                  steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 batch_size: Optional[int] = None, trajectory: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 batch_size: Optional[int] = None, trajectory: bool = False, parts: Optional[Mapping] = None,
+                 part_guidance: Optional[Mapping[str, float]] = None) -> Tensor | tuple[Tensor, Tensor]:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
         given start; an unconditional one ignores ``target_metric`` (it still sets N). ``sampler``, ``steps``
@@ -196,7 +204,10 @@ class Generator(nn.Module):
         ``batch_size`` None: as many networks at once as hold ``GENERATE_VALUES`` parameters (at most 4096);
         sampling holds several token tensors per network, so 80 networks of 1M parameters took 6 GB at once.
         ``trajectory=True`` also returns the predicted clean sample of every step, decoded to parameters
-        ``[S, N, P]`` (S sampler steps; the last equals the result for the deterministic samplers)."""
+        ``[S, N, P]`` (S sampler steps; the last equals the result for the deterministic samplers).
+        ``parts``: values of the condition parts by name (a number or ``[N]`` each; a label as its class
+        index); parts not named get their null embedding. ``part_guidance``: a guidance scale by part name.
+        A name the generator does not know is refused."""
         guidance = self.guidance if guidance is None else guidance
         sampler = self.sampler if sampler is None else sampler
         steps = self.sampler_steps if steps is None else steps
@@ -211,6 +222,7 @@ class Generator(nn.Module):
         n = start_params.shape[0]
         start_metric = torch.as_tensor(start_metric, dtype=torch.float32).reshape(-1).expand(n)    # [N]
         target_metric = torch.as_tensor(target_metric, dtype=torch.float32).reshape(-1).expand(n)  # [N]
+        values, given, scales = self._part_inputs(n, parts, part_guidance)   # [N, E], [N, E], [E] or Nones
         if batch_size is None:
             batch_size = max(1, min(4096, GENERATE_VALUES // self.tokenizer.num_params))
         out, path = [], []
@@ -220,11 +232,35 @@ class Generator(nn.Module):
                               start_metric[sl].to(device), target_metric[sl].to(device),
                               sampler=sampler, steps=steps, guidance=guidance, generator=generator,
                               diffusion=self.diffusion, autoencoder=self.autoencoder,
-                              callback=(lambda _i, _t, x0: steps_seen.append(x0)) if trajectory else None))
+                              callback=(lambda _i, _t, x0: steps_seen.append(x0)) if trajectory else None,
+                              parts=None if values is None else values[sl].to(device),
+                              parts_given=None if given is None else given[sl].to(device), part_guidance=scales))
             path.append(steps_seen)
         if not trajectory:
             return torch.cat(out)                             # [N, P]
         return torch.cat(out), torch.stack([torch.cat(step) for step in zip(*path)])  # [N, P], [S, N, P]
+
+    def _part_inputs(self, n: int, parts: Optional[Mapping], part_guidance: Optional[Mapping[str, float]]):
+        """Named part values and guidance -> ``values [N, E]``, ``given [N, E]`` bool and scales ``[E]`` in the
+        model's order (all None for a generator without parts)."""
+        specs = self.parts
+        names = [p.name for p in specs]
+        for what, given in (("parts", parts), ("part_guidance", part_guidance)):
+            unknown = sorted(set(given or {}) - set(names))
+            if unknown:
+                raise ValueError(f"{what} {unknown}: this generator is conditioned on "
+                                 f"{names or 'no parts'} besides {self.metric}")
+        if not specs:
+            return None, None, None
+        values = torch.zeros(n, len(specs))
+        given = torch.zeros(n, len(specs), dtype=torch.bool)
+        for j, spec in enumerate(specs):
+            if parts is not None and spec.name in parts:
+                v = torch.as_tensor(parts[spec.name], dtype=torch.float32).reshape(-1).expand(n)   # [N]
+                spec.check(v)
+                values[:, j], given[:, j] = v, True
+        scales = [float((part_guidance or {}).get(p.name, 1.0)) for p in specs]
+        return values, given, scales
 
     def make_task(self, name: Optional[str] = None, **options) -> Optional[Task]:
         """The task that builds and scores this generator's networks.

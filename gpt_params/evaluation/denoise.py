@@ -69,11 +69,14 @@ class Trajectory:
     values: np.ndarray        # [S, N] the metric of each step's prediction (NaN without a task)
 
 
-def trajectory(gen, task, start, start_metric, target, *, sampler, steps: int, guidance, generator) -> Trajectory:
-    """Generate with ``gen`` and keep every step's predicted networks, scored by ``task`` (None: unscored)."""
+def trajectory(gen, task, start, start_metric, target, *, sampler, steps: int, guidance, generator,
+               parts=None, part_guidance=None) -> Trajectory:
+    """Generate with ``gen`` and keep every step's predicted networks, scored by ``task`` (None: unscored);
+    ``parts``/``part_guidance``: the condition parts by name, as for ``Generator.generate``."""
     timesteps = [int(t) for t in gen.diffusion.make_scheduler(sampler or gen.sampler, steps).timesteps]
+    extra = {} if not parts and not part_guidance else dict(parts=parts, part_guidance=part_guidance)
     params, path = gen.generate(start, start_metric, target, sampler=sampler, steps=steps, guidance=guidance,
-                                generator=generator, trajectory=True)
+                                generator=generator, trajectory=True, **extra)
     params, path = params.cpu(), path.cpu()
     s, n, p = path.shape
     if task is not None:

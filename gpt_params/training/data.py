@@ -87,6 +87,8 @@ class ParameterDataModule(pl.LightningDataModule):
             training runs to fit in its memory). "cuda" means the trainer's own device.
         verify: "full" checks every shard's checksum when opening the store (reads it once); "size" only
             checks that the files have their recorded sizes.
+        parts: other metrics of the store to condition on besides ``metric`` (the generator's condition
+            parts, e.g. ``[label]`` for a field's class; the task's ``label_metrics`` are categorical).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ParameterDataModule(pl.LightningDataModule):
         seed: int = 0,
         pair_device: str = "cpu",
         verify: Literal["size", "full"] = "full",
+        parts: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -138,7 +141,8 @@ class ParameterDataModule(pl.LightningDataModule):
             self.store, metric, seen,
             task=None if self.task_ref is None else self.task_ref.name,
             task_kwargs=None if self.task_ref is None else self.task_ref.options, val_runs=self.val_run_ids,
-            metric_values=self.metric_values)
+            metric_values=self.metric_values, parts=list(parts or []),
+            label_metrics=() if self.task is None else tuple(self.task.label_metrics))
 
     def _scored_metric(self, runs: np.ndarray) -> Optional[np.ndarray]:
         """The conditioning metric of every checkpoint, with the ones the store has none for among ``runs``
@@ -239,7 +243,8 @@ class ParameterDataModule(pl.LightningDataModule):
     def _dataset(self, runs: np.ndarray, seed: int, device=None) -> PairDataset:
         return PairDataset(self.store, runs=runs, metric=self.metric, init_prob=self.hparams.init_prob,
                            ordered=self.hparams.ordered, permute=self.hparams.augment == "permute",
-                           seed=seed, device=device, metric_values=self.metric_values)
+                           seed=seed, device=device, metric_values=self.metric_values,
+                           parts=[p["name"] for p in self.info.parts])
 
     def _pair_device(self) -> Optional[torch.device]:
         """None for memory-mapped reads ("cpu"), else the device the training pairs live on."""

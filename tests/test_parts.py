@@ -1,0 +1,146 @@
+"""Condition parts (issue 18): named labels and scalars besides the target metric, each dropped on its own in
+training and guided on its own at sampling; checkpoints without parts keep loading."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints_dataset import open_store
+from checkpoints_dataset.pairs import PairDataset
+from gpt_params import Diffusion, Generator, ParameterDiT
+from gpt_params.cli import main
+from gpt_params.core.parts import PartSpec
+from tests.conftest import refused, train_args
+
+DATA = Path(__file__).parent / "data"
+PARTS = [dict(name="label", kind="label", classes=4), dict(name="sparsity", kind="scalar", range=[0.0, 1.0])]
+T, C = 5, 3
+
+
+def model_with_parts():
+    torch.manual_seed(0)
+    model = ParameterDiT(T, C, hidden_size=32, depth=1, num_heads=2, parts=PARTS)
+    with torch.no_grad():
+        for p in model.parameters():
+            if (p == 0).all():
+                p.copy_(0.1 * torch.randn(p.shape))
+    return model.eval()
+
+
+class Spy(torch.nn.Module):
+    """The real model, recording the part arguments of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+        self.prediction = model.prediction
+
+    def forward(self, *args, **kwargs):
+        self.calls.append({k: v.clone() for k, v in kwargs.items() if v is not None})
+        return self.model(*args, **kwargs)
+
+
+def test_each_part_changes_the_output_and_its_null_replaces_it():
+    model = model_with_parts()
+    x = torch.randn(2, T, C)
+    args = (x, torch.tensor([500, 500]), x, torch.tensor([0.3, 0.3]), torch.tensor([0.9, 0.9]))
+    base = model(*args, parts=torch.tensor([[1.0, 0.5], [1.0, 0.5]]))
+    assert not torch.allclose(base, model(*args, parts=torch.tensor([[2.0, 0.5], [2.0, 0.5]])))
+    assert not torch.allclose(base, model(*args, parts=torch.tensor([[1.0, 0.9], [1.0, 0.9]])))
+    drop_label = torch.tensor([[True, False], [True, False]])
+    a = model(*args, parts=torch.tensor([[1.0, 0.5], [1.0, 0.5]]), drop_parts=drop_label)
+    b = model(*args, parts=torch.tensor([[3.0, 0.5], [3.0, 0.5]]), drop_parts=drop_label)
+    assert torch.allclose(a, b)                                      # a dropped label no longer matters
+    assert torch.allclose(model(*args), model(*args, parts=torch.zeros(2, 2), drop_parts=torch.ones(2, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="classes"):
+        PartSpec("label", "label").check(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="not one of its classes"):
+        PartSpec("label", "label", classes=4).check(torch.tensor([4.0]))
+
+
+def test_training_drops_each_part_on_its_own():
+    spy = Spy(model_with_parts())
+    parts = torch.tensor([[1.0, 0.5]]).repeat(64, 1)
+    Diffusion().training_terms(spy, torch.randn(64, T, C), torch.randn(64, T, C), torch.rand(64), torch.rand(64),
+                               cond_drop_prob=0.5, parts=parts, generator=torch.Generator().manual_seed(0))
+    drop = spy.calls[0]["drop_parts"]
+    assert drop.shape == (64, 2) and 0 < drop.float().mean() < 1
+    assert not torch.equal(drop[:, 0], drop[:, 1]) and not torch.equal(drop[:, 0], spy.calls[0]["drop_target"])
+
+
+def test_guidance_on_one_part_leaves_the_others_alone():
+    """One DDIM step from noise returns the guided x0 prediction: cond + (s - 1) (cond - uncond_label), where
+    uncond_label drops the label only (the target and the other part stay)."""
+    model = model_with_parts()
+    spy = Spy(model)
+    start = torch.randn(2, T, C)
+    parts = torch.tensor([[1.0, 0.5], [3.0, 0.2]])
+    out = Diffusion().sample_tokens(spy, start, 0.9, 0.3, sampler="ddim", steps=1, generator=torch.Generator().manual_seed(0),
+                                    parts=parts, part_guidance=[2.5, 1.0])
+    (call,) = spy.calls
+    assert call["drop_parts"].tolist() == [[False, False]] * 2 + [[True, False]] * 2   # cond, then no label
+    assert call["drop_target"].tolist() == [False] * 4
+    x = torch.randn(2, T, C, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 999])
+    cond = model(x, t, start, torch.tensor([0.3, 0.3]), torch.tensor([0.9, 0.9]), parts=parts)
+    uncond = model(x, t, start, torch.tensor([0.3, 0.3]), torch.tensor([0.9, 0.9]), parts=parts,
+                   drop_parts=torch.tensor([[True, False]] * 2))
+    assert torch.allclose(out, cond + 1.5 * (cond - uncond), atol=1e-5)
+    spy.calls.clear()   # no guidance anywhere: one forward of N
+    Diffusion().sample_tokens(spy, start, 0.9, 0.3, sampler="ddim", steps=1, parts=parts, parts_given=torch.tensor(
+        [[True, False], [True, False]]))
+    assert len(spy.calls) == 1 and spy.calls[0]["drop_parts"].tolist() == [[False, True]] * 2   # not given: null
+
+
+def test_a_checkpoint_without_parts_still_loads_and_refuses_them():
+    gen = Generator.load(DATA / "legacy_params.ckpt")
+    assert gen.parts == [] and gen.model.part_embedders is None
+    with pytest.raises(ValueError, match="no parts"):
+        gen.generate(torch.zeros(1, gen.tokenizer.num_params), 0.9, 0.1, parts={"label": 1})
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A tiny digits_field store and a generator conditioned on psnr and the label."""
+    root = tmp_path_factory.mktemp("parts")
+    store = root / "store"
+    assert main(["build-dataset", "--task", "digits_field", "--out", str(store), "--runs", "12", "--epochs", "2",
+                 "--checkpoints", "3", "--no-progress", "--optimizers", "adam"]) == 0
+    assert main(train_args(store, root / "run", steps=3, extra=["--data.batch_size", "4", "--data.parts", "[label]"])) == 0
+    return store, next((root / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+
+
+def test_the_data_carries_the_parts_and_the_checkpoint_records_them(labelled):
+    store_path, ckpt = labelled
+    store = open_store(store_path)
+    ds = PairDataset(store, runs=store.train_runs[:3], metric="psnr", parts=["label", "sharpness"], permute=False)
+    batch = ds.get_batch(np.arange(4))
+    labels = np.asarray(store.metrics(np.arange(store.num_checkpoints))["label"])
+    assert batch["target_parts"].shape == (4, 2)
+    assert batch["target_parts"][:, 0].tolist() == labels[ds._order[:4]].tolist()
+    gen = Generator.load(ckpt)
+    assert [(p.name, p.kind, p.classes) for p in gen.parts] == [("label", "label", 10)]
+    with pytest.raises(ValueError, match="not metrics of the store"):
+        PairDataset(store, parts=["colour"], permute=False)
+
+
+def test_prompt_and_denoise_take_labels(labelled, tmp_path, capsys):
+    _, ckpt = labelled
+    out = tmp_path / "p"
+    assert main(["prompt", "--ckpt", str(ckpt), "--target", "30", "--label", "label=7", "--part-guidance", "label=2",
+                 "--num", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["parts"] == {"label": 7.0} and results["part_guidance"] == {"label": 2.0}
+    assert main(["denoise", "--ckpt", str(ckpt), "--target", "30", "--label", "label=2", "--num", "2", "--steps", "2",
+                 "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "trajectory.json").read_text())["parts"] == {"label": 2.0}
+    assert "not one of its classes" in refused(["prompt", "--ckpt", str(ckpt), "--target", "30", "--label",
+                                                "label=12", "--out", str(tmp_path / "x")], capsys)
+    assert "conditioned on ['label']" in refused(["prompt", "--ckpt", str(ckpt), "--target", "30", "--label",
+                                                  "colour=1", "--out", str(tmp_path / "y")], capsys)
+    assert "NAME=VALUE" in refused(["prompt", "--ckpt", str(ckpt), "--target", "30", "--label", "7",
+                                    "--out", str(tmp_path / "z")], capsys)
