@@ -106,3 +106,47 @@ def test_a_missing_fashion_directory_names_the_package(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         get_task("fashion_field", data_dir=tmp_path / "none")
     assert math.isfinite(float(psnr(torch.tensor(0.0))))
+
+
+# ------------------------------------------------------------------ 3-D: shapes_occupancy
+
+@pytest.fixture(scope="module")
+def shapes():
+    return get_task("shapes_occupancy", per_type=4, points=1024)
+
+
+def test_shape_occupancy_of_known_points():
+    from checkpoints_dataset.tasks.shapes import TYPES, inside
+
+    origin, corner = torch.zeros(1, 3), torch.ones(1, 3)
+    for kind in TYPES:
+        assert not inside(kind, corner).item()
+        assert inside(kind, origin).item() == (kind != "torus")   # the torus has a hole in the middle
+    assert inside("torus", torch.tensor([[0.7, 0.0, 0.0]])).item()
+    with pytest.raises(ValueError, match="unknown shape type"):
+        inside("pyramid", origin)
+
+
+def test_shapes_metrics_of_a_full_cube_and_renders(shapes):
+    pool = shapes.pool
+    assert pool["grids"].shape == (24, 32 ** 3) and pool["types"].tolist() == sum(([t] * 4 for t in range(6)), [])
+    assert pool["points"].shape == (24, 1024, 3) and 0.2 < float(pool["labels"].mean()) < 0.5   # near + uniform
+    full = constant_field(shapes, 10.0)                                  # logit 10 everywhere: all inside
+    out = shapes.evaluate(full[None])
+    fractions = pool["grids"].float().mean(1)                            # IoU with the full cube = volume
+    assert out["iou"].item() == pytest.approx(float(fractions.max()), abs=1e-5)
+    assert out["type"].item() == pool["types"][fractions.argmax()].item()
+    img = shapes.render(torch.stack([full, constant_field(shapes, -10.0)]), size=32)
+    assert img.shape == (2, 32, 32, 3) and img.dtype == torch.uint8
+    assert (img[1] == 255).all() and (img[0] < 255).all()                # empty: white; full: shaded everywhere
+
+
+def test_the_shapes_population_fits_its_shapes(shapes):
+    config = PopulationConfig(runs=6, epochs=3, num_checkpoints=3, optimizers=("adam",), lr=(5e-3, 1e-2))
+    hparams = [draw_hparams(config, r) for r in range(6)]
+    result = shapes.train_population(hparams, config, torch.device("cpu"))
+    assert [h["type"] for h in hparams] == list(range(6))
+    assert all(int(shapes.pool["types"][h["shape"]]) == h["type"] for h in hparams)
+    iou = result.metrics["iou"]
+    assert float(iou[:, -1].median()) > 0.7 and (iou[:, -1] > iou[:, 0]).all(), iou
+    assert (result.metrics["type"][:, -1] == torch.arange(6).float()).float().mean() >= 5 / 6

@@ -25,6 +25,7 @@ from .cartpole import CartpoleTask
 from .digits import DigitsMLP
 from .fashion import FashionTask
 from .fields import DigitsField, FashionField
+from .shapes import ShapesOccupancy
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "digits_mlp": DigitsMLP,
@@ -34,6 +35,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "cartpole": CartpoleTask,
     "digits_field": DigitsField,
     "fashion_field": FashionField,
+    "shapes_occupancy": ShapesOccupancy,
 }
 
 
