@@ -97,6 +97,7 @@ def test_alignment_monitor_logs_scalar_and_figure(tiny_digits_store, tmp_path):
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert "alignment/prompted_vs_achieved" in events.Tags()["images"]
+    assert "denoise/strip" in events.Tags()["images"]       # the denoising strip, as `gpt-params denoise` draws it
     assert "val/alignment" in events.Tags()["scalars"]
 
 

@@ -15,6 +15,8 @@ from torch.optim.swa_utils import get_ema_avg_fn
 from checkpoints_dataset.params import float_layer_shapes, state_dict_to_vector, vector_to_tensors
 from gpt_params.core.generator import Generator
 from gpt_params.evaluation import prompt_alignment
+from gpt_params.evaluation.common import best_value, start_points
+from gpt_params.evaluation.denoise import log_spaced, render_networks, strip_figure, trajectory
 
 
 class GeneratorEMA(WeightAveraging):
@@ -101,16 +103,19 @@ class AlignmentMonitor(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, prompt the generator from the initial checkpoints of
     ``runs`` validation runs (held out from training; the store's test runs stay untouched for reported
     figures) with ``num_prompts`` targets each, and log the median R^2 (``val/alignment``) and the
-    prompted-vs-achieved figure to TensorBoard.
+    prompted-vs-achieved figure to TensorBoard; with ``strip`` > 0 also ``denoise/strip``: the predicted networks
+    of ``strip_steps`` sampler steps from the first ``strip`` validation runs' inits, prompted for the data's
+    best (``gpt-params denoise``'s picture: fields as images, other networks as first-layer tiles).
 
     Place it after ``EMAWeightAveraging`` in ``trainer.callbacks``: it runs at validation start, when
     the EMA weights are swapped in, so it measures the weights that prompting will use.
     """
 
     def __init__(self, every_n_epochs: int = 5, runs: int = 8, num_prompts: int = 10,
-                 sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None, steps: Optional[int] = None) -> None:
+                 sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None, steps: Optional[int] = None,
+                 strip: int = 4, strip_steps: int = 10) -> None:
         self.every_n_epochs, self.runs, self.num_prompts = every_n_epochs, runs, num_prompts
-        self.sampler, self.steps = sampler, steps
+        self.sampler, self.steps, self.strip, self.strip_steps = sampler, steps, strip, strip_steps
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -131,7 +136,21 @@ class AlignmentMonitor(pl.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("alignment/prompted_vs_achieved", fig, global_step=trainer.global_step)
+            if self.strip > 0:
+                experiment.add_figure("denoise/strip", self._strip(pl_module.generator, data), global_step=trainer.global_step)
         return float(result["median"])
+
+    def _strip(self, gen, data):
+        """The denoising strip of the first ``strip`` validation runs (see the class docstring)."""
+        runs = data.val_run_ids[: self.strip]
+        start, start_metric = start_points(data.task, data.store, runs, gen.metric)
+        target = torch.full((len(runs),), float(best_value(gen)))
+        traj = trajectory(gen, data.task, start, start_metric, target, sampler=self.sampler, steps=self.strip_steps,
+                          guidance=None, generator=torch.Generator().manual_seed(0))
+        s, n, p = traj.steps.shape
+        rendered = render_networks(data.task, gen.layer_shapes, traj.steps.reshape(s * n, p)).view(s, n, 56, 56, 3)
+        nearest = data.task.nearest(traj.params) if hasattr(data.task, "nearest") else None
+        return strip_figure(rendered, traj, log_spaced(s, 6), nearest)
 
 
 class ParameterPrompter(pl.Callback):
