@@ -150,3 +150,32 @@ def test_the_shapes_population_fits_its_shapes(shapes):
     iou = result.metrics["iou"]
     assert float(iou[:, -1].median()) > 0.7 and (iou[:, -1] > iou[:, 0]).all(), iou
     assert (result.metrics["type"][:, -1] == torch.arange(6).float()).float().mean() >= 5 / 6
+
+
+@pytest.mark.parametrize("config", ["fashion_field.yaml", "fashion_field_class.yaml"])
+def test_the_field_configs_run_end_to_end_at_reduced_size(config, tmp_path):
+    """configs/fashion_field*.yaml as shipped (Adam-only store built by `train`; the class config start-free with
+    the label as a condition part and a shared init), at reduced size on Fashion-shaped files the test writes."""
+    from pathlib import Path
+
+    from gpt_params import Generator
+    from gpt_params.cli import main
+    from tests.conftest import train_args
+
+    (tmp_path / "fashion").mkdir()
+    fake_fashion(tmp_path / "fashion", n_train=600, n_test=30)   # at least 20 images of every class
+    path = Path(__file__).resolve().parents[1] / "configs" / config
+    store = tmp_path / "store"
+    args = ["train", "--config", str(path), "--data.root", str(store), "--data.data_dir", str(tmp_path / "fashion"),
+            "--data.build_runs", "10", "--data.build_epochs", "1", "--data.build_checkpoints", "3",
+            "--data.batch_size", "4"]
+    assert main(args + train_args(store, tmp_path / "run", steps=2)[1:]) == 0
+    manifest = open_store(store).manifest
+    assert manifest["build_config"]["optimizers"] == ["adam"] and manifest["build_config"]["lr"] == [0.001, 0.01]
+    gen = Generator.load(next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt")))
+    assert gen.metric == "psnr"
+    if config == "fashion_field_class.yaml":
+        assert not gen.uses_start and [p.name for p in gen.parts] == ["label"]
+        assert manifest["build_config"]["task_options"] == {"init": "shared"}
+        out = gen.generate(None, None, torch.tensor([40.0, 40.0]), parts={"label": 3})
+        assert out.shape == (2, gen.tokenizer.num_params)

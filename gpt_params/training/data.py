@@ -75,6 +75,8 @@ class ParameterDataModule(pl.LightningDataModule):
         build_dtype: storage dtype of the parameters when building ("float16" halves disk and memory).
         build_group_size: runs trained together when building (fewer: less memory for large networks; the
             runs are the same for any grouping).
+        build_optimizers: the optimizers runs draw from when building (a subset of adam, sgd).
+        build_lr: the (low, high) learning-rate range runs draw from, log-uniformly (Adam's scale).
         build_seed: seed of the build.
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
@@ -107,6 +109,8 @@ class ParameterDataModule(pl.LightningDataModule):
         build_checkpoints: int = 32,
         build_dtype: Literal["float32", "float16"] = "float32",
         build_group_size: int = PopulationConfig.group_size,
+        build_optimizers: tuple[str, ...] = PopulationConfig.optimizers,
+        build_lr: tuple[float, float] = PopulationConfig.lr,
         build_seed: int = 0,
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
@@ -165,7 +169,9 @@ class ParameterDataModule(pl.LightningDataModule):
     @staticmethod
     def prepare_store(root: str = "data/digits_mlp", task: Optional[str] = "digits_mlp", build_runs: int = 512,
                       build_epochs: int = 20, build_checkpoints: int = 32, build_dtype: str = "float32",
-                      build_group_size: int = PopulationConfig.group_size, build_seed: int = 0, build_device: str = "cpu",
+                      build_group_size: int = PopulationConfig.group_size,
+                      build_optimizers: tuple[str, ...] = PopulationConfig.optimizers,
+                      build_lr: tuple[float, float] = PopulationConfig.lr, build_seed: int = 0, build_device: str = "cpu",
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -180,7 +186,8 @@ class ParameterDataModule(pl.LightningDataModule):
         if task is not None:
             ref = TaskRef(task, _task_kwargs(task_options, data_dir, None))
         config = PopulationConfig(runs=build_runs, epochs=build_epochs, num_checkpoints=build_checkpoints,
-                                  group_size=build_group_size, seed=build_seed)
+                                  group_size=build_group_size, optimizers=tuple(build_optimizers),
+                                  lr=(float(build_lr[0]), float(build_lr[1])), seed=build_seed)
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
                             option="--data.task", dtype=build_dtype)
 
