@@ -144,3 +144,30 @@ def test_prompt_and_denoise_take_labels(labelled, tmp_path, capsys):
                                                   "colour=1", "--out", str(tmp_path / "y")], capsys)
     assert "NAME=VALUE" in refused(["prompt", "--ckpt", str(ckpt), "--target", "30", "--label", "7",
                                     "--out", str(tmp_path / "z")], capsys)
+
+
+def test_set_measures_of_known_sets():
+    from gpt_params.evaluation.samples import coverage_mmd, one_nna
+
+    real = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert one_nna(real.clone(), real) == 0.0                  # every item's nearest is its twin in the other set
+    assert one_nna(real + 100.0, real) == 1.0                  # far apart: told apart perfectly
+    assert coverage_mmd(real.clone(), real) == (1.0, 0.0)
+    cov, mmd = coverage_mmd(real[:1].clone(), real)            # one generated item covers one real item
+    assert cov == pytest.approx(1 / 6) and mmd > 0
+
+
+def test_the_samples_section_per_class(labelled, tiny_generator_ckpt, tiny_digits_store):
+    from checkpoints_dataset import get_task
+    from gpt_params.evaluation.samples import samples
+
+    store_path, ckpt = labelled
+    store, gen = open_store(store_path), Generator.load(ckpt)
+    result, fig = samples(gen, gen.make_task(), store, store.test_runs, per_class=2)
+    assert result["num_generated"] == 20 and len(result["label_accuracy_per_class"]) == 10
+    for key in ("label_accuracy", "copy_fraction", "one_nna", "coverage"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["mmd"] > 0 and result["sharpness_ratio"] > 0 and len(fig.axes) == 20
+    other = Generator.load(tiny_generator_ckpt)               # digits_mlp: no label part, no images
+    skipped, _ = samples(other, get_task("digits_mlp"), open_store(tiny_digits_store), [0])
+    assert "label condition part" in skipped["skipped"]

@@ -114,9 +114,9 @@ def metric_of(task, params, metric: str, *, device=None, chunk: int = 256) -> np
 
 
 def generate(gen, start, start_metric, target, *, sampler: str | None, steps: int | None, guidance: float | None,
-             seed: int, chunk: int = 256) -> Tensor:
+             seed: int, chunk: int = 256, parts: dict | None = None) -> Tensor:
     """``gen.generate`` over ``start [N, P]`` in chunks, with one seeded ``torch.Generator`` -> ``[N, P]``
-    (``sampler``, ``steps``, ``guidance`` None: the generator's own)."""
+    (``sampler``, ``steps``, ``guidance`` None: the generator's own; ``parts``: condition parts by name)."""
     start = as_tensor(start)  # [N, P]
     start_metric = torch.as_tensor(np.asarray(start_metric, dtype=np.float32)).reshape(-1)  # [N]
     target = torch.as_tensor(np.asarray(target, dtype=np.float32)).reshape(-1)  # [N]
@@ -124,8 +124,9 @@ def generate(gen, start, start_metric, target, *, sampler: str | None, steps: in
         raise ValueError(f"start [{start.shape[0]}], start_metric [{start_metric.shape[0]}] and target "
                          f"[{target.shape[0]}] must have the same length")
     rng = torch.Generator().manual_seed(seed)
+    extra = {} if parts is None else {"parts": parts}
     out = [gen.generate(start[i:i + chunk], start_metric[i:i + chunk], target[i:i + chunk],
-                        sampler=sampler, steps=steps, guidance=guidance, generator=rng)
+                        sampler=sampler, steps=steps, guidance=guidance, generator=rng, **extra)
            for i in range(0, start.shape[0], chunk)]
     return torch.cat([o.detach().float().cpu() for o in out]) if out else start.clone()  # [N, P]
 

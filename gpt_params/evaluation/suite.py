@@ -7,6 +7,8 @@ Figure)``:
 2. ``one_step`` — prompt the data's best metric from random inits; Adam / SGD steps to match it.
 3. ``recursive`` — k successive prompts from the out-of-distribution inits.
 4.-6. ``novelty``, ``diversity``, ``landscape`` — weight space, after weight matching.
+7. ``samples`` — per class of a label condition part, on field tasks: label accuracy, copies, sharpness,
+   1-NNA, coverage, MMD (skipped for other tasks and generators).
 
 ``run_sections`` is the section loop (the same held-out runs, common settings and notes for every
 section); ``evaluate_all`` runs it and writes ``report.json`` plus one PNG per section, and
@@ -38,15 +40,17 @@ from gpt_params.evaluation.landscape import landscape
 from gpt_params.evaluation.novelty import novelty
 from gpt_params.evaluation.one_step import one_step
 from gpt_params.evaluation.recursive import recursive
+from gpt_params.evaluation.samples import samples
 
-Section = Literal["prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape"]
-SECTIONS: tuple[Section, ...] = ("prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape")
+Section = Literal["prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape", "samples"]
+SECTIONS: tuple[Section, ...] = ("prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape",
+                                 "samples")
 
 # section name -> its function; the ones that take the held-out runs get them as their 4th argument
 SECTION_FUNCTIONS: dict[Section, Callable[..., tuple[dict, Figure]]] = {
     "prompt_alignment": prompt_alignment, "one_step": one_step, "recursive": recursive, "novelty": novelty,
-    "diversity": diversity, "landscape": landscape}
-TAKES_RUNS = ("prompt_alignment", "novelty", "diversity", "landscape")
+    "diversity": diversity, "landscape": landscape, "samples": samples}
+TAKES_RUNS = ("prompt_alignment", "novelty", "diversity", "landscape", "samples")
 
 
 def check_sections(names) -> None:
@@ -140,6 +144,12 @@ def summary_lines(report: dict) -> list[str]:
     if "generated_basins" in land:
         lines.append(f"Landscape ({land['metric']}): {100 * land['generated_in_low_fraction']:.0f}% of generated "
                      f"solutions in the low region, {land['generated_basins']} basin(s)")
+    smp = report.get("samples", {})
+    if "label_accuracy" in smp:
+        lines.append(f"Samples ({smp['num_generated']} per {smp['label']}): label accuracy "
+                     f"{100 * smp['label_accuracy']:.0f}%, copies {100 * smp['copy_fraction']:.0f}%, sharpness "
+                     f"{fmt(smp['sharpness_ratio'])}x real, 1-NNA {fmt(smp['one_nna'])}, coverage "
+                     f"{fmt(smp['coverage'])}, MMD {fmt(smp['mmd'])}")
     return lines + [f"Note: {n}" for n in report.get("notes", [])]
 
 
