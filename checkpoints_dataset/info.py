@@ -36,7 +36,9 @@ class DataInfo:
             empty in checkpoints written before they were recorded.
         parts: the generator's condition parts besides ``metric`` (issue 18), as JSON dicts ``{name, kind,
             range, classes}``: a categorical metric (the task's ``label_metrics``) is a "label" with ``classes``
-            = its largest value in the store + 1, any other a "scalar" with its range over ``runs``. Empty in checkpoints
+            = its largest value in the whole store + 1 (the label's vocabulary, the one thing read from every
+            run: a class only the test runs hold is still a class), any other a "scalar" with its range over
+            ``runs``. Empty in checkpoints
             written before they existed.
     """
 
@@ -133,7 +135,7 @@ def _part(store, name: str, runs: Sequence[int], label: bool) -> dict:
     values = np.asarray(store.metrics(idx)[name], np.float64)
     values = values[np.isfinite(values)]
     if not len(values):
-        raise ValueError(f"condition part {name!r} has no finite value in the training runs")
+        raise ValueError(f"condition part {name!r} has no finite value in the {'store' if label else 'training runs'}")
     if label:
         if (values != np.round(values)).any() or values.min() < 0:
             raise ValueError(f"label {name!r} must take whole values >= 0 (class indices)")

@@ -149,3 +149,10 @@ def test_bad_attention_options_raise():
         DiTOptions(attention="sparse")
     with pytest.raises(ValueError, match="dit.window"):
         DiTOptions(window=1.5)
+
+
+def test_window_attention_refuses_relations():
+    relation = {"name": "w", "rows": [[0], [1]], "cols": [[3], [4]], "index": [[[0], [1]], [[5], [6]]]}
+    with pytest.raises(ValueError, match="relations='none'"):
+        tiny(attention="window", window=2, relations=[relation])
+    tiny(relations=[relation])   # full attention takes them

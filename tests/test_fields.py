@@ -179,3 +179,17 @@ def test_the_field_configs_run_end_to_end_at_reduced_size(config, tmp_path):
         assert manifest["build_config"]["task_options"] == {"init": "shared"}
         out = gen.generate(None, None, torch.tensor([40.0, 40.0]), parts={"label": 3})
         assert out.shape == (2, gen.tokenizer.num_params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["digits_field", "shapes_occupancy"])
+def test_fields_train_score_and_render_on_cuda(name):
+    """The encodings' fixed frequencies (non-persistent buffers) follow the parameters to the device."""
+    task = get_task(name, **({"per_type": 2, "points": 256} if name == "shapes_occupancy" else {}))
+    config = PopulationConfig(runs=2, epochs=1, num_checkpoints=2, optimizers=("adam",))
+    hparams = [draw_hparams(config, r) for r in range(2)]
+    result = task.train_population(hparams, config, torch.device("cuda"))
+    on_gpu = result.params[:, -1].cuda()
+    cpu, gpu = task.evaluate(result.params[:, -1]), task.evaluate(on_gpu, device="cuda")
+    assert all(torch.allclose(cpu[k], gpu[k], atol=1e-3) for k in cpu)
+    assert task.render(on_gpu, size=16).shape == (2, 16, 16, 3)

@@ -171,3 +171,13 @@ def test_the_samples_section_per_class(labelled, tiny_generator_ckpt, tiny_digit
     other = Generator.load(tiny_generator_ckpt)               # digits_mlp: no label part, no images
     skipped, _ = samples(other, get_task("digits_mlp"), open_store(tiny_digits_store), [0])
     assert "label condition part" in skipped["skipped"]
+
+
+def test_guidance_needs_the_part_it_guides(labelled):
+    gen = Generator.load(labelled[1])
+    start = torch.zeros(2, gen.tokenizer.num_params)
+    with pytest.raises(ValueError, match="needs its value"):
+        gen.generate(start, 9.0, 30.0, part_guidance={"label": 2.0})
+    with pytest.raises(ValueError, match="one per prompt"):
+        gen.generate(start, 9.0, 30.0, parts={"label": [1, 2, 3]})
+    assert gen.model.part_embedders.nulls is None    # labels only: their nulls are rows of the table

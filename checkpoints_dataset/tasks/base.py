@@ -76,8 +76,7 @@ class Task:
     (0, 500)): which values a prompt can sensibly ask for. Declarative: nothing in checkpoints_dataset reads
     it; tools on top (prompting, evaluation) may."""
 
-    label_metrics: tuple[str, ...] = ()
-    """Metrics that are class indices, not quantities (a field's ``label``): a generator embeds them as labels."""
+    label_metrics: tuple[str, ...] = ()   # metrics that are class indices (a field's label): embedded as labels
 
     default_metric: str = ""
     """The metric a generator is conditioned on when none is chosen (``"val_error"``; cartpole ``"return"``);
@@ -169,8 +168,10 @@ class Task:
         """The outputs ``[K, B, ...]`` of K networks ``params [K, P]`` on ``inputs [B, ...]`` (eval mode,
         differentiable in ``params``); rarely overridden."""
         params = check_params(params, self.num_params)
-        model = self._eval_model   # a template: functional_call swaps in every parameter and float buffer
-        return vmap(lambda p: functional_call(model, p, (inputs,)))(self.layer_shapes.split(params))
+        model = self._eval_model   # a template: functional_call swaps in every parameter and float buffer,
+        fixed = {k: b.to(params.device) for k, b in model.named_buffers() if k not in self.layer_shapes}  # + the rest
+        x = inputs.to(params.device)
+        return vmap(lambda p: functional_call(model, (p, fixed), (x,)))(self.layer_shapes.split(params))
 
     def to_state_dict(self, vec: Tensor) -> dict[str, Tensor]:
         """One parameter vector ``[P]`` -> a ``state_dict`` that ``build_model().load_state_dict(...,

@@ -169,8 +169,8 @@ class ImageFieldTask(Task):
         """The pool image nearest to each field, ``uint8 [K, size, size, 3]`` (pixels enlarged), and its PSNR."""
         pool = self.pool[0]
         with torch.no_grad():
-            mse = torch.cdist(self.images(check_params(params, self.num_params)).flatten(1), pool.flatten(1)) ** 2
-            best, idx = (mse / pool[0].numel()).min(dim=1)
+            img = self.images(check_params(params, self.num_params)).flatten(1).cpu()  # [K, HW]
+            best, idx = (torch.cdist(img, pool.flatten(1)) ** 2 / pool[0].numel()).min(dim=1)
         img = nn.functional.interpolate(pool[idx][:, None], size=(size, size), mode="nearest")[:, 0]
         return (img * 255).round().to(torch.uint8)[..., None].expand(-1, -1, -1, 3).contiguous(), psnr(best)
 
@@ -221,7 +221,7 @@ class ImageFieldTask(Task):
                                                h.get("init_scheme", "default")) * float(h["init_scale"])
                               for h in runs])
         flat = init.to(device)                                                  # [R, P]
-        model = copy.deepcopy(self._eval_model)
+        model = copy.deepcopy(self._eval_model).to(device)   # its Fourier features on the device
         hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
         is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
 

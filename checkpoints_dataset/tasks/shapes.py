@@ -172,13 +172,15 @@ class ShapesOccupancy(Task):
 
     def evaluate(self, params: Tensor, device: str | torch.device | None = None) -> dict[str, Tensor]:
         """``iou`` with the nearest pool shape on the ``resolution^3`` grid, and that shape's ``type``."""
-        occ = (self.logits(params, grid3(self.resolution)) > 0).float()      # [K, V]
-        pool = self.pool["grids"].float()                                      # [M, V]
+        if device is not None:
+            params = params.to(device)
+        occ = (self.logits(params, grid3(self.resolution)) > 0).float()      # [K, V] on the parameters' device
+        pool = self.pool["grids"].to(occ.device).float()                       # [M, V]
         inter = occ @ pool.T                                                   # [K, M]
         union = occ.sum(1, keepdim=True) + pool.sum(1)[None] - inter
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
         best, idx = iou.max(dim=1)
-        return {"iou": best.float(), "type": self.pool["types"][idx].float()}
+        return {"iou": best.float().cpu(), "type": self.pool["types"][idx.cpu()].float()}
 
     def render(self, params: Tensor, size: int = 56, steps: int = 32) -> Tensor:
         """Four shaded orthographic views (front, side, top, oblique) tiled 2 x 2 -> ``uint8 [K, size, size, 3]``:
@@ -194,9 +196,9 @@ class ShapesOccupancy(Task):
         tiles = []
         for rot in views:
             hit = self.logits(params, cam @ rot).view(-1, half, half, steps) > 0    # [K, h, h, S]
-            first = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full(hit.shape[:3], steps))  # [K, h, h]
-            shade = torch.where(first < steps, 0.95 - 0.75 * first.float() / steps, torch.ones(first.shape))
-            tiles.append(shade)
+            first = torch.where(hit.any(-1), hit.float().argmax(-1), steps)  # [K, h, h] first inside sample
+            shade = torch.where(first < steps, 0.95 - 0.75 * first.float() / steps, torch.ones_like(first, dtype=torch.float))
+            tiles.append(shade.cpu())
         img = torch.ones(params.shape[0], size, size)
         for i, tile in enumerate(tiles):
             r, q = divmod(i, 2)
@@ -222,7 +224,7 @@ class ShapesOccupancy(Task):
         schedule = checkpoint_schedule(total, config.num_checkpoints)
         flat = torch.cat([self.init_params(1, torch.Generator().manual_seed(int(h["seed"])),
                                            h.get("init_scheme", "default")) * float(h["init_scale"]) for h in runs]).to(device)
-        model = copy.deepcopy(self._eval_model)
+        model = copy.deepcopy(self._eval_model).to(device)   # its encoding's frequencies on the device
         hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
         is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
 
@@ -235,7 +237,7 @@ class ShapesOccupancy(Task):
         for step in range(total + 1):
             if step in schedule:
                 vectors.append(flat.detach().float().cpu().clone())   # optimizer_step works in place
-                metrics.append(self.evaluate(vectors[-1]))
+                metrics.append(self.evaluate(flat, device=device))
             if step == total:
                 break
             grads = grad_fn(self.layer_shapes.split(flat), points, labels)

@@ -85,13 +85,14 @@ def main(argv: list[str]) -> int:
     achieved = {k: v.cpu() for k, v in task.evaluate(traj.params).items()} if task is not None else None
     records = _write_networks(out, gen, task, traj.params, targets * n, n, achieved)
     write_json_atomic(out / "trajectory.json", {
-        "metric": gen.metric, "target": targets[0], "parts": parts, "sampler": sampler, "steps": s, "guidance": guidance,
+        "metric": gen.metric, "target": targets[0], "parts": parts, "part_guidance": part_guidance, "sampler": sampler, "steps": s, "guidance": guidance,
         "timesteps": traj.timesteps, "values": traj.values.tolist(),
         "mean": [float(np.nanmean(v)) if np.isfinite(v).any() else None for v in traj.values]})
     write_bytes_atomic(out / "denoise.gif", gif_bytes(np.stack([side_by_side(r) for r in rendered]), captions))
     savefig_atomic(strip_figure(rendered, traj, log_spaced(s, args.columns), nearest), out / "denoise.png", dpi=100)
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
-                                             "steps": s, "records": records})
+                                             "steps": s, "parts": parts, "part_guidance": part_guidance,
+                                             "records": records})
     _print_table(gen.metric, records, n)
     print(f"\n{n} networks, {s} steps: {out / 'denoise.gif'}, {out / 'denoise.png'}, trajectory.json, results.json")
     return 0

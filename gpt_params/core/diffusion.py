@@ -227,10 +227,14 @@ class Diffusion:
             return variants, {}
         parts = parts.to(device).float()  # [N, E]
         e = parts.shape[1]
-        given = torch.ones(n, e, dtype=torch.bool, device=device) if parts_given is None else parts_given.to(device)
+        given = torch.ones(n, e, dtype=torch.bool, device=device) if parts_given is None else \
+            torch.as_tensor(parts_given, device=device).bool()  # [N, E]
         scales = [1.0] * e if part_guidance is None else [float(g) for g in part_guidance]
         if len(scales) != e or not all(math.isfinite(g) for g in scales):
             raise ValueError(f"part_guidance needs one finite scale per part ({e}), got {part_guidance}")
+        unguidable = [j for j, g in enumerate(scales) if g != 1.0 and not given[:, j].all()]
+        if unguidable:   # cond and uncond would be the same forward: the guidance would do nothing
+            raise ValueError(f"part_guidance on parts {unguidable} needs their values for every prompt")
         variants += [(f"part {j}", g) for j, g in enumerate(scales) if g != 1.0]
         drops = []
         for kind, _ in variants:

@@ -217,6 +217,10 @@ class ParameterDiT(nn.Module):
             raise ValueError(f"attention must be 'full' or 'window', got {attention!r}")
         if int(window) != window or window < 1:
             raise ValueError(f"window must be a whole number >= 1, got {window}")
+        if attention == "window" and relations:   # their bias links layers far apart in token order
+            raise ValueError("window attention keeps the relations' attention bias only within windows, which drops "
+                             "nearly every edge between layers: use relations='none' (--model.dit.relations none) "
+                             "with attention='window', or full attention")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         ids = torch.arange(num_tokens) if token_layer_ids is None else torch.as_tensor(token_layer_ids).long()
@@ -310,7 +314,8 @@ class ParameterDiT(nn.Module):
             for embed in self.part_embedders.embedders:
                 for w in ([embed.weight] if isinstance(embed, nn.Embedding) else [embed.mlp[0].weight, embed.mlp[2].weight]):
                     nn.init.normal_(w, std=0.02)
-            nn.init.normal_(self.part_embedders.nulls, std=0.02)
+            if self.part_embedders.nulls is not None:
+                nn.init.normal_(self.part_embedders.nulls, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)

@@ -204,7 +204,7 @@ class Generator(nn.Module):
         ``batch_size`` None: as many networks at once as hold ``GENERATE_VALUES`` parameters (at most 4096);
         sampling holds several token tensors per network, so 80 networks of 1M parameters took 6 GB at once.
         ``trajectory=True`` also returns the predicted clean sample of every step, decoded to parameters
-        ``[S, N, P]`` (S sampler steps; the last equals the result for the deterministic samplers).
+        ``[S, N, P]`` on the CPU (S sampler steps; the last equals the result for the deterministic samplers).
         ``parts``: values of the condition parts by name (a number or ``[N]`` each; a label as its class
         index); parts not named get their null embedding. ``part_guidance``: a guidance scale by part name.
         A name the generator does not know is refused."""
@@ -232,7 +232,7 @@ class Generator(nn.Module):
                               start_metric[sl].to(device), target_metric[sl].to(device),
                               sampler=sampler, steps=steps, guidance=guidance, generator=generator,
                               diffusion=self.diffusion, autoencoder=self.autoencoder,
-                              callback=(lambda _i, _t, x0: steps_seen.append(x0)) if trajectory else None,
+                              callback=(lambda _i, _t, x0: steps_seen.append(x0.cpu())) if trajectory else None,
                               parts=None if values is None else values[sl].to(device),
                               parts_given=None if given is None else given[sl].to(device), part_guidance=scales))
             path.append(steps_seen)
@@ -256,10 +256,16 @@ class Generator(nn.Module):
         given = torch.zeros(n, len(specs), dtype=torch.bool)
         for j, spec in enumerate(specs):
             if parts is not None and spec.name in parts:
-                v = torch.as_tensor(parts[spec.name], dtype=torch.float32).reshape(-1).expand(n)   # [N]
+                v = torch.as_tensor(parts[spec.name], dtype=torch.float32).reshape(-1)
+                if v.numel() not in (1, n):
+                    raise ValueError(f"part {spec.name} has {v.numel()} values: give one, or one per prompt ({n})")
                 spec.check(v)
-                values[:, j], given[:, j] = v, True
+                values[:, j], given[:, j] = v.expand(n), True
         scales = [float((part_guidance or {}).get(p.name, 1.0)) for p in specs]
+        for spec, scale, j in zip(specs, scales, range(len(specs))):
+            if scale != 1.0 and not given[:, j].any():
+                raise ValueError(f"guidance on part {spec.name} needs its value: give parts={{{spec.name!r}: ...}} "
+                                 f"(--label {spec.name}=VALUE)")
         return values, given, scales
 
     def make_task(self, name: Optional[str] = None, **options) -> Optional[Task]:

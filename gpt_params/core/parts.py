@@ -77,10 +77,13 @@ class PartEmbedders(nn.Module):
                 self.embedders.append(scalar_embedder(hidden_size, scale=1000.0))
             else:
                 self.embedders.append(nn.Embedding(part.classes + 1, hidden_size))   # index K: the null
-        self.nulls = nn.Parameter(torch.zeros(len(self.parts), hidden_size))  # the scalars' nulls
+        self.scalar_index = {i: j for j, i in enumerate(i for i, p in enumerate(self.parts) if p.kind == "scalar")}
+        # the scalars' null embeddings (labels have theirs in the table): none without scalars, so every
+        # parameter gets a gradient (DDP refuses unused ones)
+        self.nulls = nn.Parameter(torch.zeros(len(self.scalar_index), hidden_size)) if self.scalar_index else None
 
     def forward(self, values: Tensor | None, drop: Tensor | None, n: int, device) -> Tensor:
-        out = torch.zeros(n, self.nulls.shape[1], device=device, dtype=self.nulls.dtype)  # [N, D]
+        out = None
         if values is not None and values.shape != (n, len(self.parts)):
             raise ValueError(f"condition parts must be [N, {len(self.parts)}] values ({[p.name for p in self.parts]}), "
                              f"got {list(values.shape)}")
@@ -90,10 +93,11 @@ class PartEmbedders(nn.Module):
             if part.kind == "label":
                 idx = torch.full((n,), part.classes, dtype=torch.long, device=device) if values is None else \
                     torch.where(dropped, part.classes, values[:, i].round().long().clamp(0, part.classes))
-                out = out + embed(idx)  # [N, D]
+                emb = embed(idx)  # [N, D]
             else:
                 lo, hi = part.range
                 raw = torch.zeros(n, device=device) if values is None else (values[:, i].float() - lo) / (hi - lo)
                 emb = embed(raw)  # [N, D]
-                out = out + torch.where(dropped[:, None], self.nulls[i].to(emb.dtype), emb)
+                emb = torch.where(dropped[:, None], self.nulls[self.scalar_index[i]].to(emb.dtype), emb)
+            out = emb if out is None else out + emb
         return out

@@ -45,6 +45,8 @@ def window_attention(attn: Attention, x: Tensor, window: int, bias: Tensor | Non
             b = rearrange(bias[:, :, lo:hi, lo:hi], "n h (m w) (u v) -> n h m w u v", m=m, u=m)
             b = rearrange(torch.diagonal(b, dim1=2, dim2=4), "n h w v m -> n m h w v")  # [N, m, H, size, size]
             mask = nn.functional.pad(b, (0, len(starts)))  # [N, m, H, size, size + M]
-        out = nn.functional.scaled_dot_product_attention(split(q), keys, values, attn_mask=mask)  # [N, m, H, size, hd]
-        outs.append(rearrange(out, "n m h w e -> n (m w) (h e)"))  # [N, hi-lo, D]
+        flat = lambda z: z.flatten(0, 1)  # noqa: E731  [N, m, ...] -> [N*m, ...]: 4-D, so SDPA's fused CPU kernel runs
+        out = nn.functional.scaled_dot_product_attention(flat(split(q)), flat(keys), flat(values),
+                                                         attn_mask=None if mask is None else flat(mask))  # [N*m, H, size, hd]
+        outs.append(rearrange(out, "(n m) h w e -> n (m w) (h e)", n=n))  # [N, hi-lo, D]
     return attn.proj_drop(attn.proj(attn.norm(torch.cat(outs, 1))))  # [N, T, D]
