@@ -193,3 +193,28 @@ def test_fields_train_score_and_render_on_cuda(name):
     cpu, gpu = task.evaluate(result.params[:, -1]), task.evaluate(on_gpu, device="cuda")
     assert all(torch.allclose(cpu[k], gpu[k], atol=1e-3) for k in cpu)
     assert task.render(on_gpu, size=16).shape == (2, 16, 16, 3)
+
+
+def test_the_shapes_config_runs_end_to_end_at_reduced_size(tmp_path):
+    """configs/shapes_occupancy.yaml as shipped (start-free, shared init, the shape type as a condition part),
+    at reduced size: 8 runs of 100 steps, a tiny DiT, 2 steps; then `denoise` draws the shapes."""
+    import json
+    from pathlib import Path
+
+    from gpt_params import Generator
+    from gpt_params.cli import main
+    from tests.conftest import train_args
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "shapes_occupancy.yaml"
+    store = tmp_path / "store"
+    args = ["train", "--config", str(path), "--data.root", str(store), "--data.build_runs", "8",
+            "--data.build_epochs", "1", "--data.build_checkpoints", "3", "--data.batch_size", "4",
+            "--data.task_options", "{init: shared, per_type: 2, points: 512}"]
+    assert main(args + train_args(store, tmp_path / "run", steps=2)[1:]) == 0
+    ckpt = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    gen = Generator.load(ckpt)
+    assert gen.metric == "iou" and not gen.uses_start and [(p.name, p.classes) for p in gen.parts] == [("type", 6)]
+    out = tmp_path / "d"
+    assert main(["denoise", "--ckpt", str(ckpt), "--target", "0.9", "--label", "type=2", "--num", "2",
+                 "--steps", "2", "--size", "32", "--out", str(out)]) == 0
+    assert json.loads((out / "trajectory.json").read_text())["parts"] == {"type": 2.0}

@@ -36,6 +36,15 @@ from .fashion import FILES, default_data_dir, load_fashion_mnist, missing_files_
 Init = Literal["per_run", "shared"]
 
 
+def population_inits(task: Task, runs: list[dict], init: Init, shared_seed: int) -> Tensor:
+    """The runs' initial parameters ``[R, P]``: each its own (``init_params`` from its seed, times its
+    ``init_scale``), or (``init="shared"``) all the one init of ``shared_seed``, unscaled."""
+    if init == "shared":
+        return task.init_params(1, torch.Generator().manual_seed(shared_seed)).expand(len(runs), -1).clone()
+    return torch.cat([task.init_params(1, torch.Generator().manual_seed(int(h["seed"])),
+                                       h.get("init_scheme", "default")) * float(h["init_scale"]) for h in runs])
+
+
 class FourierFeatures(nn.Module):
     """``[B, d]`` coordinates -> ``[B, 2F]``: ``sin`` and ``cos`` of ``2 pi x B`` for a fixed Gaussian ``B [d, F]``
     of standard deviation ``scale`` drawn from ``seed`` (a non-persistent buffer: the same in every network)."""
@@ -213,14 +222,7 @@ class ImageFieldTask(Task):
         coords = grid(self.size).to(device)            # [HW, 2]
         total = self.steps_per_epoch * config.epochs
         schedule = checkpoint_schedule(total, config.num_checkpoints)
-        if self.init == "shared":
-            shared = self.init_params(1, torch.Generator().manual_seed(self.pool_seed))
-            init = shared.expand(len(runs), -1).clone()
-        else:
-            init = torch.cat([self.init_params(1, torch.Generator().manual_seed(int(h["seed"])),
-                                               h.get("init_scheme", "default")) * float(h["init_scale"])
-                              for h in runs])
-        flat = init.to(device)                                                  # [R, P]
+        flat = population_inits(self, runs, self.init, self.pool_seed).to(device)  # [R, P]
         model = copy.deepcopy(self._eval_model).to(device)   # its Fourier features on the device
         hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
         is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)

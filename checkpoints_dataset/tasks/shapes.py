@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, vmap
 from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
 from ..params import check_params
 from .base import Task
+from .fields import Init, population_inits
 
 TYPES = ("sphere", "box", "torus", "capsule", "cylinder", "cone")
 
@@ -87,6 +88,7 @@ class ShapesOccupancy(Task):
         points: training points per shape (half near the surface, half uniform).
         steps_per_epoch: full-batch optimizer steps in one "epoch" of the population builder.
         resolution: the grid side of the metrics (32: 32^3 voxels).
+        init: each run its own init ("per_run") or one init shared by all ("shared", for start-free generation).
     """
 
     name = "shapes_occupancy"
@@ -96,10 +98,10 @@ class ShapesOccupancy(Task):
     lower_is_better = {"iou": False, "type": False}
     metric_bounds = {"iou": (0.0, 1.0), "type": (0.0, len(TYPES) - 1.0)}
     DEFAULTS = dict(hidden=[32, 32], levels=4, per_type=20, pool_seed=0, points=4096, steps_per_epoch=100,
-                    resolution=32)
+                    resolution=32, init="per_run")
 
     def __init__(self, hidden=(32, 32), levels: int = 4, per_type: int = 20, pool_seed: int = 0, points: int = 4096,
-                 steps_per_epoch: int = 100, resolution: int = 32):
+                 steps_per_epoch: int = 100, resolution: int = 32, init: Init = "per_run"):
         widths = list(hidden) if not isinstance(hidden, (int, np.integer)) else [hidden]
         for name, value in (("levels", levels), ("per_type", per_type), ("points", points),
                             ("steps_per_epoch", steps_per_epoch), ("resolution", resolution), *[("hidden", w) for w in widths]):
@@ -107,6 +109,9 @@ class ShapesOccupancy(Task):
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if not widths:
             raise ValueError("hidden must list at least one width")
+        if init not in ("per_run", "shared"):
+            raise ValueError(f"init must be 'per_run' or 'shared', got {init!r}")
+        self.init = init
         self.hidden, self.levels, self.per_type, self.pool_seed = [int(w) for w in widths], int(levels), int(per_type), int(pool_seed)
         self.points, self.steps_per_epoch, self.resolution = int(points), int(steps_per_epoch), int(resolution)
         self._pool = None
@@ -209,7 +214,8 @@ class ShapesOccupancy(Task):
     def train_population(self, hparams: list[dict], config: PopulationConfig, device: torch.device,
                          progress: Callable[[float], None] | None = None) -> GroupResult:
         """Fit each run's shape (type ``run_id % 6``, one of that type drawn by the run's seed; recorded as
-        ``shape`` and ``type``) with full-batch BCE on its training points, the run's optimizer and init."""
+        ``shape`` and ``type``) with full-batch BCE on its training points, the run's optimizer and its own init
+        (or the shared one, ``init="shared"``)."""
         device = torch.device(device)
         types = self.pool["types"]
         for h in hparams:
@@ -222,8 +228,7 @@ class ShapesOccupancy(Task):
         points, labels = self.pool["points"][shape_idx].to(device), self.pool["labels"][shape_idx].to(device)
         total = self.steps_per_epoch * config.epochs
         schedule = checkpoint_schedule(total, config.num_checkpoints)
-        flat = torch.cat([self.init_params(1, torch.Generator().manual_seed(int(h["seed"])),
-                                           h.get("init_scheme", "default")) * float(h["init_scale"]) for h in runs]).to(device)
+        flat = population_inits(self, runs, self.init, self.pool_seed).to(device)   # [R, P]
         model = copy.deepcopy(self._eval_model).to(device)   # its encoding's frequencies on the device
         hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
         is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
