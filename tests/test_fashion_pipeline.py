@@ -108,3 +108,39 @@ def test_the_million_parameter_fashion_mlp_tokenizes_exactly(tmp_path):
     tokens = tok.tokenize(params)                                       # [2, 1281, 795]
     assert tokens.shape == (2, 1281, 795) and int(tok.mask.sum()) == task.num_params
     assert torch.equal(tok.detokenize(tokens), params)
+
+
+def test_the_million_parameter_config_runs_end_to_end_at_reduced_size(tmp_path):
+    """configs/fashion_mlp_1m.yaml as shipped, the 784-1280-10 network included (float16 store built by `train` in
+    groups, residual DiT with window attention over its 1,281 tokens), at reduced size: 8 runs on the test's
+    own small files, a tiny DiT, 2 steps; then `prompt` writes loadable 1M-parameter networks."""
+    from pathlib import Path
+
+    import numpy as np
+
+    data = tmp_path / "fashion"
+    data.mkdir()
+    fake_fashion(data, n_train=200, n_test=30)
+    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_mlp_1m.yaml"
+    store = tmp_path / "store"
+    args = ["train", "--config", str(config), "--data.root", str(store), "--data.data_dir", str(data),
+            "--data.build_runs", "8", "--data.build_checkpoints", "3", "--data.build_group_size", "4",
+            "--data.task_options", "{hidden: 1280, val_size: 40, eval_size: 30}", "--data.batch_size", "2"]
+    args += train_args(store, tmp_path / "run", steps=2)[1:]
+    args += ["--model.dit.hidden_size", "32", "--model.dit.num_heads", "2"]   # the config's own are wider
+    assert main(args) == 0
+    manifest = open_store(store).manifest
+    assert manifest["dtype"] == "float16" and manifest["build_config"]["group_size"] == 4
+    assert manifest["build_config"]["num_params"] == 1_017_610
+    assert len(list((store / "shards").glob("*.params.npy"))) == 2
+    assert np.load(next((store / "shards").glob("*.params.npy")), mmap_mode="r").dtype == np.float16
+    ckpt = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    gen = Generator.load(ckpt)
+    assert gen.config.dit.attention == "window" and gen.config.dit.residual and gen.config.chunk_size == 1024
+    assert gen.tokenizer.num_tokens == 1281
+
+    assert main(["prompt", "--ckpt", str(ckpt), "--target", "0.5", "--num", "2", "--out", str(tmp_path / "p")]) == 0
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    net = load_file(str(tmp_path / "p" / results["records"][0]["file"]))
+    assert tuple(net["1.weight"].shape) == (1280, 784) and tuple(net["3.weight"].shape) == (10, 1280)
+    assert sum(v.numel() for v in net.values()) == 1_017_610
