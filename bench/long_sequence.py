@@ -6,11 +6,13 @@ synthetic tokens of width ``--token-dim`` (8 layer ids), batch ``--batch``: one 
 Each T runs in a fresh process, so that each has its own peak memory (VmHWM minus the resident size after
 ``import torch``; CUDA: max allocated). Attention is timm's, i.e. ``scaled_dot_product_attention``, whose
 CPU kernel is a flash-style one that never holds the ``[T, T]`` matrix; the table says how time grows
-with T, and the last column the ratio of each step to the previous T's (4x tokens: 4x for the per-token
-work, 16x for attention).
+with T, and the ratio of each step to the previous T's (4x tokens: 4x for the per-token work, 16x for
+attention). ``--attention both`` (the default) measures full attention and window attention
+(``--window`` tokens per window plus one summary per window; ``gpt_params/core/window.py``) side by side and
+prints full / window.
 
-    python bench/long_sequence.py --threads 1                     # T = 1024, 4096, 16384
-    python bench/long_sequence.py --tokens 1024 4096 --rounds 5
+    python bench/long_sequence.py --threads 1                     # T = 1024, 4096, 16384, full and window
+    python bench/long_sequence.py --tokens 1024 4096 --rounds 5 --attention full
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def measure(args) -> dict:
     T, C, N = args.one, args.token_dim, args.batch
     ids = torch.arange(T) * 8 // T                                                   # [T] 8 layer ids
     model = ParameterDiT(T, C, token_layer_ids=ids, hidden_size=args.width, depth=args.depth,
-                         num_heads=args.heads).to(device)
+                         num_heads=args.heads, attention=args.attention, window=args.window).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = Diffusion()
     g = torch.Generator().manual_seed(0)
@@ -81,6 +83,9 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="steps per T; the table gives medians (default 3)")
+    p.add_argument("--attention", choices=["full", "window", "both"], default="both",
+                   help="full attention, window attention, or both side by side (default)")
+    p.add_argument("--window", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)   # the child process: one T
@@ -91,21 +96,29 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args)))
         return
     argv = list(sys.argv[1:] if argv is None else argv)
+    kinds = ["full", "window"] if args.attention == "both" else [args.attention]
     print(f"DiT width {args.width}, {args.heads} heads, {args.depth} blocks; batch {args.batch}, token width "
-          f"{args.token_dim}; device {args.device}; medians of {args.rounds} rounds")
-    print(f"{'tokens':>7} {'train step s':>13} {'denoiser call s':>16} {'peak MB':>9} {'step / previous':>16}")
-    previous = None
+          f"{args.token_dim}; window {args.window}; device {args.device}; medians of {args.rounds} rounds")
+    print(f"{'tokens':>7} {'attention':>9} {'train step s':>13} {'denoiser call s':>16} {'peak MB':>9} "
+          f"{'step / previous T':>18}")
+    previous: dict[str, float] = {}
     for T in args.tokens:
-        done = subprocess.run([sys.executable, __file__, *argv, "--one", str(T)], capture_output=True, text=True)
-        if done.returncode:
-            print(f"{T:>7} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        step = statistics.median(r["train_s"])
-        ratio = f"{step / previous:.1f}x" if previous else "-"
-        print(f"{T:>7} {step:>13.2f} {statistics.median(r['call_s']):>16.2f} {r['peak_mb']:>9,.0f} {ratio:>16}",
-              flush=True)
-        previous = step
+        steps = {}
+        for kind in kinds:
+            done = subprocess.run([sys.executable, __file__, *argv, "--attention", kind, "--one", str(T)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+                print(f"{T:>7} {kind:>9} failed: {err}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            step = steps[kind] = statistics.median(r["train_s"])
+            ratio = f"{step / previous[kind]:.1f}x" if kind in previous else "-"
+            print(f"{T:>7} {kind:>9} {step:>13.2f} {statistics.median(r['call_s']):>16.2f} {r['peak_mb']:>9,.0f} "
+                  f"{ratio:>18}", flush=True)
+        if len(steps) == 2:
+            print(f"{T:>7} full / window: {steps['full'] / steps['window']:.1f}x per training step", flush=True)
+        previous.update(steps)
 
 
 if __name__ == "__main__":
