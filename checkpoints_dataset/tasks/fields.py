@@ -45,6 +45,37 @@ def population_inits(task: Task, runs: list[dict], init: Init, shared_seed: int)
                                        h.get("init_scheme", "default")) * float(h["init_scale"]) for h in runs])
 
 
+def fit_full_batch(task, runs: list[dict], order: Tensor, loss_fn, data: tuple[Tensor, ...], config: PopulationConfig,
+                   device: torch.device, progress: Callable[[float], None] | None) -> GroupResult:
+    """The field tasks' population loop: ``config.epochs * task.steps_per_epoch`` full-batch steps of each run's
+    optimizer on ``loss_fn(params, *data_r)`` (``data``: one row per run, in ``runs``' order, which ``order``
+    maps back to the caller's), from ``population_inits(task, runs, task.init, task.pool_seed)``, with a
+    checkpoint and ``task.evaluate`` at each step of ``checkpoint_schedule``."""
+    total = task.steps_per_epoch * config.epochs
+    schedule = checkpoint_schedule(total, config.num_checkpoints)
+    flat = population_inits(task, runs, task.init, task.pool_seed).to(device)             # [R, P]
+    hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
+    is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
+    grad_fn = vmap(grad(loss_fn))
+    state = init_optimizer_state(flat)
+    vectors, metrics = [], []
+    for step in range(total + 1):
+        if step in schedule:
+            vectors.append(flat.detach().float().cpu().clone())   # optimizer_step works in place
+            metrics.append(task.evaluate(flat, device=device))
+        if step == total:
+            break
+        grads = grad_fn(task.layer_shapes.split(flat), *data)                              # name -> [R, *shape]
+        flat = optimizer_step(flat, task.layer_shapes.join(grads), state, is_adam, hp["lr"], hp["weight_decay"],
+                              hp["momentum"])
+        if progress is not None and (step + 1) % task.steps_per_epoch == 0:
+            progress(1.0 / config.epochs)
+    back = torch.argsort(order)
+    return GroupResult(params=torch.stack(vectors, dim=1)[back], steps=torch.tensor(schedule, dtype=torch.int64),
+                       epochs=torch.tensor(schedule, dtype=torch.float64) / task.steps_per_epoch,
+                       metrics={m: torch.stack([c[m] for c in metrics], dim=1)[back] for m in task.metric_names})
+
+
 class FourierFeatures(nn.Module):
     """``[B, d]`` coordinates -> ``[B, 2F]``: ``sin`` and ``cos`` of ``2 pi x B`` for a fixed Gaussian ``B [d, F]``
     of standard deviation ``scale`` drawn from ``seed`` (a non-persistent buffer: the same in every network)."""
@@ -220,36 +251,12 @@ class ImageFieldTask(Task):
         pool = self.pool[0].flatten(1).to(device)      # [M, HW]
         targets = pool[torch.tensor([h["image"] for h in runs], device=device)]  # [R, HW]
         coords = grid(self.size).to(device)            # [HW, 2]
-        total = self.steps_per_epoch * config.epochs
-        schedule = checkpoint_schedule(total, config.num_checkpoints)
-        flat = population_inits(self, runs, self.init, self.pool_seed).to(device)  # [R, P]
         model = copy.deepcopy(self._eval_model).to(device)   # its Fourier features on the device
-        hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
-        is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
 
         def loss_fn(p, y):
             return ((functional_call(model, p, (coords,))[:, 0] - y) ** 2).mean()
 
-        grad_fn = vmap(grad(loss_fn))
-        state = init_optimizer_state(flat)
-        vectors, metrics = [], []
-        for step in range(total + 1):
-            if step in schedule:
-                vectors.append(flat.detach().float().cpu().clone())   # optimizer_step works in place
-                metrics.append(self.evaluate(flat, device=device))
-            if step == total:
-                break
-            grads = grad_fn(self.layer_shapes.split(flat), targets)            # name -> [R, *shape]
-            flat = optimizer_step(flat, self.layer_shapes.join(grads), state, is_adam,
-                                  hp["lr"], hp["weight_decay"], hp["momentum"])
-            if progress is not None and (step + 1) % self.steps_per_epoch == 0:
-                progress(1.0 / config.epochs)
-        back = torch.argsort(order)
-        return GroupResult(
-            params=torch.stack(vectors, dim=1)[back],                           # [R, C, P]
-            steps=torch.tensor(schedule, dtype=torch.int64),
-            epochs=torch.tensor(schedule, dtype=torch.float64) / self.steps_per_epoch,
-            metrics={m: torch.stack([c[m] for c in metrics], dim=1)[back] for m in self.metric_names})
+        return fit_full_batch(self, runs, order, loss_fn, (targets,), config, device, progress)
 
 
 class DigitsField(ImageFieldTask):

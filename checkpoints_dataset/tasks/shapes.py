@@ -21,12 +21,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
-from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..optim import GroupResult, PopulationConfig, adam_first
 from ..params import check_params
 from .base import Task
-from .fields import Init, population_inits
+from .fields import Init, fit_full_batch
 
 TYPES = ("sphere", "box", "torus", "capsule", "cylinder", "cone")
 
@@ -226,34 +226,12 @@ class ShapesOccupancy(Task):
         runs = [hparams[i] for i in order]
         shape_idx = torch.tensor([h["shape"] for h in runs])
         points, labels = self.pool["points"][shape_idx].to(device), self.pool["labels"][shape_idx].to(device)
-        total = self.steps_per_epoch * config.epochs
-        schedule = checkpoint_schedule(total, config.num_checkpoints)
-        flat = population_inits(self, runs, self.init, self.pool_seed).to(device)   # [R, P]
         model = copy.deepcopy(self._eval_model).to(device)   # its encoding's frequencies on the device
-        hp = {k: torch.tensor([float(h[k]) for h in runs], device=device) for k in ("lr", "weight_decay", "momentum")}
-        is_adam = torch.tensor([h["optimizer"] == "adam" for h in runs], device=device)
 
         def loss_fn(p, x, y):
             return nn.functional.binary_cross_entropy_with_logits(functional_call(model, p, (x,))[:, 0], y)
 
-        grad_fn = vmap(grad(loss_fn))
-        state = init_optimizer_state(flat)
-        vectors, metrics = [], []
-        for step in range(total + 1):
-            if step in schedule:
-                vectors.append(flat.detach().float().cpu().clone())   # optimizer_step works in place
-                metrics.append(self.evaluate(flat, device=device))
-            if step == total:
-                break
-            grads = grad_fn(self.layer_shapes.split(flat), points, labels)
-            flat = optimizer_step(flat, self.layer_shapes.join(grads), state, is_adam,
-                                  hp["lr"], hp["weight_decay"], hp["momentum"])
-            if progress is not None and (step + 1) % self.steps_per_epoch == 0:
-                progress(1.0 / config.epochs)
-        back = torch.argsort(order)
-        return GroupResult(params=torch.stack(vectors, dim=1)[back], steps=torch.tensor(schedule, dtype=torch.int64),
-                           epochs=torch.tensor(schedule, dtype=torch.float64) / self.steps_per_epoch,
-                           metrics={m: torch.stack([c[m] for c in metrics], dim=1)[back] for m in self.metric_names})
+        return fit_full_batch(self, runs, order, loss_fn, (points, labels), config, device, progress)
 
 
 def _rot(axis: int, angle: float) -> Tensor:
