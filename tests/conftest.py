@@ -31,6 +31,17 @@ def tiny_digits_store(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_field_store(tmp_path_factory):
+    """A real digits_field store: 12 runs x 200 Adam steps, 3 checkpoints each (fields of 8x8 digits)."""
+    from gpt_params.cli import main
+
+    root = tmp_path_factory.mktemp("stores") / "digits_field_tiny"
+    assert main(["build-dataset", "--task", "digits_field", "--out", str(root), "--runs", "12", "--epochs", "2",
+                 "--checkpoints", "3", "--no-progress", "--optimizers", "adam"]) == 0
+    return root
+
+
 TINY_MODEL = ["--model.dit.size", "XS", "--model.dit.depth", "1", "--model.dit.hidden_size", "32",
               "--model.dit.num_heads", "2"]
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

@@ -14,13 +14,10 @@ from tests.conftest import refused, train_args
 
 
 @pytest.fixture(scope="module")
-def field_ckpt(tmp_path_factory):
-    """A generator trained for 4 steps on a 10-run digits_field store (fields of 8x8 digits)."""
+def field_ckpt(tiny_field_store, tmp_path_factory):
+    """A generator trained for 4 steps on the tiny digits_field store."""
     root = tmp_path_factory.mktemp("field")
-    store = root / "store"
-    assert main(["build-dataset", "--task", "digits_field", "--out", str(store), "--runs", "10", "--epochs", "2",
-                 "--checkpoints", "3", "--no-progress", "--optimizers", "adam"]) == 0
-    assert main(train_args(store, root / "run", steps=4, extra=["--data.batch_size", "4"])) == 0
+    assert main(train_args(tiny_field_store, root / "run", steps=4, extra=["--data.batch_size", "4"])) == 0
     return next((root / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
 
 

@@ -104,14 +104,12 @@ def test_a_checkpoint_without_parts_still_loads_and_refuses_them():
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    """A tiny digits_field store and a generator conditioned on psnr and the label."""
+def labelled(tiny_field_store, tmp_path_factory):
+    """The tiny digits_field store and a generator conditioned on psnr and the label."""
     root = tmp_path_factory.mktemp("parts")
-    store = root / "store"
-    assert main(["build-dataset", "--task", "digits_field", "--out", str(store), "--runs", "12", "--epochs", "2",
-                 "--checkpoints", "3", "--no-progress", "--optimizers", "adam"]) == 0
-    assert main(train_args(store, root / "run", steps=3, extra=["--data.batch_size", "4", "--data.parts", "[label]"])) == 0
-    return store, next((root / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert main(train_args(tiny_field_store, root / "run", steps=3,
+                           extra=["--data.batch_size", "4", "--data.parts", "[label]"])) == 0
+    return tiny_field_store, next((root / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
 
 
 def test_the_data_carries_the_parts_and_the_checkpoint_records_them(labelled):

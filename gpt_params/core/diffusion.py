@@ -195,7 +195,7 @@ class Diffusion:
         k = len(variants)  # forwards per step, in one batch of k*N: the conditional one, then one per guided part
         if k > 1:
             start_k, sm_k, tm_k = start.repeat(k, 1, 1), start_metric.repeat(k), target_metric.repeat(k)  # [kN, ...]
-            drop_k = torch.cat([torch.full((n,), v == "target", device=device) for v, _ in variants])  # [kN]
+            drop_k = torch.cat([torch.full((n,), kind == "target", device=device) for kind, _, _ in variants])  # [kN]
         for i, t in enumerate(scheduler.timesteps):
             tt = t.to(device).expand(n)  # [N]
             if k == 1:
@@ -204,7 +204,7 @@ class Diffusion:
                 outs = model(x.repeat(k, 1, 1), tt.repeat(k), start_k, tm_k, sm_k, drop_target=drop_k,
                              **extra).chunk(k)  # k x [N, T, C]
                 cond, out = outs[0], outs[0]
-                for (kind, scale), uncond in zip(variants[1:], outs[1:]):
+                for (kind, _, scale), uncond in zip(variants[1:], outs[1:]):
                     if kind == "target":  # G.pt's formula exactly (checkpoints before parts sample the same)
                         out = uncond + scale * (cond - uncond) + (out - cond)
                     else:
@@ -217,10 +217,11 @@ class Diffusion:
 
     @staticmethod
     def _guidance_variants(n: int, device, guidance: float, parts: Tensor | None, parts_given: Tensor | None,
-                           part_guidance: Sequence[float] | None) -> tuple[list[tuple[str, float]], dict]:
-        """The forwards of one sampling step: ("cond", 1) first, then ("target", g) and ("part j", g_j) for each
-        guided condition; and the model's part arguments for all of them stacked ``[kN, E]``."""
-        variants = [("cond", 1.0)] + ([("target", guidance)] if guidance != 1.0 else [])
+                           part_guidance: Sequence[float] | None) -> tuple[list[tuple[str, int, float]], dict]:
+        """The forwards of one sampling step as ``(kind, part index, scale)``: ("cond", -1, 1) first, then
+        ("target", -1, g) and ("part", j, g_j) for each guided condition; and the model's part arguments for
+        all of them stacked ``[kN, E]``."""
+        variants = [("cond", -1, 1.0)] + ([("target", -1, guidance)] if guidance != 1.0 else [])
         if parts is None:
             if part_guidance is not None and any(g != 1.0 for g in part_guidance):
                 raise ValueError("part_guidance needs the parts' values (parts=...)")
@@ -235,13 +236,13 @@ class Diffusion:
         unguidable = [j for j, g in enumerate(scales) if g != 1.0 and not given[:, j].all()]
         if unguidable:   # cond and uncond would be the same forward: the guidance would do nothing
             raise ValueError(f"part_guidance on parts {unguidable} needs their values for every prompt")
-        variants += [(f"part {j}", g) for j, g in enumerate(scales) if g != 1.0]
+        variants += [("part", j, g) for j, g in enumerate(scales) if g != 1.0]
         drops = []
-        for kind, _ in variants:
+        for kind, j, _ in variants:
             drop = ~given  # [N, E] parts not prompted always get their null embedding
-            if kind.startswith("part"):
+            if kind == "part":
                 drop = drop.clone()
-                drop[:, int(kind.split()[1])] = True
+                drop[:, j] = True
             drops.append(drop)
         k = len(variants)
         return variants, dict(parts=parts.repeat(k, 1), drop_parts=torch.cat(drops))

@@ -72,7 +72,8 @@ def samples(gen, task, store, runs, *, per_class: int = 8, copy_db: float = 25.0
     _, last = run_endpoints(store, runs)
     real_params = torch.as_tensor(np.asarray(store.params(last), np.float32))          # [R, P]
     _, train_last = run_endpoints(store, store.train_runs)
-    gen_img = task.images(params).flatten(1)                                            # [K, HW]
+    gen_images = task.images(params)                                                    # [K, H, W]
+    gen_img = gen_images.flatten(1)                                                     # [K, HW]
     real_img = task.images(real_params).flatten(1)                                      # [R, HW]
     train_img = task.images(torch.as_tensor(np.asarray(store.params(train_last), np.float32))).flatten(1)
     mse = torch.cdist(gen_img.double(), train_img.double()) ** 2 / gen_img.shape[1]    # [K, train]
@@ -91,7 +92,7 @@ def samples(gen, task, store, runs, *, per_class: int = 8, copy_db: float = 25.0
         "one_nna": one_nna(gen_img, real_img), "coverage": cov, "mmd": mmd}
     fig = Figure(figsize=(1.1 * per_class, 1.1 * label.classes))
     axes = fig.subplots(label.classes, per_class, squeeze=False)
-    img = task.images(params).numpy()
+    img = gen_images.numpy()
     for k, ax in enumerate(axes.flat):
         ax.imshow(img[k], cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{classes[k]} -> {int(scores[label.name][k])}", fontsize=6)
