@@ -55,6 +55,18 @@ def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.
     p.add_argument("--checkpoints", type=int, default=PopulationConfig.num_checkpoints, help="per run")
     p.add_argument("--batch-size", type=int, default=PopulationConfig.batch_size)
     p.add_argument("--optimizers", default="adam,sgd", help="comma-separated subset of adam,sgd")
+    p.add_argument("--sparsity", default="0", metavar="S[,S...]",
+                   help="compressed runs: comma-separated final sparsities each run draws one of (e.g. 0,0.8,0.9); "
+                        "pruned gradually by weight magnitude after a dense start (default 0: dense runs)")
+    p.add_argument("--bits", default="32", metavar="B[,B...]",
+                   help="compressed runs: comma-separated bit widths each run draws one of (e.g. 32,4,2; 32 = "
+                        "float), trained quantization-aware after the dense start (default 32)")
+    p.add_argument("--compress-start", type=float, default=PopulationConfig.compress_start,
+                   help="fraction of a run's steps trained dense before pruning and quantization start (default "
+                        f"{PopulationConfig.compress_start})")
+    p.add_argument("--compress-end", type=float, default=PopulationConfig.compress_end,
+                   help="fraction of a run's steps at which pruning reaches the run's sparsity (default "
+                        f"{PopulationConfig.compress_end})")
     p.add_argument("--data-dir", default=None, help="data directory of the task (Fashion-MNIST IDX files)")
     p.add_argument("--task-option", type=_task_option, action="append", default=[], metavar="NAME=VALUE",
                    help="a keyword option of the task, repeatable; values are Python literals or plain strings "
@@ -87,15 +99,24 @@ def main(argv=None, prog: str | None = None) -> int:
     except TypeError as e:
         parser.error(f"task {args.task!r} does not take these options ({e})")
     try:
+        sparsity = tuple(float(v) for v in args.sparsity.split(","))
+        bits = tuple(int(v) for v in args.bits.split(","))
+    except ValueError:
+        parser.error(f"--sparsity takes numbers and --bits integers, comma-separated (e.g. --sparsity 0,0.8 "
+                     f"--bits 32,4), got {args.sparsity!r} and {args.bits!r}")
+    try:
         config = PopulationConfig(runs=args.runs, epochs=args.epochs, seed=args.seed, group_size=args.group_size,
                                   num_checkpoints=args.checkpoints, batch_size=args.batch_size,
-                                  optimizers=tuple(o.strip() for o in args.optimizers.split(",")))
+                                  optimizers=tuple(o.strip() for o in args.optimizers.split(",")),
+                                  sparsity=sparsity, bits=bits, compress_start=args.compress_start,
+                                  compress_end=args.compress_end)
     except ValueError as e:
         parser.error(str(e))
+
     try:
         store = build_population(task, args.out, config, device=args.device, shard=args.shard,
                                  progress=not args.no_progress, dtype=args.dtype)
-    except StoreError as e:
+    except (StoreError, ValueError) as e:
         parser.error(str(e))
     if store is None:
         print(f"shard {args.shard[0]}/{args.shard[1]} done; the store is finalized when every shard is built")

@@ -38,6 +38,13 @@ class PopulationConfig:
     momentum: tuple[float, float] = (0.8, 0.95)       # uniform; Adam beta1 / SGD momentum
     optimizers: tuple[OptimizerName, ...] = ("adam", "sgd")
     init_scheme: InitScheme = "default"
+    # compressed runs (issue 19): each run draws a final sparsity and a bit width from these choices; runs
+    # train dense until compress_start (a fraction of their steps), then prune (cubic ramp to compress_end)
+    # and train quantization-aware. (0.0,) and (32,) build dense runs, as before.
+    sparsity: tuple[float, ...] = (0.0,)
+    bits: tuple[int, ...] = (32,)
+    compress_start: float = 0.25
+    compress_end: float = 0.75
 
     def __post_init__(self):
         for name in ("runs", "epochs", "group_size", "batch_size"):
@@ -50,9 +57,27 @@ class PopulationConfig:
             raise ValueError(f"optimizers must be a non-empty subset of ('adam', 'sgd'), got {self.optimizers}")
         if not 0 < self.lr[0] <= self.lr[1]:
             raise ValueError(f"lr range must satisfy 0 < low <= high, got {self.lr}")
+        if not self.sparsity or any(not 0.0 <= s < 1.0 for s in self.sparsity):
+            raise ValueError(f"sparsity choices must lie in [0, 1), got {self.sparsity}")
+        if not self.bits or any(int(b) != b or not 2 <= b <= 32 for b in self.bits):
+            raise ValueError(f"bit-width choices must be integers from 2 to 32 (32: float), got {self.bits}")
+        if not 0.0 <= self.compress_start <= self.compress_end <= 1.0:
+            raise ValueError("need 0 <= compress_start <= compress_end <= 1 (fractions of a run's steps), got "
+                             f"{self.compress_start} and {self.compress_end}")
+
+    @property
+    def compressed(self) -> bool:
+        """Whether runs draw a sparsity or a bit width (otherwise they train dense)."""
+        return tuple(self.sparsity) != (0.0,) or tuple(self.bits) != (32,)
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The config as JSON; the compression fields only for compressed builds, so a dense build's record
+        is what it was before they existed (its store keeps resuming)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.compressed:
+            for k in ("sparsity", "bits", "compress_start", "compress_end"):
+                del out[k]
+        return out
 
 
 __all__ = ["GroupResult", "adam_first", "checkpoint_schedule", "init_optimizer_state", "optimizer_step"]

@@ -55,7 +55,7 @@ def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
     rng = np.random.default_rng(seed)
     optimizer = str(config.optimizers[int(rng.integers(len(config.optimizers)))])
     lr = float(np.exp(rng.uniform(np.log(config.lr[0]), np.log(config.lr[1]))))
-    return {
+    hparams = {
         "run_id": int(run_id), "seed": seed, "optimizer": optimizer,
         "lr": lr * (config.sgd_lr_scale if optimizer == "sgd" else 1.0),
         "weight_decay": float(rng.uniform(*config.weight_decay)),
@@ -63,6 +63,10 @@ def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
         "init_scale": float(rng.uniform(*config.init_scale)),
         "init_scheme": config.init_scheme,
     }
+    if config.compressed:   # drawn after the rest, so a run's other hyperparameters do not depend on it
+        hparams["sparsity"] = float(config.sparsity[int(rng.integers(len(config.sparsity)))])
+        hparams["bits"] = int(config.bits[int(rng.integers(len(config.bits)))])
+    return hparams
 
 
 # ---------------------------------------------------------------- the builder
@@ -89,6 +93,10 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
+    if config.compressed and not {"sparsity", "bits"} <= set(task.metric_names):
+        raise ValueError(f"a compressed build (sparsity {config.sparsity}, bits {config.bits}) needs a task that "
+                         f"trains compressed runs and scores them: task {task.name!r} has no metrics sparsity and "
+                         "bits; for digits_mlp or fashion_mlp add --task-option compression=True")
     device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

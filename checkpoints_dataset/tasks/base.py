@@ -20,11 +20,13 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
+from torch.func import functional_call, vmap
 
-from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..compress import bits_metric, prunable_names, sparsity_metric
+from ..optim import GroupResult, PopulationConfig
 from ..params import LayerShapes, check_params, float_layer_shapes, state_dict_to_vector, vector_to_state_dict
 from ..permute import PermutationSpec, infer_permutation_spec
+from .supervised import cross_entropy, train_supervised
 
 Split = Literal["train", "val", "test"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
@@ -44,11 +46,6 @@ def _reinit(model: nn.Module, scheme: InitScheme, generator: torch.Generator) ->
                 raise ValueError(f"unknown init scheme {scheme!r}; use default, xavier, kaiming or orthogonal")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-sample cross-entropy ``[N]`` of ``logits [N, classes]``; faster than F.cross_entropy under vmap."""
-    return torch.logsumexp(logits, -1) - logits.gather(-1, y[:, None])[:, 0]
 
 
 class Task:
@@ -208,7 +205,8 @@ class ClassificationTask(Task):
     predictions) for the names listed in ``metric_names``.
     """
 
-    metric_names = ("train_loss", "val_loss", "val_error", "test_loss", "test_error")
+    split_metrics = ("train_loss", "val_loss", "val_error", "test_loss", "test_error")
+    compression = False   # True (the built-in MLPs' option compression=True) adds the metrics sparsity and bits
     default_metric = "val_error"
     eval_networks_chunk = 64        # networks scored together
     eval_samples_chunk = 2048       # samples scored together
@@ -216,14 +214,20 @@ class ClassificationTask(Task):
     probe_size = 256                # training inputs of the function-space loss (probe_inputs)
 
     @property
+    def metric_names(self) -> tuple[str, ...]:
+        """``split_metrics``, plus ``sparsity`` and ``bits`` (``compress``) with ``compression``."""
+        return (*self.split_metrics, *(("sparsity", "bits") if self.compression else ()))
+
+    @property
     def lower_is_better(self) -> dict[str, bool]:
-        """Every loss and error is better lower (see ``Task.lower_is_better``)."""
-        return {m: True for m in self.metric_names}
+        """Every loss, error and bit width is better lower, sparsity higher (see ``Task.lower_is_better``)."""
+        return {m: m != "sparsity" for m in self.metric_names}
 
     @property
     def metric_bounds(self) -> dict[str, tuple[float, float]]:
-        """Errors in (0, 1), losses in (0, inf) (see ``Task.metric_bounds``)."""
-        return {m: (0.0, 1.0) if m.endswith("_error") else (0.0, float("inf")) for m in self.metric_names}
+        """Errors and sparsity in (0, 1), losses in (0, inf), bits in (1, 32) (see ``Task.metric_bounds``)."""
+        return {m: (1.0, 32.0) if m == "bits" else (0.0, 1.0) if m.endswith("_error") or m == "sparsity"
+                else (0.0, float("inf")) for m in self.metric_names}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The task's data: ``{"train" | "val" | "test" (| others): (inputs float32, labels int64)}``, the same
@@ -276,7 +280,7 @@ class ClassificationTask(Task):
         """Every metric of a batch of parameter vectors ``[K, P]``, each ``[K]`` (float32, on CPU)."""
         params = check_params(params, self.num_params)
         device = torch.device(device) if device is not None else params.device
-        splits = sorted({m.rsplit("_", 1)[0] for m in self.metric_names})
+        splits = sorted({m.rsplit("_", 1)[0] for m in self.metric_names if m not in ("sparsity", "bits")})
         score = self._score_fn()
         sums = {s: [] for s in splits}
         for k0 in range(0, params.shape[0], self.eval_networks_chunk):
@@ -298,6 +302,10 @@ class ClassificationTask(Task):
         for s in splits:
             out[f"{s}_loss"] = torch.cat([a for a, _ in sums[s]]).float().cpu()   # [K]
             out[f"{s}_error"] = torch.cat([b for _, b in sums[s]]).float().cpu()
+        if "sparsity" in self.metric_names or "bits" in self.metric_names:   # from the parameters alone
+            names = prunable_names(self._eval_model)
+            out["sparsity"] = sparsity_metric(params, self.layer_shapes, names)
+            out["bits"] = bits_metric(params, self.layer_shapes, names)
         return {m: out[m] for m in self.metric_names}
 
     # ------------------------------------------------------------ training
@@ -309,92 +317,7 @@ class ClassificationTask(Task):
         Run i: init ``init_params(1, Generator(seed_i), scheme) * init_scale_i`` on trainable entries;
         each epoch a permutation of ``split("train")`` from the same generator, cut into
         ``n // batch_size`` full batches; mean cross-entropy; ``optimizer_step`` (AdamW or SGD-momentum
-        per run, with the run's lr, weight decay and momentum).
+        per run, with the run's lr, weight decay and momentum). Runs with a ``sparsity`` or ``bits`` are
+        pruned and trained quantization-aware after a dense start (``supervised.train_supervised``).
         """
-        device = torch.device(device)
-        order = adam_first(torch.tensor([h["optimizer"] == "adam" for h in hparams]))  # trained in this order
-        hparams = [hparams[i] for i in order]
-        x_train, y_train = (t.to(device) for t in self.split("train"))
-        batch = min(config.batch_size, len(y_train))
-        steps_per_epoch = len(y_train) // batch
-        total = steps_per_epoch * config.epochs
-        schedule = checkpoint_schedule(total, config.num_checkpoints)
-
-        gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
-        init = torch.cat([self.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
-        model = copy.deepcopy(self._eval_model).train()
-        replace_all_batch_norm_modules_(model)              # batch statistics only, no in-place buffers
-        trainable = LayerShapes({k: v.shape for k, v in model.named_parameters()})  # no float buffers
-        init_t = self.layer_shapes.split(init.to(device))                    # name -> [R, *shape]
-        hp = {k: torch.tensor([float(h[k]) for h in hparams], device=device)
-              for k in ("lr", "weight_decay", "momentum", "init_scale")}     # name -> [R]
-        is_adam = torch.tensor([h["optimizer"] == "adam" for h in hparams], device=device)
-        flat = trainable.join(init_t) * hp["init_scale"][:, None]          # [R, P'] trainable only
-        fixed = {k: v for k, v in init_t.items() if k not in trainable}    # float buffers (BN stats)
-
-        def loss_fn(p, x, y):
-            return cross_entropy(functional_call(model, p, (x,)), y).mean()
-
-        grad_fn = vmap(grad(loss_fn))                                        # per run: own params, own batch
-        bn_names = [n for n, m in self._eval_model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        bn_x = x_train[:self.bn_stats_size]
-
-        def bn_stats(p, x):
-            stats, handles = {}, []
-
-            def hook(name):
-                def f(_, inp):
-                    a = inp[0]
-                    dims = [0, *range(2, a.dim())]                           # all but channels
-                    stats[f"{name}.running_mean"] = a.mean(dims)
-                    stats[f"{name}.running_var"] = a.var(dims, unbiased=True)
-                return f
-
-            handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in bn_names]
-            try:
-                functional_call(model, p, (x,))
-            finally:
-                for h in handles:
-                    h.remove()
-            return stats
-
-        def snapshot(flat) -> Tensor:
-            p = trainable.split(flat)
-            tensors = dict(fixed)
-            if bn_names:
-                with torch.no_grad():
-                    tensors.update(vmap(bn_stats, in_dims=(0, None))(p, bn_x))
-            return self.layer_shapes.join({**tensors, **p}).float()          # [R, P]
-
-        state = init_optimizer_state(flat)
-        vectors, metrics = [], []
-        step, next_ck = 0, 0
-        perms = None
-        while True:
-            if step == schedule[next_ck]:
-                vec = snapshot(flat)                                         # [R, P]
-                vectors.append(vec.cpu())
-                metrics.append(self.evaluate(vec, device=device))
-                next_ck += 1
-                if next_ck == len(schedule):
-                    break
-            if step % steps_per_epoch == 0:
-                perms = torch.stack([torch.randperm(len(y_train), generator=g) for g in gens]).to(device)  # [R, n]
-                if progress is not None and step:
-                    progress(steps_per_epoch / total)
-            s = step % steps_per_epoch
-            idx = perms[:, s * batch:(s + 1) * batch].reshape(-1)            # [R*B]
-            xb = x_train.index_select(0, idx).view(len(hparams), batch, *x_train.shape[1:])  # [R, B, ...]
-            yb = y_train.index_select(0, idx).view(len(hparams), batch)     # [R, B]
-            grads = grad_fn(trainable.split(flat), xb, yb)                   # name -> [R, *shape]
-            flat = optimizer_step(flat, trainable.join(grads), state, is_adam,
-                                  hp["lr"], hp["weight_decay"], hp["momentum"])   # [R, P']
-            step += 1
-        if progress is not None:
-            progress(steps_per_epoch / total)
-        back = torch.argsort(order)                                          # the caller's run order
-        return GroupResult(
-            params=torch.stack(vectors, dim=1)[back],                        # [R, C, P]
-            steps=torch.tensor(schedule, dtype=torch.int64),                 # [C]
-            epochs=torch.tensor(schedule, dtype=torch.float64) / steps_per_epoch,
-            metrics={m: torch.stack([c[m] for c in metrics], dim=1)[back] for m in self.metric_names})  # [R, C]
+        return train_supervised(self, hparams, config, device, progress)

@@ -17,21 +17,22 @@ from .base import ClassificationTask
 
 class DigitsMLP(ClassificationTask):
     """``hidden``: the width of the hidden layer, or a list of widths for several (``hidden=[32, 32]``: the MLP
-    64-32-32-10)."""
+    64-32-32-10). ``compression=True`` adds the metrics ``sparsity`` and ``bits`` (for compressed builds)."""
 
     name = "digits_mlp"
 
-    def __init__(self, hidden: int | Sequence[int] = 32, split_seed: int = 0):
+    def __init__(self, hidden: int | Sequence[int] = 32, split_seed: int = 0, compression: bool = False):
         widths = [hidden] if isinstance(hidden, (int, np.integer)) else list(hidden)
         if not widths or any(int(w) < 1 for w in widths):
             raise ValueError(f"hidden must be a width >= 1 or a non-empty list of them, got {hidden!r}")
         self.hidden = int(widths[0]) if len(widths) == 1 else [int(w) for w in widths]
         self.split_seed = int(split_seed)
+        self.compression = bool(compression)
 
     def build_options(self) -> dict:
         """The options that change what a build produces, when they differ from the defaults."""
-        return {k: v for k, v in (("hidden", self.hidden), ("split_seed", self.split_seed))
-                if v != {"hidden": 32, "split_seed": 0}[k]}
+        defaults = {"hidden": 32, "split_seed": 0, "compression": False}
+        return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
 
     def build_model(self) -> nn.Module:
         widths = [64, *([self.hidden] if isinstance(self.hidden, int) else self.hidden)]

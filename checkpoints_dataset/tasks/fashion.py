@@ -134,7 +134,8 @@ class FashionTask(ClassificationTask):
     eval_samples_chunk = 1000
 
     def __init__(self, arch: Literal["mlp", "cnn", "cnn_bn"] = "mlp", data_dir: str | Path | None = None,
-                 eval_size: int | None = 2000, val_size: int = 5000, split_seed: int = 0, hidden: int = 32):
+                 eval_size: int | None = 2000, val_size: int = 5000, split_seed: int = 0, hidden: int = 32,
+                 compression: bool = False):
         if arch not in ("mlp", "cnn", "cnn_bn"):
             raise ValueError(f"unknown Fashion-MNIST architecture {arch!r}; use mlp, cnn or cnn_bn")
         if not isinstance(hidden, (int, np.integer)) or hidden < 1 or (arch != "mlp" and hidden != 32):
@@ -145,6 +146,7 @@ class FashionTask(ClassificationTask):
         self.arch, self.name = arch, f"fashion_{arch}"
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.eval_size, self.val_size, self.split_seed, self.hidden = eval_size, val_size, split_seed, int(hidden)
+        self.compression = bool(compression)   # the metrics sparsity and bits
         if not all((self.data_dir / f).exists() for f in FILES.values()):  # fail early, before any work
             raise FileNotFoundError(missing_files_message(self.data_dir))
 
@@ -152,7 +154,7 @@ class FashionTask(ClassificationTask):
         """The options that change the networks or their metrics, when they differ from the defaults (a store
         records them, so ``train``, ``prompt`` and ``evaluate`` rebuild its network: ``hidden=1280`` stays
         784-1280-10). ``data_dir`` is where the files are, not what they hold, so it is not recorded."""
-        defaults = {"hidden": 32, "eval_size": 2000, "val_size": 5000, "split_seed": 0}
+        defaults = {"hidden": 32, "eval_size": 2000, "val_size": 5000, "split_seed": 0, "compression": False}
         return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
 
     def build_model(self) -> nn.Module:

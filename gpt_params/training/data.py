@@ -77,6 +77,9 @@ class ParameterDataModule(pl.LightningDataModule):
             runs are the same for any grouping).
         build_optimizers: the optimizers runs draw from when building (a subset of adam, sgd).
         build_lr: the (low, high) learning-rate range runs draw from, log-uniformly (Adam's scale).
+        build_sparsity: final sparsities runs draw from when building (compressed runs, with the task option
+            ``compression: true``; ``[0.0]``: dense).
+        build_bits: bit widths runs draw from when building (``[32]``: float).
         build_seed: seed of the build.
         build_device: device of the build ("cpu" or "cuda").
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
@@ -111,6 +114,8 @@ class ParameterDataModule(pl.LightningDataModule):
         build_group_size: int = PopulationConfig.group_size,
         build_optimizers: tuple[str, ...] = PopulationConfig.optimizers,
         build_lr: tuple[float, float] = PopulationConfig.lr,
+        build_sparsity: tuple[float, ...] = PopulationConfig.sparsity,
+        build_bits: tuple[int, ...] = PopulationConfig.bits,
         build_seed: int = 0,
         build_device: str = "cpu",
         data_dir: Optional[str] = None,
@@ -171,7 +176,9 @@ class ParameterDataModule(pl.LightningDataModule):
                       build_epochs: int = 20, build_checkpoints: int = 32, build_dtype: str = "float32",
                       build_group_size: int = PopulationConfig.group_size,
                       build_optimizers: tuple[str, ...] = PopulationConfig.optimizers,
-                      build_lr: tuple[float, float] = PopulationConfig.lr, build_seed: int = 0, build_device: str = "cpu",
+                      build_lr: tuple[float, float] = PopulationConfig.lr,
+                      build_sparsity: tuple[float, ...] = PopulationConfig.sparsity,
+                      build_bits: tuple[int, ...] = PopulationConfig.bits, build_seed: int = 0, build_device: str = "cpu",
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -187,7 +194,8 @@ class ParameterDataModule(pl.LightningDataModule):
             ref = TaskRef(task, _task_kwargs(task_options, data_dir, None))
         config = PopulationConfig(runs=build_runs, epochs=build_epochs, num_checkpoints=build_checkpoints,
                                   group_size=build_group_size, optimizers=tuple(build_optimizers),
-                                  lr=(float(build_lr[0]), float(build_lr[1])), seed=build_seed)
+                                  lr=(float(build_lr[0]), float(build_lr[1])), seed=build_seed,
+                                  sparsity=tuple(float(v) for v in build_sparsity), bits=tuple(int(v) for v in build_bits))
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
                             option="--data.task", dtype=build_dtype)
 
