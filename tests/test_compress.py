@@ -1,6 +1,8 @@
 """Compressed runs (issue 19): masks, quantization, metrics, and the pruning / QAT trainer against plain torch."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,70 @@ def test_compressed_store_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):   # a task without the metrics is refused with the fix named
         main(["--task", "digits_mlp", "--runs", "2", "--sparsity", "0.5", "--out", str(tmp_path / "x")])
     assert "compression=True" in capsys.readouterr().err
+
+
+def test_projection_is_exact_and_reports_its_distance(digits):
+    from gpt_params.core.compression import project
+    names = prunable_names(digits.build_model())
+    x = digits.init_params(4, torch.Generator().manual_seed(0))
+    pr = project(x, digits.layer_shapes, names, sparsity=torch.tensor([0.9, 0.8, 0.5, 0.0]), bits=torch.tensor([4, 3, 2, 32]))
+    for k in names:   # exactly round((1 - s) n) nonzeros per layer, even where 2-bit rounding would zero a weight
+        w = digits.layer_shapes.split(pr.params)[k].reshape(4, -1)
+        assert (w != 0).sum(1).tolist() == [round((1 - s) * w.shape[1]) for s in (0.9, 0.8, 0.5, 0.0)]
+    assert bits_metric(pr.params, digits.layer_shapes, names).tolist() == [4, 3, 2, 32]
+    assert pr.distance[3] == 0 and (pr.distance[:3] > 0).all() and (pr.pruned_mass[:3] > 0).all()
+    again = project(pr.params, digits.layer_shapes, names, sparsity=torch.tensor([0.9, 0.8, 0.5, 0.0]),
+                    bits=torch.tensor([4, 3, 2, 32]))
+    assert torch.equal(again.params, pr.params) and (again.distance == 0).all()   # already on the constraint
+    with pytest.raises(ValueError, match="sparsity must lie"):
+        project(x, digits.layer_shapes, names, sparsity=1.0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 32])
+def test_packed_format_round_trips(digits, bits):
+    from gpt_params.core.compression import pack, project, unpack
+    names = prunable_names(digits.build_model())
+    x = project(digits.init_params(1, torch.Generator().manual_seed(1)), digits.layer_shapes, names, 0.9,
+                None if bits == 32 else bits).params[0]
+    sd = digits.to_state_dict(x)
+    tensors, meta = pack(sd, names, bits)
+    back = unpack(tensors, meta)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    dense_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+    packed_bytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    assert packed_bytes < dense_bytes / (8 if bits <= 4 else 4 if bits <= 8 else 1.5)
+    if bits < 32:
+        with pytest.raises(ValueError, match="project"):   # weights off the grid are refused, not silently rounded
+            pack(digits.to_state_dict(digits.init_params(1)[0]), names, bits)
+
+
+def test_compressed_store_trains_and_prompts_exact_packed_networks(tmp_path, capsys):
+    """`gpt-params train` builds a compressed store and conditions on sparsity and bits; `prompt --sparsity
+    --bits --format packed` writes exactly compressed networks that load (strict) after unpacking."""
+    from gpt_params.cli import main as gpt_main
+    from gpt_params.core.compression import read_network
+    from tests.conftest import train_args
+
+    store, root, out = tmp_path / "store", tmp_path / "run", tmp_path / "gen"
+    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "16",
+             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.0, 0.8]",
+             "--data.build_bits", "[32, 4]", "--data.val_runs", "2", "--data.parts", "[sparsity, bits]"]
+    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
+    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert gpt_main(["prompt", "--ckpt", str(ckpt), "--target", "0.2", "--num", "3", "--sparsity", "0.8", "--bits", "4",
+                     "--format", "packed", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["sparsity"] == 0.8 and results["bits"] == 4 and results["format"] == "packed"
+    task = get_task("digits_mlp", compression=True)
+    for rec in results["records"]:
+        assert rec["achieved"]["sparsity"] == pytest.approx(0.8, abs=0.001) and rec["achieved"]["bits"] == 4
+        assert rec["projection"]["distance"] > 0 and rec["bytes"] == (out / rec["file"]).stat().st_size
+        model = task.build_model()
+        model.load_state_dict(read_network(out / rec["file"]), strict=True)
+    dense = tmp_path / "dense"
+    assert gpt_main(["prompt", "--ckpt", str(ckpt), "--target", "0.2", "--num", "3", "--sparsity", "0.8", "--bits",
+                     "4", "--out", str(dense)]) == 0
+    dense_rec = json.loads((dense / "results.json").read_text())["records"]
+    for a, b in zip(results["records"], dense_rec):   # the same networks, smaller files
+        assert a["achieved"] == b["achieved"] and a["bytes"] < b["bytes"]
+        assert all(torch.equal(read_network(out / a["file"])[k], v) for k, v in read_network(dense / b["file"]).items())

@@ -10,10 +10,12 @@ from typing import Optional
 
 import torch
 
+from checkpoints_dataset.compress import prunable_names
 from checkpoints_dataset.fileio import write_json_atomic
 from checkpoints_dataset.params import state_dict_to_vector
 from gpt_params.cli.common import (UsageError, add_part_options, add_sampling_options, add_task_options,
                                    check_sampling, parse_parts, prepare_out)
+from gpt_params.core.compression import pack, project
 from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
 
 
@@ -33,6 +35,17 @@ def parser() -> argparse.ArgumentParser:
                         "default: random for generators trained with a start, none for start-free ones "
                         "(which refuse any other)")
     add_part_options(p)
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="make the networks exactly this sparse: per layer the largest-magnitude Linear/Conv weights "
+                        "are kept, the rest set to zero (also the generator's sparsity part, if it has one)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="round every row of the Linear/Conv weights to a symmetric grid of this many bits, 2-8 "
+                        "(also the generator's bits part, if it has one); results.json reports how far each "
+                        "network was from the constraint before")
+    p.add_argument("--format", choices=["dense", "packed"], default="dense",
+                   help="dense: state_dicts that load with strict=True (the default); packed: int8 / two int4 per "
+                        "byte, float16 row scales and bit-packed masks (gpt_params.core.compression.read_network "
+                        "unpacks them; gpt-params prompt --start takes them)")
     add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
@@ -55,6 +68,7 @@ def main(argv: list[str]) -> int:
     task = gen.make_task(args.task, data_dir=args.data_dir, evaluator=args.evaluator)
     start_arg, target_values = _check_mode_arguments(gen, args)
     parts = parse_parts(args.parts, "--label", gen.parts)
+    constraint = _constraint(args, gen, parts)
     part_guidance = parse_parts(args.part_guidance, "--part-guidance", gen.parts)
     out = Path(args.out)
     prepare_out(out, args.overwrite)
@@ -69,6 +83,10 @@ def main(argv: list[str]) -> int:
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
     params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
                           generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]
+    projection = None
+    if constraint["sparsity"] is not None or constraint["bits"] is not None:
+        projection = project(params, gen.layer_shapes, _prunable(gen, task), constraint["sparsity"], constraint["bits"])
+        params = projection.params                                                     # [n, P] exactly compressed
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
     if achieved is None:
         print("note: no task given, so the generated networks are not evaluated "
@@ -77,10 +95,16 @@ def main(argv: list[str]) -> int:
     if args.overwrite:
         remove_previous_results(out)
     records = _write_networks(out, gen, task, params, [target_values[i // args.num] for i in range(n)], args.num,
-                              achieved)
+                              achieved, packed=(_prunable(gen, task), constraint["bits"] or 32)
+                              if args.format == "packed" else None)
+    for i, rec in enumerate(records):
+        rec["bytes"] = (out / rec["file"]).stat().st_size
+        if projection is not None:   # how far the generator's own output was from the constraint
+            rec["projection"] = {"distance": float(projection.distance[i]),
+                                 "pruned_mass": float(projection.pruned_mass[i])}
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
                                              "steps": steps, "parts": parts, "part_guidance": part_guidance,
-                                             "records": records})
+                                             "format": args.format, **constraint, "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0
@@ -133,9 +157,33 @@ def _start(gen: Generator, task, start_arg: str, n: int, g: torch.Generator):
     return start, torch.full((n,), gen.init_metric)
 
 
+def _constraint(args, gen: Generator, parts: dict) -> dict:
+    """--sparsity / --bits, checked; they also prompt the generator's own sparsity and bits parts (unless
+    --part gives them)."""
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise UsageError(f"--sparsity must lie in [0, 1) (the fraction of Linear/Conv weights set to zero), got "
+                         f"{args.sparsity}")
+    if args.bits is not None and not 2 <= args.bits <= 8:
+        raise UsageError(f"--bits must be 2 to 8 (leave it out for float weights), got {args.bits}")
+    known = {q.name for q in gen.parts}
+    for name in ("sparsity", "bits"):
+        value = getattr(args, name)
+        if value is not None and name in known and name not in parts:
+            parts[name] = float(value)
+    return {"sparsity": args.sparsity, "bits": args.bits}
+
+
+def _prunable(gen: Generator, task) -> list[str]:
+    """The Linear/Conv weights of the task's network (without a task: every entry of two or more dims)."""
+    if task is not None:
+        return [k for k in prunable_names(task.build_model()) if k in gen.layer_shapes]
+    return [k for k, shape in gen.layer_shapes.items() if len(shape) >= 2]
+
+
 def _write_networks(out: Path, gen: Generator, task, params: torch.Tensor, targets: list[Optional[float]],
-                    num: int, achieved: Optional[dict]) -> list[dict]:
-    """Each network [P] as a safetensors state_dict (atomically) -> the records of results.json."""
+                    num: int, achieved: Optional[dict], packed: Optional[tuple[list[str], int]] = None) -> list[dict]:
+    """Each network [P] as a safetensors state_dict (atomically; ``packed``: (prunable names, bits) for the
+    packed format) -> the records of results.json."""
     records = []
     for i, target in enumerate(targets):
         name = (f"target{i // num:02d}_{i % num:03d}.safetensors" if target is not None
@@ -144,7 +192,11 @@ def _write_networks(out: Path, gen: Generator, task, params: torch.Tensor, targe
             sd = task.to_state_dict(params[i])
         else:
             sd = {k: v[0] for k, v in gen.layer_shapes.split(params[i:i + 1]).items()}
-        save_state_dict(out / name, sd, {"target": target, "metric": gen.metric})
+        meta = {"target": target, "metric": gen.metric}
+        if packed is not None:
+            sd, packed_meta = pack(sd, *packed)
+            meta.update(packed_meta)
+        save_state_dict(out / name, sd, meta)
         rec = {"target": None if target is None else float(target), "file": name}
         if achieved is not None:
             rec["achieved"] = {k: float(v[i]) for k, v in achieved.items()}

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
@@ -25,6 +24,7 @@ from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.params import LayerShapes
 from checkpoints_dataset.tasks import Task, TaskRef
 from gpt_params.core.autoencoder import ParameterAutoencoder
+from gpt_params.core.compression import read_network
 from gpt_params.core.conditions import Conditions
 from gpt_params.core.config import GeneratorConfig
 from gpt_params.core.diffusion import Diffusion, sample
@@ -340,7 +340,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: start parameters must be a .safetensors state_dict (pickles are not "
                          "loaded); save one with safetensors.torch.save_file(model.state_dict(), path)")
     try:
-        return load_file(str(path))
+        return read_network(path)   # a packed file (prompt --format packed) comes back dense
     except FileNotFoundError:
         raise
     except Exception as err:   # safetensors raises its own error type for a damaged file
