@@ -232,3 +232,31 @@ def test_compressed_store_trains_and_prompts_exact_packed_networks(tmp_path, cap
     for a, b in zip(results["records"], dense_rec):   # the same networks, smaller files
         assert a["achieved"] == b["achieved"] and a["bytes"] < b["bytes"]
         assert all(torch.equal(read_network(out / a["file"])[k], v) for k, v in read_network(dense / b["file"]).items())
+
+
+def test_evaluate_compression_section_compares_every_method(tmp_path):
+    """The evaluation's compression section on a tiny compressed generator: every method is scored from the
+    same inits, the generated networks are exactly on the constraint, and the report and figure are written."""
+    from gpt_params.cli import main as gpt_main
+    from tests.conftest import train_args
+
+    store, root = tmp_path / "store", tmp_path / "run"
+    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "16",
+             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.0, 0.8]",
+             "--data.build_bits", "[32, 4]", "--data.val_runs", "2", "--data.parts", "[sparsity, bits]"]
+    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
+    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    out = tmp_path / "eval"
+    assert gpt_main(["evaluate", "--ckpt", str(ckpt), "--out", str(out), "--sections", "compression", "--runs", "4",
+                     "--options", '{"compression": {"num_inits": 3, "finetune_steps": 20, "ticket_rounds": 2, '
+                     '"epochs": 1, "targets": [[0.8, 4], [0.0, 2]]}}']) == 0
+    report = json.loads((out / "report.json").read_text())["compression"]
+    assert set(report["rows"]) == {"sparsity0.8_bits4", "sparsity0_bits2"}
+    row = report["rows"]["sparsity0.8_bits4"]
+    assert row["generated"]["sparsity"]["min"] == pytest.approx(0.8, abs=0.001) and row["generated"]["bits"]["max"] == 4
+    for method in (row["dense_then_compressed"]["one_shot"], row["dense_then_compressed"]["finetuned"],
+                   row["lottery_tickets"], row["random_masks"]):
+        assert method["sparsity"]["min"] >= 0.8 - 0.002 and method["bits"]["max"] <= 4
+        assert 0 <= method["test_error"]["median"] <= 1
+    assert row["lottery_tickets"]["trainings"] == 3 and row["sparse_from_start"]["adam"]["sparsity"]["min"] >= 0.798
+    assert (out / "compression.png").exists()

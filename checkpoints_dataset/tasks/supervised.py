@@ -40,8 +40,13 @@ def compressed_schedule(total: int, num_checkpoints: int, start: int) -> list[in
 
 
 def train_supervised(task, hparams: list[dict], config: PopulationConfig, device: torch.device,
-                     progress: Callable[[float], None] | None = None) -> GroupResult:
-    """Train the runs of ``hparams`` on ``task.split("train")`` (see ``ClassificationTask.train_population``)."""
+                     progress: Callable[[float], None] | None = None, *, init: Tensor | None = None,
+                     masks: dict[str, Tensor] | None = None) -> GroupResult:
+    """Train the runs of ``hparams`` on ``task.split("train")`` (see ``ClassificationTask.train_population``).
+
+    For baselines and fine-tuning (the evaluation's compression section): ``init [R, P]`` replaces the runs'
+    own inits (``init_scale`` still applies), and ``masks`` (prunable weight name -> bool ``[R, *shape]``)
+    fixes every run's mask from the first step on instead of pruning gradually."""
     device = torch.device(device)
     order = adam_first(torch.tensor([h["optimizer"] == "adam" for h in hparams]))  # trained in this order
     hparams = [hparams[i] for i in order]
@@ -56,7 +61,8 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
                 else checkpoint_schedule(total, config.num_checkpoints))
 
     gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
-    init = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+    drawn = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+    init = drawn if init is None else init.float().cpu()[order]           # the generators advance either way
     model = copy.deepcopy(task._eval_model).train()
     replace_all_batch_norm_modules_(model)              # batch statistics only, no in-place buffers
     trainable = LayerShapes({k: v.shape for k, v in model.named_parameters()})  # no float buffers
@@ -70,14 +76,20 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
     sparsity = torch.tensor([float(h.get("sparsity", 0.0)) for h in hparams], device=device)  # [R] final
     bits = torch.tensor([float(h.get("bits", FLOAT_BITS)) for h in hparams], device=device)    # [R]
     prunable = [n for n in prunable_names(model) if n in trainable]
-    masks = {n: torch.ones(R, *trainable[n], dtype=torch.bool, device=device) for n in prunable}
+    fixed_masks = masks is not None
+    masks = ({n: masks[n].to(device=device, dtype=torch.bool)[order.to(device)] for n in prunable} if fixed_masks
+             else {n: torch.ones(R, *trainable[n], dtype=torch.bool, device=device) for n in prunable})
     redraw = max(1, round((end - start) / MASK_UPDATES))
 
     def compressed(p: dict, b: Tensor) -> dict:
         """One run's tensors as its forward sees them: prunable weights fake-quantized to ``b`` bits."""
         return {k: fake_quantize(v, b) if k in masks else v for k, v in p.items()}
 
-    compress = bool((sparsity > 0).any() or (bits < FLOAT_BITS).any())
+    compress = bool(fixed_masks or (sparsity > 0).any() or (bits < FLOAT_BITS).any())
+    if fixed_masks:
+        views = trainable.split(flat)
+        for n in prunable:
+            views[n].mul_(masks[n])                                      # masked from the first step
 
     def loss_fn(p, x, y, b):   # dense groups skip the quantizer (it would be the identity)
         return cross_entropy(functional_call(model, compressed(p, b) if compress else p, (x,)), y).mean()
@@ -143,7 +155,7 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
         step += 1
         if compress and step >= start:
             views = trainable.split(flat)                                # name -> [R, *shape] views of flat
-            if step == end or (step < end and (step - start) % redraw == 0):
+            if not fixed_masks and (step == end or (step < end and (step - start) % redraw == 0)):
                 target = gmp_sparsity(step, start, end, sparsity)  # [R]
                 for n in prunable:   # masks only shrink: a pruned entry never comes back
                     masks[n] &= magnitude_mask(views[n] * masks[n], target)

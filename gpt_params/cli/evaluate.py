@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from checkpoints_dataset.store import open_store
@@ -9,6 +10,7 @@ from checkpoints_dataset.tasks import TaskRef
 from gpt_params.cli.common import UsageError, add_sampling_options, add_task_options, check_sampling, prepare_out
 from gpt_params.core.generator import Generator
 from gpt_params.evaluation import compare_modes, evaluate_all
+from gpt_params.evaluation.suite import SECTIONS, check_sections
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +30,12 @@ def parser() -> argparse.ArgumentParser:
                         "validation runs the generator's training set aside (choose settings on them); "
                         "report.json lists the run ids used")
     p.add_argument("--store", default=None, help="checkpoint store (default: the checkpoint's)")
+    p.add_argument("--sections", default=None, metavar="NAME[,NAME...]",
+                   help=f"only these sections, comma-separated (default: all of {', '.join(SECTIONS)}; those that do "
+                        "not apply to the task skip themselves with a note)")
+    p.add_argument("--options", default=None, metavar="JSON",
+                   help="keyword arguments of single sections as JSON, e.g. '{\"one_step\": {\"max_steps\": 500}}' "
+                        "or '{\"compression\": {\"targets\": [[0.9, 4]]}}'")
     add_sampling_options(p)
     p.add_argument("--tensorboard", default=None, help="also log the figures to this TensorBoard log dir")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
@@ -69,6 +77,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("give either --ckpt CKPT (one generator) or --compare NAME=CKPT ... (several)")
     if args.compare is not None:
         return _compare(args)
+    sections, options = _sections(args)
     gen = Generator.load(args.ckpt, device=args.device)
     store, task = store_and_task(gen, args)
     out = Path(args.out)
@@ -78,13 +87,31 @@ def main(argv: list[str]) -> int:
         from torch.utils.tensorboard import SummaryWriter   # optional: only with --tensorboard
         writer = SummaryWriter(args.tensorboard)
     report = evaluate_all(gen, out, task=task, store=store, runs=_runs(gen, args), sampler=args.sampler,
-                          steps=args.steps, guidance=args.guidance, device=args.device, tb_logger=writer)
+                          steps=args.steps, guidance=args.guidance, device=args.device, tb_logger=writer,
+                          sections=sections, options=options)
     if writer is not None:
         writer.close()
     for line in report.get("summary", []):
         print(line)
     print(f"\nReport: {out / 'report.json'}")
     return 0
+
+
+def _sections(args) -> tuple[tuple[str, ...], dict]:
+    """--sections and --options, checked."""
+    sections = SECTIONS if args.sections is None else tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    try:
+        options = {} if args.options is None else json.loads(args.options)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--options must be a JSON object of section -> keyword arguments ({err})") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise UsageError("--options must be a JSON object of section -> keyword arguments, e.g. "
+                         "'{\"one_step\": {\"max_steps\": 500}}'")
+    try:
+        check_sections([*sections, *options])
+    except ValueError as err:
+        raise UsageError(f"--sections/--options: {err}") from None
+    return sections, options
 
 
 def _runs(gen: Generator, args) -> int | list[int]:

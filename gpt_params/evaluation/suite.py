@@ -9,6 +9,8 @@ Figure)``:
 4.-6. ``novelty``, ``diversity``, ``landscape`` — weight space, after weight matching.
 7. ``samples`` — per class of a label condition part, on field tasks: label accuracy, copies, sharpness,
    1-NNA, coverage, MMD (skipped for other tasks and generators).
+8. ``compression`` — sparse and quantized networks from the same inits: generated, compressed afterwards,
+   sparse from the start, lottery tickets, random masks (tasks with the metrics sparsity and bits only).
 
 ``run_sections`` is the section loop (the same held-out runs, common settings and notes for every
 section); ``evaluate_all`` runs it and writes ``report.json`` plus one PNG per section, and
@@ -35,6 +37,7 @@ from checkpoints_dataset.fileio import is_terminal, remove_stale_temps, savefig_
 from checkpoints_dataset.store import open_store
 from gpt_params.evaluation.alignment import prompt_alignment
 from gpt_params.evaluation.common import held_out_runs, to_json
+from gpt_params.evaluation.compression import compression
 from gpt_params.evaluation.diversity import diversity
 from gpt_params.evaluation.landscape import landscape
 from gpt_params.evaluation.novelty import novelty
@@ -42,15 +45,16 @@ from gpt_params.evaluation.one_step import one_step
 from gpt_params.evaluation.recursive import recursive
 from gpt_params.evaluation.samples import samples
 
-Section = Literal["prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape", "samples"]
+Section = Literal["prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape", "samples",
+                  "compression"]
 SECTIONS: tuple[Section, ...] = ("prompt_alignment", "one_step", "recursive", "novelty", "diversity", "landscape",
-                                 "samples")
+                                 "samples", "compression")
 
 # section name -> its function; the ones that take the held-out runs get them as their 4th argument
 SECTION_FUNCTIONS: dict[Section, Callable[..., tuple[dict, Figure]]] = {
     "prompt_alignment": prompt_alignment, "one_step": one_step, "recursive": recursive, "novelty": novelty,
-    "diversity": diversity, "landscape": landscape, "samples": samples}
-TAKES_RUNS = ("prompt_alignment", "novelty", "diversity", "landscape", "samples")
+    "diversity": diversity, "landscape": landscape, "samples": samples, "compression": compression}
+TAKES_RUNS = ("prompt_alignment", "novelty", "diversity", "landscape", "samples", "compression")
 
 
 def check_sections(names) -> None:
@@ -150,6 +154,14 @@ def summary_lines(report: dict) -> list[str]:
                      f"{100 * smp['label_accuracy']:.0f}%, copies {100 * smp['copy_fraction']:.0f}%, sharpness "
                      f"{fmt(smp['sharpness_ratio'])}x real, 1-NNA {fmt(smp['one_nna'])}, coverage "
                      f"{fmt(smp['coverage'])}, MMD {fmt(smp['mmd'])}")
+    for key, row in report.get("compression", {}).get("rows", {}).items():
+        med = lambda d: fmt(d[report["compression"]["metric"]]["median"])
+        gen_ = row.get("generated")
+        lines.append(f"Compression {key} ({report['compression']['metric']} median): generated "
+                     f"{med(gen_) if gen_ else 'n/a'}, dense then compressed {med(row['dense_then_compressed']['one_shot'])}"
+                     f" ({med(row['dense_then_compressed']['finetuned'])} fine-tuned), sparse from the start "
+                     f"{med(row['sparse_from_start']['adam'])}, tickets {med(row['lottery_tickets'])}, random masks "
+                     f"{med(row['random_masks'])}")
     return lines + [f"Note: {n}" for n in report.get("notes", [])]
 
 
