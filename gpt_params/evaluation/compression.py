@@ -3,11 +3,13 @@
 For each requested (sparsity, bits), from the same held-out default inits, the test error of:
 - ``generated``: the generator prompted with the sparsity and bits parts, projected exactly onto them (the
   error before the projection and the distance it moved are reported: a generator that learned the
-  constraint barely moves);
+  constraint barely moves), and G.pt's prompt alignment R^2 at that constraint (``alignment_prompts`` prompts
+  from the best of the store's runs at it to each init's metric);
 - ``dense_then_compressed``: the same generator prompted dense (sparsity 0, 32 bits), then pruned and
   quantized afterwards, and after a short masked, quantization-aware fine-tune (``finetune_steps`` of Adam);
 - ``sparse_from_start``: the store's own test runs built with that sparsity and bit width (gradual pruning
   and QAT), and the Adam steps that training needs from the same inits to match the generated networks;
+- ``ticket_mode``: only the generated network's mask, applied to the init and trained once;
 - ``lottery_tickets``: iterative magnitude pruning over ``ticket_rounds`` trainings, rewound to the init, then
   a final training (cost: ``ticket_rounds + 1`` trainings);
 - ``random_masks``: a random mask of the same sparsity, trained.
@@ -28,6 +30,7 @@ from checkpoints_dataset.compress import FLOAT_BITS, magnitude_mask, prunable_na
 from checkpoints_dataset.optim import PopulationConfig
 from checkpoints_dataset.tasks.supervised import train_supervised
 from gpt_params.core.compression import project
+from gpt_params.evaluation.alignment import alignment_r2
 from gpt_params.evaluation.common import best_value, generate, summary
 
 ADAM = {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "init_scale": 1.0}
@@ -62,6 +65,7 @@ def _store_runs(store, runs, sparsity: float, bits: int, metric: str):
 
 def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 3), (0.0, 2), (0.9, 4)),
                 num_inits: int = 8, finetune_steps: int = 200, ticket_rounds: int = 5, epochs: int | None = None,
+                alignment_prompts: int = 10,
                 report_metric: str = "test_error", sampler=None, steps=None, guidance=None, seed: int = 0,
                 device=None, notes: list[str] | None = None) -> tuple[dict, Figure]:
     notes = [] if notes is None else notes
@@ -102,6 +106,19 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
             row["generated"] = {**score(proj.params), "before_projection": score(raw)[report_metric],
                                 "distance": summary(proj.distance.numpy())}
             generated_metric = task.evaluate(proj.params)[gen.metric].numpy()
+            # G.pt's prompt alignment at this constraint: prompts from the best of these runs to each init's
+            prompted = np.linspace(np.full(num_inits, prompt), init_metric.numpy(), alignment_prompts, axis=1)  # [K, M]
+            many = generate(gen, inits.repeat_interleave(alignment_prompts, 0),
+                            init_metric.numpy().repeat(alignment_prompts), prompted.ravel(), sampler=sampler,
+                            steps=steps, guidance=guidance, seed=seed, parts={"sparsity": sparsity, "bits": bits})
+            achieved = task.evaluate(compressed(many.cpu()).params)[gen.metric].numpy().reshape(prompted.shape)
+            r2 = alignment_r2(prompted, achieved)
+            row["alignment"] = {"median": float(np.nanmedian(r2)), "mean": float(np.nanmean(r2)),
+                                "num_prompts": alignment_prompts}
+            # ticket mode: only the generated mask, on the init, trained once
+            ticket = _train(task, inits, seeds, epochs=epochs, bits=bits, masks=_masks_of(task, proj.params, names),
+                            device=device)
+            row["ticket_mode"] = {**score(ticket.params[:, -1]), "trainings": 1}
         else:
             generated_metric = None
             notes.append("compression: the generator has no sparsity and bits parts; only its dense output is "
@@ -167,6 +184,7 @@ def _figure(rows: dict, metric: str) -> Figure:
                ("dense, compressed", lambda r: r["dense_then_compressed"]["one_shot"][metric]["median"]),
                ("+ fine-tune", lambda r: r["dense_then_compressed"]["finetuned"][metric]["median"]),
                ("sparse from start", lambda r: r["sparse_from_start"]["adam"][metric]["median"]),
+               ("ticket mode", lambda r: r.get("ticket_mode", {}).get(metric, {}).get("median")),
                ("tickets", lambda r: r["lottery_tickets"][metric]["median"]),
                ("random masks", lambda r: r["random_masks"][metric]["median"])]
     keys = list(rows)

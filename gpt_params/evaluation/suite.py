@@ -160,7 +160,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"Compression {key} ({report['compression']['metric']} median): generated "
                      f"{med(gen_) if gen_ else 'n/a'}, dense then compressed {med(row['dense_then_compressed']['one_shot'])}"
                      f" ({med(row['dense_then_compressed']['finetuned'])} fine-tuned), sparse from the start "
-                     f"{med(row['sparse_from_start']['adam'])}, tickets {med(row['lottery_tickets'])}, random masks "
+                     f"{med(row['sparse_from_start']['adam'])}, ticket mode "
+                     f"{med(row['ticket_mode']) if 'ticket_mode' in row else 'n/a'}, tickets {med(row['lottery_tickets'])}, random masks "
                      f"{med(row['random_masks'])}")
     return lines + [f"Note: {n}" for n in report.get("notes", [])]
 
