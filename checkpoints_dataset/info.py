@@ -40,6 +40,8 @@ class DataInfo:
             run: a class only the test runs hold is still a class), any other a "scalar" with its range over
             ``runs``. Empty in checkpoints
             written before they existed.
+        nonzero_stats: like ``stats``, over the nonzero entries only, for stores of compressed runs (a sample
+            of their checkpoints; what a tokenizer with a mask channel normalizes by); None otherwise.
     """
 
     layer_shapes: LayerShapes
@@ -55,13 +57,15 @@ class DataInfo:
     task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     val_runs: tuple[int, ...] = ()
     parts: tuple[Mapping[str, Any], ...] = ()
+    nonzero_stats: Mapping[str, tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         fix("layer_shapes", LayerShapes(self.layer_shapes))
         fix("metric_range", (float(self.metric_range[0]), float(self.metric_range[1])))
-        if self.stats is not None:
-            fix("stats", {k: (float(v[0]), float(v[1])) for k, v in dict(self.stats).items()})
+        for name in ("stats", "nonzero_stats"):
+            if getattr(self, name) is not None:
+                fix(name, {k: (float(v[0]), float(v[1])) for k, v in dict(getattr(self, name)).items()})
         fix("task_kwargs", dict(self.task_kwargs or {}))
         fix("val_runs", () if self.val_runs is None else tuple(int(r) for r in self.val_runs))
         fix("parts", tuple(dict(p) for p in self.parts or ()))
@@ -93,7 +97,9 @@ class DataInfo:
                    stats={k: (float(m), float(s)) for k, (m, s) in store.stats.items()},
                    permutation_spec=store.manifest.get("permutation_spec"), store_root=str(store.root),
                    task=task, task_kwargs=dict(task_kwargs or {}) if task is not None else {}, val_runs=val_runs,
-                   parts=tuple(_part(store, name, runs, name in label_metrics) for name in parts))
+                   parts=tuple(_part(store, name, runs, name in label_metrics) for name in parts),
+                   nonzero_stats=_nonzero_stats(store, runs) if "sparsity" in (store.manifest.get("build_config")
+                                                                               or {}) else None)
 
     def to_json(self) -> dict:
         """Plain JSON types (the ``data_info`` of a checkpoint's hyperparameters)."""
@@ -111,6 +117,8 @@ class DataInfo:
             "permutation_spec": None if self.permutation_spec is None else dict(self.permutation_spec),
             "val_runs": list(self.val_runs),
             "parts": [dict(p) for p in self.parts],
+            **({"nonzero_stats": {k: list(v) for k, v in self.nonzero_stats.items()}}
+               if self.nonzero_stats is not None else {}),
         }
 
     @classmethod
@@ -124,6 +132,20 @@ class DataInfo:
         if missing:
             raise ValueError(f"data_info lacks {missing}: it must come from ParameterDataModule(...).info")
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _nonzero_stats(store, runs: Sequence[int], max_values: int = 2 ** 24) -> dict[str, tuple[float, float]]:
+    """Per layer (mean, std) of the nonzero entries of an even sample of the checkpoints of ``runs`` (at most
+    ``max_values`` values read); a layer without nonzero entries gets (0, 1)."""
+    idx = np.concatenate([store.run_checkpoints(r) for r in runs])
+    count = max(1, min(len(idx), max_values // max(store.num_params, 1)))
+    sample = np.sort(idx[np.linspace(0, len(idx) - 1, count).round().astype(np.int64)])
+    params = np.asarray(store.params(sample), np.float64)                     # [S, P]
+    out = {}
+    for name, sl in store.layer_shapes.slices.items():
+        values = params[:, sl][params[:, sl] != 0]
+        out[name] = (float(values.mean()), float(values.std())) if values.size > 1 else (0.0, 1.0)
+    return out
 
 
 def _part(store, name: str, runs: Sequence[int], label: bool) -> dict:

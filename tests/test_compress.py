@@ -260,3 +260,45 @@ def test_evaluate_compression_section_compares_every_method(tmp_path):
         assert 0 <= method["test_error"]["median"] <= 1
     assert row["ticket_mode"]["sparsity"]["min"] >= 0.798 and row["lottery_tickets"]["trainings"] == 3 and row["sparse_from_start"]["adam"]["sparsity"]["min"] >= 0.798
     assert (out / "compression.png").exists() and "median" in row["alignment"]
+
+
+def test_mask_channel_tokens_round_trip_and_weigh_only_nonzero_values(digits):
+    from gpt_params.core.compression import project
+    from gpt_params.core.tokenizer import ParameterTokenizer
+    names = prunable_names(digits.build_model())
+    x = project(digits.init_params(3, torch.Generator().manual_seed(2)), digits.layer_shapes, names, 0.8).params
+    plain = ParameterTokenizer(digits.layer_shapes, stats={k: (0.01, 0.2) for k in digits.layer_shapes})
+    tok = ParameterTokenizer(digits.layer_shapes, stats={k: (0.01, 0.2) for k in digits.layer_shapes},
+                             mask_channel="nonzero")
+    assert tok.token_dim == 2 * plain.token_dim and tok.num_tokens == plain.num_tokens
+    tokens = tok.tokenize(x)
+    assert torch.equal(tokens[..., :tok.value_dim], plain.tokenize(x))                       # values as before
+    assert torch.equal(tok.mask_scores(tokens), torch.where(x != 0, 1.0, -1.0))             # +-1 per entry
+    back = tok.detokenize(tokens)
+    assert torch.equal(back == 0, x == 0) and torch.allclose(back, x, atol=1e-6)
+    flipped = tokens.clone()
+    flipped[..., tok.value_dim:] *= -1                                                       # the channel decides
+    assert (tok.detokenize(flipped)[x != 0] == 0).all()
+    weights = tok.loss_weights(tokens)
+    assert weights[..., :tok.value_dim].sum() == (x != 0).sum() and weights[..., tok.value_dim:].sum() == x.numel()
+    assert ParameterTokenizer.from_config(tok.config()).mask_channel == "nonzero"
+
+
+def test_a_mask_channel_generator_trains_and_prompts(tmp_path):
+    from gpt_params.cli import main as gpt_main
+    from gpt_params.core.generator import Generator
+    from tests.conftest import train_args
+
+    store, root, out = tmp_path / "store", tmp_path / "run", tmp_path / "gen"
+    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "12",
+             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.8, 0.9]",
+             "--data.val_runs", "2", "--data.parts", "[sparsity]", "--model.mask_channel", "nonzero"]
+    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
+    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    gen = Generator.load(ckpt)
+    assert gen.tokenizer.mask_channel == "nonzero" and gen.info.nonzero_stats is not None
+    assert gen.tokenizer.stats == gen.info.nonzero_stats != gen.info.stats
+    assert gpt_main(["prompt", "--ckpt", str(ckpt), "--target", "0.2", "--num", "2", "--sparsity", "0.9",
+                     "--out", str(out)]) == 0
+    for rec in json.loads((out / "results.json").read_text())["records"]:
+        assert rec["achieved"]["sparsity"] == pytest.approx(0.9, abs=0.001)

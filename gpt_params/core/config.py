@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 from checkpoints_dataset.info import DataInfo
 from gpt_params.core.diffusion import Sampler
 from gpt_params.core.dit import PRESETS, Activation, AttentionKind, Prediction
-from gpt_params.core.tokenizer import Layout
+from gpt_params.core.tokenizer import Layout, MaskChannel
 
 Space = Literal["params", "latent"]
 Start = Literal["checkpoint", "none"]
@@ -132,6 +132,8 @@ class GeneratorConfig:
         data: the training data's description (layer shapes, normalization, conditioning metric).
         layout: parameter tokens: one per hidden unit ("neuron") or G.pt's layer chunks ("chunk").
         chunk_size: the most values in one token (rows longer than this are cut).
+        mask_channel: "nonzero" gives every value a channel saying whether it is zero (sparse networks; values
+            normalized by the nonzero entries' statistics and their loss weighted by the true mask); "none".
         dit: the denoiser's architecture.
         prediction: what the denoiser predicts: the clean target ("x0", G.pt), the noise or v.
         min_snr_gamma: min-SNR loss weighting (None: plain MSE).
@@ -148,6 +150,7 @@ class GeneratorConfig:
     data: DataInfo
     layout: Layout = "neuron"
     chunk_size: int = 256
+    mask_channel: MaskChannel = "none"
     dit: DiTOptions = DiTOptions()
     prediction: Prediction = "x0"
     min_snr_gamma: Optional[float] = None
@@ -163,12 +166,15 @@ class GeneratorConfig:
         for name, value, choices in (("space", self.space, ("params", "latent")),
                                      ("start", self.start, ("checkpoint", "none")),
                                      ("condition", self.condition, ("target", "none")),
-                                     ("sampler", self.sampler, ("ddpm", "ddim", "dpm++"))):
+                                     ("sampler", self.sampler, ("ddpm", "ddim", "dpm++")),
+                                     ("mask_channel", self.mask_channel, ("none", "nonzero"))):
             _choice(name, value, choices)
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ValueError(f"guidance must be a finite number >= 0 (1.0: off), got {self.guidance}")
         if int(self.sampler_steps) != self.sampler_steps or self.sampler_steps < 1:
             raise ValueError(f"sampler_steps must be a whole number >= 1, got {self.sampler_steps}")
+        if self.mask_channel != "none" and self.space != "params":
+            raise ValueError("mask_channel needs space 'params' (the autoencoder would blur the mask)")
         if self.space == "latent" and self.autoencoder.steps < 1:
             raise ValueError(f"autoencoder.steps must be >= 1 in latent space, got {self.autoencoder.steps}")
 

@@ -123,9 +123,11 @@ class Diffusion:
 
     def training_terms(self, model: nn.Module, target_tokens: Tensor, start_tokens: Tensor, start_metric: Tensor,
                        target_metric: Tensor, cond_drop_prob: float = 0.1, mask: Tensor | None = None,
-                       generator: torch.Generator | None = None, parts: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       generator: torch.Generator | None = None, parts: Tensor | None = None,
+                       weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``training_loss`` per pair ``[N]`` (weighted) and the model's output ``[N, T, C]``. ``parts [N, E]``:
-        the condition parts' values (a model with parts), each dropped on its own with ``cond_drop_prob``."""
+        the condition parts' values (a model with parts), each dropped on its own with ``cond_drop_prob``.
+        ``weights [N, T, C]``: per-slot loss weights instead of ``mask`` (e.g. a mask channel's true mask)."""
         self._check_model(model)
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
@@ -150,7 +152,8 @@ class Diffusion:
             target = noise
         else:
             target = self.train_scheduler.get_velocity(x0, noise, t)  # [N, T, C]
-        err = ((pred.float() - target.float()) ** 2 * maskf).sum(dim=(1, 2)) / maskf.sum()  # [N]
+        w = maskf if weights is None else weights.to(device=device, dtype=x0.dtype)  # [T, C] or [N, T, C]
+        err = ((pred.float() - target.float()) ** 2 * w).sum(dim=(1, 2)) / w.sum(dim=(-2, -1)).clamp(min=1)  # [N]
         if self.min_snr_gamma is not None:
             abar = self.alphas_cumprod.to(device)[t]  # [N]
             snr = abar / (1 - abar)  # [N]

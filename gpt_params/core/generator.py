@@ -54,8 +54,10 @@ class Generator(nn.Module):
         self.config = config
         info = config.data
         # Built in this order (tokenizer, autoencoder, DiT) so a seed gives the weights it always gave.
+        masked = config.mask_channel != "none"
         self.tokenizer = ParameterTokenizer(info.layer_shapes, layout=config.layout, chunk_size=config.chunk_size,
-                                            stats=info.stats, spec=info.permutation_spec)
+                                            stats=info.nonzero_stats if masked and info.nonzero_stats else info.stats,
+                                            spec=info.permutation_spec, mask_channel=config.mask_channel)
         tok = self.tokenizer
         latent = config.space == "latent"
         self.autoencoder: Optional[ParameterAutoencoder] = None
@@ -182,7 +184,8 @@ class Generator(nn.Module):
         err, pred = self.diffusion.training_terms(
             denoiser or self.model, target, start, batch["start_metric"], batch["target_metric"],
             cond_drop_prob=cond_drop_prob, mask=None if self.autoencoder is not None else self.token_mask,
-            generator=generator, parts=batch.get("target_parts") if self.parts else None)
+            generator=generator, parts=batch.get("target_parts") if self.parts else None,
+            weights=self.tokenizer.loss_weights(target) if self.config.mask_channel != "none" else None)
         loss = err.mean()
         if function_loss is not None:
             if self.autoencoder is not None or self.config.prediction != "x0":

@@ -34,6 +34,12 @@ an unusual architecture.
 
 Normalization: with ``stats = {name: (mean, std)}`` every entry of a layer is mapped to
 ``(x - mean) / std`` on the way in and back on the way out (a layer with std 0 is only centred).
+
+Mask channel (``mask_channel="nonzero"``, for sparse networks, in the spirit of Analog Bits): tokens are
+``[T, 2C]``, the normalized values in ``[:, :C]`` and beside them, slot for slot, ``+1`` where the entry is
+nonzero and ``-1`` where it is exactly zero (0 at padding). ``detokenize`` keeps an entry where its mask
+channel is positive and sets it to zero elsewhere; ``mask_scores`` gives the channel itself (what an exact
+projection ranks entries by), and ``loss_weights`` weighs a value only where the target's entry is nonzero.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from checkpoints_dataset.params import LayerShapes, check_params, float_layer_sh
 from checkpoints_dataset.permute import PermutationSpec, as_spec, spec_from_layer_shapes
 
 Layout = Literal["neuron", "chunk"]
+MaskChannel = Literal["none", "nonzero"]
 
 
 def _spec_for(spec: PermutationSpec | Mapping | None, layer_shapes: LayerShapes) -> PermutationSpec | None:
@@ -141,17 +148,22 @@ class ParameterTokenizer:
         spec: ``PermutationSpec`` (or its JSON dict) giving the hidden units for ``neuron``; None infers
             them from names and shapes (``spec_from_layer_shapes``). Kept as ``self.spec`` (None if not
             given) and saved by ``config()``.
+        mask_channel: "nonzero" adds the mask channel (see the module docstring); "none" (the default) not.
 
-    Attributes: ``num_tokens`` T, ``token_dim`` C, ``num_params`` P, ``token_layer_ids`` [T] long,
-    ``num_layer_ids``, ``mask`` [T, C] bool (real entries), ``index`` [T, C] long (position in the
-    parameter vector; P for padding), ``token_kinds`` (description of each layer id).
+    Attributes: ``num_tokens`` T, ``token_dim`` C (2C with the mask channel), ``value_dim`` the values per
+    token, ``num_params`` P, ``token_layer_ids`` [T] long, ``num_layer_ids``, ``mask`` [T, C] bool (real slots),
+    ``index`` [T, C] long (position in the parameter vector; P for padding), ``token_kinds`` (description of
+    each layer id).
     """
 
     def __init__(self, layer_shapes: Mapping[str, Sequence[int]], layout: Layout = "neuron",
                  chunk_size: int = 1024, stats: Mapping[str, Sequence[float]] | None = None,
-                 spec: PermutationSpec | Mapping | None = None):
+                 spec: PermutationSpec | Mapping | None = None, mask_channel: MaskChannel = "none"):
         if layout not in ("neuron", "chunk"):
             raise ValueError(f"layout must be 'neuron' or 'chunk', got {layout!r}")
+        if mask_channel not in ("none", "nonzero"):
+            raise ValueError(f"mask_channel must be 'none' or 'nonzero', got {mask_channel!r}")
+        self.mask_channel = mask_channel
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.layer_shapes = LayerShapes(layer_shapes)
@@ -168,11 +180,18 @@ class ParameterTokenizer:
         pad = self.num_params  # index of the zero appended to every vector
         self.index, self.token_layer_ids, self.token_kinds = _pack(
             [(kind, r) for kind, r, _ in rows], leftovers, self.chunk_size, pad)  # [T, C], [T], list
-        self.num_tokens, self.token_dim = self.index.shape
+        self.num_tokens, self.value_dim = self.index.shape
         self.num_layer_ids = len(self.token_kinds)
-        self.mask = self.index < pad  # [T, C]
-        self.inverse = torch.nonzero(self.mask.flatten())[:, 0][torch.argsort(self.index[self.mask])]  # [P]
-        assert torch.equal(self.index.flatten()[self.inverse], torch.arange(pad)), "every entry exactly once"
+        real = self.index < pad  # [T, C] value slots
+        inverse = torch.nonzero(real.flatten())[:, 0][torch.argsort(self.index[real])]  # [P] in [T * C]
+        assert torch.equal(self.index.flatten()[inverse], torch.arange(pad)), "every entry exactly once"
+        width = 2 if mask_channel == "nonzero" else 1
+        self.token_dim = width * self.value_dim
+        # positions in the flattened [T, token_dim] tokens: values first in each token, the mask channel after
+        self.inverse = inverse // self.value_dim * self.token_dim + inverse % self.value_dim  # [P]
+        self.mask_inverse = self.inverse + self.value_dim if width == 2 else None           # [P]
+        self.index = self.index.repeat(1, width)  # [T, token_dim] both halves read the same entry
+        self.mask = self.index < pad  # [T, token_dim]
 
         # per-entry normalization constants
         self.stats = None if stats is None else _checked_stats(stats, self.layer_shapes)
@@ -181,6 +200,8 @@ class ParameterTokenizer:
             sl = self.layer_shapes.slices[n]
             mean[sl], std[sl] = m, s
         self._mean_tc, self._std_tc = mean[self.index], std[self.index]  # [T, C]
+        if self.mask_channel == "nonzero":   # the mask channel is not normalized
+            self._mean_tc[:, self.value_dim:], self._std_tc[:, self.value_dim:] = 0.0, 1.0
         self._mean_p, self._std_p = mean[:pad], std[:pad]  # [P]
         self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
 
@@ -194,7 +215,8 @@ class ParameterTokenizer:
 
     def __repr__(self) -> str:
         return (f"ParameterTokenizer(layout={self.layout!r}, P={self.num_params}, T={self.num_tokens}, "
-                f"C={self.token_dim}, layer_ids={self.num_layer_ids}, normalized={self.stats is not None})")
+                f"C={self.token_dim}, layer_ids={self.num_layer_ids}, normalized={self.stats is not None}, "
+                f"mask_channel={self.mask_channel!r})")
 
     # -------------------------------------------------------------------------------------- conversions
     def tokenize(self, params: Tensor) -> Tensor:
@@ -205,6 +227,11 @@ class ParameterTokenizer:
         tokens = padded[:, index]  # [N, T, C]
         if self.stats is not None:
             tokens = (tokens - mean_tc.to(tokens.dtype)) / std_tc.to(tokens.dtype)  # [N, T, C]
+        if self.mask_channel == "nonzero":
+            raw = padded[:, index[:, self.value_dim:]]  # [N, T, C/2]
+            real = self.mask[:, self.value_dim:].to(raw.device)
+            channel = torch.where(raw != 0, 1.0, -1.0).to(tokens.dtype) * real  # [N, T, C/2] +-1, 0 at padding
+            tokens = torch.cat([tokens[..., :self.value_dim], channel], dim=-1)  # [N, T, C]
         return tokens
 
     def detokenize(self, tokens: Tensor) -> Tensor:
@@ -218,10 +245,28 @@ class ParameterTokenizer:
             raise ValueError(f"tokens must have shape [N, {self.num_tokens}, {self.token_dim}], got "
                              f"{list(tokens.shape)}: were they made by this tokenizer?")
         _, inverse, _, _, mean_p, std_p = self._on(tokens.device)
-        params = rearrange(tokens, "n t c -> n (t c)")[:, inverse]  # [N, P]
+        flat = rearrange(tokens, "n t c -> n (t c)")
+        params = flat[:, inverse]  # [N, P]
         if self.stats is not None:
             params = torch.addcmul(mean_p.to(params.dtype), params, std_p.to(params.dtype))  # [N, P]
+        if self.mask_channel == "nonzero":
+            params = params * (self.mask_scores(tokens) > 0)  # [N, P] zero where the channel says so
         return params
+
+    def mask_scores(self, tokens: Tensor) -> Tensor:
+        """The mask channel of ``tokens [N, T, C]`` per parameter ``[N, P]`` (positive: nonzero)."""
+        if self.mask_channel != "nonzero":
+            raise ValueError("this tokenizer has no mask channel (mask_channel='nonzero')")
+        return rearrange(tokens, "n t c -> n (t c)")[:, self.mask_inverse.to(tokens.device)]
+
+    def loss_weights(self, target_tokens: Tensor) -> Tensor:
+        """Per-slot loss weights ``[N, T, C]`` for ``target_tokens``: real slots, except that with the mask
+        channel a value counts only where the target's entry is nonzero (its channel always counts)."""
+        real = self.mask.to(target_tokens.device, target_tokens.dtype)  # [T, C]
+        if self.mask_channel != "nonzero":
+            return real.expand_as(target_tokens)
+        keep = (target_tokens[..., self.value_dim:] > 0).to(target_tokens.dtype)  # [N, T, C/2]
+        return torch.cat([keep, torch.ones_like(keep)], dim=-1) * real  # [N, T, C]
 
     def to_state_dicts(self, params: Tensor) -> list[dict[str, Tensor]]:
         """``params [N, P]`` -> N dicts ``name -> tensor`` (independent copies, safetensors-ready)."""
@@ -256,7 +301,8 @@ class ParameterTokenizer:
         return {"layer_shapes": {n: list(s) for n, s in self.layer_shapes.items()}, "layout": self.layout,
                 "chunk_size": self.chunk_size,
                 "stats": None if self.stats is None else {n: list(v) for n, v in self.stats.items()},
-                "spec": None if self.spec is None else self.spec.to_json()}
+                "spec": None if self.spec is None else self.spec.to_json(),
+                **({"mask_channel": self.mask_channel} if self.mask_channel != "none" else {})}
 
     @classmethod
     def from_config(cls, config: Mapping) -> "ParameterTokenizer":

@@ -108,6 +108,8 @@ class GeneratorModule(pl.LightningModule):
             linked by the CLI.
         layout: parameter tokens: one per hidden unit ("neuron") or G.pt's layer chunks ("chunk").
         chunk_size: the most values in one token (rows longer than this are cut).
+        mask_channel: "nonzero": beside each value a channel saying whether it is zero, for stores of sparse
+            networks (the loss of a value counts only where it is nonzero); "none" (default).
         dit: the denoiser's architecture (size preset and overrides).
         prediction: what the denoiser predicts: the clean target ("x0", G.pt), the noise or v.
         min_snr_gamma: min-SNR loss weighting (None: plain MSE).
@@ -138,6 +140,7 @@ class GeneratorModule(pl.LightningModule):
         data_info: Optional[DataInfo | dict] = None,
         layout: Layout = "neuron",
         chunk_size: int = 256,
+        mask_channel: Literal["none", "nonzero"] = "none",
         dit: DiTOptions = DiTOptions(),
         prediction: Prediction = "x0",
         min_snr_gamma: Optional[float] = None,
@@ -164,7 +167,8 @@ class GeneratorModule(pl.LightningModule):
         dit, optim = _group(dit, DiTOptions), _group(optim, OptimOptions)
         autoencoder = _group(autoencoder, AutoencoderOptions)
         try:
-            config = GeneratorConfig(data=info, layout=layout, chunk_size=chunk_size, dit=dit, prediction=prediction,
+            config = GeneratorConfig(data=info, layout=layout, chunk_size=chunk_size, mask_channel=mask_channel,
+                                     dit=dit, prediction=prediction,
                                      min_snr_gamma=min_snr_gamma, space=space, start=start, condition=condition,
                                      autoencoder=autoencoder, guidance=guidance,
                                      sampler=sampler, sampler_steps=sampler_steps)
