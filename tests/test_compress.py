@@ -202,19 +202,30 @@ def test_packed_format_round_trips(digits, bits):
             pack(digits.to_state_dict(digits.init_params(1)[0]), names, bits)
 
 
-def test_compressed_store_trains_and_prompts_exact_packed_networks(tmp_path, capsys):
+def _train_compressed(root, sparsity="[0.0, 0.8]", bits="[32, 4]", parts="[sparsity, bits]", runs=16, extra=()):
+    """A tiny compressed digits store built by `gpt-params train`, which trains 4 steps on it -> last.ckpt."""
+    from gpt_params.cli import main as gpt_main
+    from tests.conftest import train_args
+
+    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", str(runs),
+             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", sparsity,
+             "--data.build_bits", bits, "--data.val_runs", "2", "--data.parts", parts, *extra]
+    assert gpt_main(train_args(root / "store", root / "run", steps=4, extra=build)) == 0
+    return next((root / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def compressed_ckpt(tmp_path_factory):
+    return _train_compressed(tmp_path_factory.mktemp("compressed"))
+
+
+def test_compressed_store_trains_and_prompts_exact_packed_networks(compressed_ckpt, tmp_path):
     """`gpt-params train` builds a compressed store and conditions on sparsity and bits; `prompt --sparsity
     --bits --format packed` writes exactly compressed networks that load (strict) after unpacking."""
     from gpt_params.cli import main as gpt_main
     from gpt_params.core.compression import read_network
-    from tests.conftest import train_args
 
-    store, root, out = tmp_path / "store", tmp_path / "run", tmp_path / "gen"
-    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "16",
-             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.0, 0.8]",
-             "--data.build_bits", "[32, 4]", "--data.val_runs", "2", "--data.parts", "[sparsity, bits]"]
-    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
-    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    ckpt, out = compressed_ckpt, tmp_path / "gen"
     assert gpt_main(["prompt", "--ckpt", str(ckpt), "--target", "0.2", "--num", "3", "--sparsity", "0.8", "--bits", "4",
                      "--format", "packed", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -234,18 +245,12 @@ def test_compressed_store_trains_and_prompts_exact_packed_networks(tmp_path, cap
         assert all(torch.equal(read_network(out / a["file"])[k], v) for k, v in read_network(dense / b["file"]).items())
 
 
-def test_evaluate_compression_section_compares_every_method(tmp_path):
+def test_evaluate_compression_section_compares_every_method(compressed_ckpt, tmp_path):
     """The evaluation's compression section on a tiny compressed generator: every method is scored from the
     same inits, the generated networks are exactly on the constraint, and the report and figure are written."""
     from gpt_params.cli import main as gpt_main
-    from tests.conftest import train_args
 
-    store, root = tmp_path / "store", tmp_path / "run"
-    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "16",
-             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.0, 0.8]",
-             "--data.build_bits", "[32, 4]", "--data.val_runs", "2", "--data.parts", "[sparsity, bits]"]
-    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
-    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    ckpt = compressed_ckpt
     out = tmp_path / "eval"
     assert gpt_main(["evaluate", "--ckpt", str(ckpt), "--out", str(out), "--sections", "compression", "--runs", "4",
                      "--options", '{"compression": {"num_inits": 3, "finetune_steps": 20, "ticket_rounds": 2, '
@@ -287,14 +292,9 @@ def test_mask_channel_tokens_round_trip_and_weigh_only_nonzero_values(digits):
 def test_a_mask_channel_generator_trains_and_prompts(tmp_path):
     from gpt_params.cli import main as gpt_main
     from gpt_params.core.generator import Generator
-    from tests.conftest import train_args
 
-    store, root, out = tmp_path / "store", tmp_path / "run", tmp_path / "gen"
-    build = ["--data.task", "digits_mlp", "--data.task_options", "{compression: true}", "--data.build_runs", "12",
-             "--data.build_epochs", "2", "--data.build_checkpoints", "6", "--data.build_sparsity", "[0.8, 0.9]",
-             "--data.val_runs", "2", "--data.parts", "[sparsity]", "--model.mask_channel", "nonzero"]
-    assert gpt_main(train_args(store, root, steps=4, extra=build)) == 0
-    ckpt = next(root.glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    ckpt, out = _train_compressed(tmp_path, "[0.8, 0.9]", "[32]", "[sparsity]", 12,
+                                  ["--model.mask_channel", "nonzero"]), tmp_path / "gen"
     gen = Generator.load(ckpt)
     assert gen.tokenizer.mask_channel == "nonzero" and gen.info.nonzero_stats is not None
     assert gen.tokenizer.stats == gen.info.nonzero_stats != gen.info.stats
