@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from checkpoints_dataset import PopulationConfig, build_population, get_task, open_store
+from checkpoints_dataset import PopulationConfig, get_task, open_store
 from checkpoints_dataset.__main__ import main
 from checkpoints_dataset.compress import (bits_metric, fake_quantize, gmp_sparsity, magnitude_mask, prunable_names,
                                           quantize_rows, sparsity_metric)

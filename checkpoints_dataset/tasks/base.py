@@ -13,7 +13,6 @@ variance of every BatchNorm layer are recomputed from a fixed training subset (t
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from typing import Literal
