@@ -4,7 +4,7 @@ For each requested (sparsity, bits), from the same held-out default inits, the t
 - ``generated``: the generator prompted with the sparsity and bits parts, projected exactly onto them (the
   error before the projection and the distance it moved are reported: a generator that learned the
   constraint barely moves), and G.pt's prompt alignment R^2 at that constraint (``alignment_prompts`` prompts
-  from the best of the store's runs at it to each init's metric);
+  from the best final metric of the generator's training runs at it, the prompt of every row, to each init's);
 - ``dense_then_compressed``: the same generator prompted dense (sparsity 0, 32 bits), then pruned and
   quantized afterwards, and after a short masked, quantization-aware fine-tune (``finetune_steps`` of Adam);
 - ``sparse_from_start``: the store's own test runs built with that sparsity and bit width (gradual pruning
@@ -83,12 +83,13 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
     init_metric = task.evaluate(inits)[gen.metric]
     n_train = len(task.split("train")[1])
     per_epoch = max(1, n_train // 64)
+    training = [r for r in store.train_runs if int(r) not in set(gen.info.val_runs)]
     rows = {}
     for sparsity, bits in targets:
         key = f"sparsity{sparsity:g}_bits{bits}"
         row: dict = {"sparsity": sparsity, "bits": bits}
-        own = _store_runs(store, runs, sparsity, bits, gen.metric)
-        prompt = float(np.min(own)) if len(own) else best_value(gen)
+        own = _store_runs(store, training, sparsity, bits, gen.metric)   # the generator's data at this constraint
+        prompt = float(np.min(own) if gen.lower_is_better else np.max(own)) if len(own) else best_value(gen)
         row["prompt"] = prompt
 
         def score(params):
@@ -106,7 +107,7 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
             row["generated"] = {**score(proj.params), "before_projection": score(raw)[report_metric],
                                 "distance": summary(proj.distance.numpy())}
             generated_metric = task.evaluate(proj.params)[gen.metric].numpy()
-            # G.pt's prompt alignment at this constraint: prompts from the best of these runs to each init's
+            # G.pt's prompt alignment at this constraint: prompts from the data's best there to each init's
             prompted = np.linspace(np.full(num_inits, prompt), init_metric.numpy(), alignment_prompts, axis=1)  # [K, M]
             many = generate(gen, inits.repeat_interleave(alignment_prompts, 0),
                             init_metric.numpy().repeat(alignment_prompts), prompted.ravel(), sampler=sampler,
