@@ -42,6 +42,10 @@ def parser() -> argparse.ArgumentParser:
                    help="round every row of the Linear/Conv weights to a symmetric grid of this many bits, 2-8 "
                         "(also the generator's bits part, if it has one); results.json reports how far each "
                         "network was from the constraint before")
+    p.add_argument("--project-from", type=float, default=0.5, metavar="F",
+                   help="with --sparsity/--bits: project the sampler's predictions from this fraction of its steps on "
+                        "(0.5, the default: the later half; 1.0: the result only), so the last steps denoise networks "
+                        "that meet the constraint")
     p.add_argument("--format", choices=["dense", "packed"], default="dense",
                    help="dense: state_dicts that load with strict=True (the default); packed: int8 / two int4 per "
                         "byte, float16 row scales and bit-packed masks (gpt_params.core.compression.read_network "
@@ -81,12 +85,17 @@ def main(argv: list[str]) -> int:
     n = len(target_values) * args.num
     start, start_metric = _start(gen, task, start_arg, n, g)                       # [n, P], [n] or None
     targets = torch.tensor([0.0 if t is None else t for t in target_values]).repeat_interleave(args.num)  # [n]
-    params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
-                          generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]
     projection = None
     if constraint["sparsity"] is not None or constraint["bits"] is not None:
-        projection = project(params, gen.layer_shapes, _prunable(gen, task), constraint["sparsity"], constraint["bits"])
-        params = projection.params                                                     # [n, P] exactly compressed
+        names = _prunable(gen, task)
+        projection = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
+                                  generator=g, parts=parts, part_guidance=part_guidance, constrain_from=args.project_from,
+                                  constraint=lambda p: project(p.cpu(), gen.layer_shapes, names, constraint["sparsity"],
+                                                               constraint["bits"]))
+        params = projection.params.cpu()                                              # [n, P] exactly compressed
+    else:
+        params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
+                              generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]
     achieved = {k: v.cpu() for k, v in task.evaluate(params).items()} if task is not None else None
     if achieved is None:
         print("note: no task given, so the generated networks are not evaluated "
@@ -99,12 +108,13 @@ def main(argv: list[str]) -> int:
                               if args.format == "packed" else None)
     for i, rec in enumerate(records):
         rec["bytes"] = (out / rec["file"]).stat().st_size
-        if projection is not None:   # how far the generator's own output was from the constraint
+        if projection is not None:   # how far the generator's own last prediction was from the constraint
             rec["projection"] = {"distance": float(projection.distance[i]),
                                  "pruned_mass": float(projection.pruned_mass[i])}
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
                                              "steps": steps, "parts": parts, "part_guidance": part_guidance,
-                                             "format": args.format, **constraint, "records": records})
+                                             "format": args.format, **constraint, "project_from": args.project_from,
+                                             "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
     return 0
@@ -165,6 +175,8 @@ def _constraint(args, gen: Generator, parts: dict) -> dict:
                          f"{args.sparsity}")
     if args.bits is not None and not 2 <= args.bits <= 8:
         raise UsageError(f"--bits must be 2 to 8 (leave it out for float weights), got {args.bits}")
+    if not 0.0 <= args.project_from <= 1.0:
+        raise UsageError(f"--project-from must lie in [0, 1] (a fraction of the sampler's steps), got {args.project_from}")
     known = {q.name for q in gen.parts}
     for name in ("sparsity", "bits"):
         value = getattr(args, name)

@@ -168,7 +168,8 @@ class Diffusion:
                       sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
                       generator: torch.Generator | None = None, mask: Tensor | None = None,
                       callback: StepCallback | None = None, parts: Tensor | None = None,
-                      parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None) -> Tensor:
+                      parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None,
+                      x0_hook: Callable[[int, Tensor], Tensor] | None = None) -> Tensor:
         """Sample target tokens ``[N, T, C]`` for start tokens ``[N, T, C]`` and metrics ``[N]`` (raw values).
 
         Runs on the model's device (inputs are moved there) with the model as given (``sample`` puts it
@@ -180,6 +181,8 @@ class Diffusion:
         without), ``part_guidance`` one scale per part (1.0: off). Guidance composes: ``out = cond + (g - 1)
         (cond - uncond_target) + sum_j (g_j - 1) (cond - uncond_j)``, each ``uncond`` dropping only its own part,
         so guidance on one part leaves the others' conditioning alone (all from one batched forward).
+        ``x0_hook(i, x0) -> x0``, for x0 models, replaces the (guided) prediction of step ``i`` before the
+        scheduler steps with it (e.g. an exact projection onto a constraint; it returns ``x0`` to leave a step).
         """
         self._check_model(model)
         scheduler = self.make_scheduler(sampler, steps)
@@ -212,6 +215,8 @@ class Diffusion:
                         out = uncond + scale * (cond - uncond) + (out - cond)
                     else:
                         out = out + (scale - 1.0) * (cond - uncond)  # [N, T, C]
+            if x0_hook is not None and self.prediction == "x0":
+                out = x0_hook(i, out)  # [N, T, C]
             step = scheduler.step(out, t, x, generator=generator)
             if callback is not None:
                 callback(i, int(t), self.predicted_clean(out, x, t, step) * maskf)  # [N, T, C]
@@ -270,7 +275,8 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
            sampler: Sampler = "ddim", steps: int = 50, guidance: float = 1.0,
            generator: torch.Generator | None = None, diffusion: Diffusion | None = None,
            autoencoder: nn.Module | None = None, callback: StepCallback | None = None, parts: Tensor | None = None,
-           parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None) -> Tensor:
+           parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None,
+           project: Callable[[Tensor], Tensor] | None = None, project_from: float = 0.5) -> Tensor:
     """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
 
     ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
@@ -281,7 +287,9 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
     (``model.start_input == "none"``) gets zero start tokens; ``start_params`` then only gives N.
     ``callback(i, t, params [N, P])`` sees the predicted clean sample of every step, decoded to parameter
     vectors like the result; ``parts``, ``parts_given`` and ``part_guidance``: the condition parts (see
-    ``Diffusion.sample_tokens``).
+    ``Diffusion.sample_tokens``). ``project(params [N, P]) -> [N, P]`` (parameter space, no autoencoder) is
+    applied to the x0 prediction of the steps from ``project_from`` of the way on (x0 models) and to the result,
+    so the last denoising steps work from networks that meet the constraint.
     """
     start_params = torch.as_tensor(start_params)
     if start_params.dim() == 1:
@@ -313,12 +321,18 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
                 return tokenizer.detokenize(tokens.float()).to(start_params.device)  # [N, P]
 
             step_fn = None if callback is None else (lambda i, t, x0: callback(i, t, decode(x0)))
+            if project is not None and autoencoder is not None:
+                raise ValueError("project works in parameter space: it needs a generator with space 'params'")
+            first = math.ceil(project_from * steps) if project is not None else steps
+            hook = None if project is None else (
+                lambda i, x0: tokenizer.tokenize(project(decode(x0)).to(x0.device)).to(x0.dtype) if i >= first else x0)
             tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
                                              steps=steps, guidance=guidance, generator=generator,
                                              mask=None if autoencoder is not None else tokenizer.mask,
                                              callback=step_fn, parts=parts, parts_given=parts_given,
-                                             part_guidance=part_guidance)
-            return decode(tokens)  # [N, P]
+                                             part_guidance=part_guidance, x0_hook=hook)
+            out = decode(tokens)  # [N, P]
+            return out if project is None else project(out)
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)

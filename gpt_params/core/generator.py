@@ -24,7 +24,7 @@ from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.params import LayerShapes
 from checkpoints_dataset.tasks import Task, TaskRef
 from gpt_params.core.autoencoder import ParameterAutoencoder
-from gpt_params.core.compression import read_network
+from gpt_params.core.compression import Projection, read_network
 from gpt_params.core.conditions import Conditions
 from gpt_params.core.config import GeneratorConfig
 from gpt_params.core.diffusion import Diffusion, sample
@@ -199,7 +199,9 @@ class Generator(nn.Module):
     def generate(self, start_params: Optional[Tensor], start_metric, target_metric, *, sampler: Optional[Sampler] = None,
                  steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  batch_size: Optional[int] = None, trajectory: bool = False, parts: Optional[Mapping] = None,
-                 part_guidance: Optional[Mapping[str, float]] = None) -> Tensor | tuple[Tensor, Tensor]:
+                 part_guidance: Optional[Mapping[str, float]] = None,
+                 constraint: Optional[Callable[[Tensor], Projection]] = None,
+                 constrain_from: float = 0.5) -> Tensor | tuple[Tensor, Tensor] | Projection:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
         given start; an unconditional one ignores ``target_metric`` (it still sets N). ``sampler``, ``steps``
@@ -210,11 +212,17 @@ class Generator(nn.Module):
         ``[S, N, P]`` on the CPU (S sampler steps; the last equals the result for the deterministic samplers).
         ``parts``: values of the condition parts by name (a number or ``[N]`` each; a label as its class
         index); parts not named get their null embedding. ``part_guidance``: a guidance scale by part name.
-        A name the generator does not know is refused."""
+        A name the generator does not know is refused. ``constraint(params [n, P]) -> Projection`` (e.g.
+        ``lambda p: project(p, layer_shapes, names, 0.9, 4)``, the same for every network) is applied to the x0
+        predictions of the steps from ``constrain_from`` of the way on and to the result, so the last steps
+        denoise networks that meet it; then a ``Projection`` is returned whose ``distance`` is how far the
+        model's last own prediction was from the constraint (1.0: only the result is projected)."""
         guidance = self.guidance if guidance is None else guidance
         sampler = self.sampler if sampler is None else sampler
         steps = self.sampler_steps if steps is None else steps
         device = self.device
+        if constraint is not None and trajectory:
+            raise ValueError("generate takes either trajectory=True or a constraint, not both")
         if start_params is None:
             if self.uses_start:
                 raise ValueError("this generator was trained with start checkpoints: pass start_params [N, P]")
@@ -228,17 +236,28 @@ class Generator(nn.Module):
         values, given, scales = self._part_inputs(n, parts, part_guidance)   # [N, E], [N, E], [E] or Nones
         if batch_size is None:
             batch_size = max(1, min(4096, GENERATE_VALUES // self.tokenizer.num_params))
-        out, path = [], []
+        out, path, moved = [], [], []
         for i in range(0, n, batch_size):
-            sl, steps_seen = slice(i, i + batch_size), []
+            sl, steps_seen, log = slice(i, i + batch_size), [], []
+
+            def project(params: Tensor) -> Tensor:
+                log.append(constraint(params))
+                return log[-1].params.to(params.device)
+
             out.append(sample(self.model, self.tokenizer, start_params[sl].to(device),
                               start_metric[sl].to(device), target_metric[sl].to(device),
                               sampler=sampler, steps=steps, guidance=guidance, generator=generator,
                               diffusion=self.diffusion, autoencoder=self.autoencoder,
                               callback=(lambda _i, _t, x0: steps_seen.append(x0.cpu())) if trajectory else None,
                               parts=None if values is None else values[sl].to(device),
-                              parts_given=None if given is None else given[sl].to(device), part_guidance=scales))
+                              parts_given=None if given is None else given[sl].to(device), part_guidance=scales,
+                              project=project if constraint is not None else None, project_from=constrain_from))
             path.append(steps_seen)
+            if constraint is not None:   # the last hooked step's projection (the model's own last prediction)
+                moved.append(log[-2] if len(log) > 1 else log[-1])
+        if constraint is not None:
+            return Projection(params=torch.cat(out), distance=torch.cat([m.distance for m in moved]),
+                              pruned_mass=torch.cat([m.pruned_mass for m in moved]))
         if not trajectory:
             return torch.cat(out)                             # [N, P]
         return torch.cat(out), torch.stack([torch.cat(step) for step in zip(*path)])  # [N, P], [S, N, P]

@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from checkpoints_dataset.params import LayerShapes, vector_to_tensors
 from checkpoints_dataset.permute import apply_permutations, weight_matching
+from gpt_params.core.compression import Projection
 
 
 def to_json(x):
@@ -114,9 +115,10 @@ def metric_of(task, params, metric: str, *, device=None, chunk: int = 256) -> np
 
 
 def generate(gen, start, start_metric, target, *, sampler: str | None, steps: int | None, guidance: float | None,
-             seed: int, chunk: int = 256, parts: dict | None = None) -> Tensor:
+             seed: int, chunk: int = 256, parts: dict | None = None, constraint=None, constrain_from: float = 0.5):
     """``gen.generate`` over ``start [N, P]`` in chunks, with one seeded ``torch.Generator`` -> ``[N, P]``
-    (``sampler``, ``steps``, ``guidance`` None: the generator's own; ``parts``: condition parts by name)."""
+    (``sampler``, ``steps``, ``guidance`` None: the generator's own; ``parts``: condition parts by name); with a
+    ``constraint`` (see ``Generator.generate``) a ``Projection`` of all N."""
     start = as_tensor(start)  # [N, P]
     start_metric = torch.as_tensor(np.asarray(start_metric, dtype=np.float32)).reshape(-1)  # [N]
     target = torch.as_tensor(np.asarray(target, dtype=np.float32)).reshape(-1)  # [N]
@@ -125,9 +127,14 @@ def generate(gen, start, start_metric, target, *, sampler: str | None, steps: in
                          f"[{target.shape[0]}] must have the same length")
     rng = torch.Generator().manual_seed(seed)
     extra = {} if parts is None else {"parts": parts}
+    if constraint is not None:
+        extra.update(constraint=constraint, constrain_from=constrain_from)
     out = [gen.generate(start[i:i + chunk], start_metric[i:i + chunk], target[i:i + chunk],
                         sampler=sampler, steps=steps, guidance=guidance, generator=rng, **extra)
            for i in range(0, start.shape[0], chunk)]
+    if constraint is not None:
+        return Projection(*(torch.cat([getattr(o, f).detach().float().cpu() for o in out])
+                            for f in ("params", "distance", "pruned_mass")))
     return torch.cat([o.detach().float().cpu() for o in out]) if out else start.clone()  # [N, P]
 
 

@@ -1,9 +1,10 @@
 """Compressed networks, section 8 of the evaluation suite (report key ``compression``).
 
 For each requested (sparsity, bits), from the same held-out default inits, the test error of:
-- ``generated``: the generator prompted with the sparsity and bits parts, projected exactly onto them (the
-  error before the projection and the distance it moved are reported: a generator that learned the
-  constraint barely moves), and G.pt's prompt alignment R^2 at that constraint (``alignment_prompts`` prompts
+- ``generated``: the generator prompted with the sparsity and bits parts, its x0 predictions projected exactly
+  onto them from ``constrain_from`` of the sampler's steps on and at the end (reported beside: the error of
+  the same prompts generated without any projection, of those projected at the end only, and the distance
+  the projection moved the model's last own prediction: a generator that learned the constraint barely moves), and G.pt's prompt alignment R^2 at that constraint (``alignment_prompts`` prompts
   from the best final metric of the generator's training runs at it, the prompt of every row, to each init's);
 - ``dense_then_compressed``: the same generator prompted dense (sparsity 0, 32 bits), then pruned and
   quantized afterwards, and after a short masked, quantization-aware fine-tune (``finetune_steps`` of Adam);
@@ -65,7 +66,7 @@ def _store_runs(store, runs, sparsity: float, bits: int, metric: str):
 
 def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 3), (0.0, 2), (0.9, 4)),
                 num_inits: int = 8, finetune_steps: int = 200, ticket_rounds: int = 5, epochs: int | None = None,
-                alignment_prompts: int = 10,
+                alignment_prompts: int = 10, constrain_from: float = 0.5,
                 report_metric: str = "test_error", sampler=None, steps=None, guidance=None, seed: int = 0,
                 device=None, notes: list[str] | None = None) -> tuple[dict, Figure]:
     notes = [] if notes is None else notes
@@ -101,18 +102,23 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
             return project(params, task.layer_shapes, names, sparsity, None if bits >= FLOAT_BITS else bits)
 
         if {"sparsity", "bits"} <= parts:
-            raw = generate(gen, inits, init_metric, np.full(num_inits, prompt), sampler=sampler, steps=steps, guidance=guidance,
-                           seed=seed, parts={"sparsity": sparsity, "bits": bits}).cpu()
-            proj = compressed(raw)
+            given = {"sparsity": sparsity, "bits": bits}
+            raw = generate(gen, inits, init_metric, np.full(num_inits, prompt), sampler=sampler, steps=steps,
+                           guidance=guidance, seed=seed, parts=given)
+            proj = generate(gen, inits, init_metric, np.full(num_inits, prompt), sampler=sampler, steps=steps,
+                            guidance=guidance, seed=seed, parts=given, constraint=compressed,
+                            constrain_from=constrain_from)
             row["generated"] = {**score(proj.params), "before_projection": score(raw)[report_metric],
-                                "distance": summary(proj.distance.numpy())}
+                                "distance": summary(proj.distance.numpy()),
+                                "projected_at_end_only": score(compressed(raw).params)[report_metric]}
             generated_metric = task.evaluate(proj.params)[gen.metric].numpy()
             # G.pt's prompt alignment at this constraint: prompts from the data's best there to each init's
             prompted = np.linspace(np.full(num_inits, prompt), init_metric.numpy(), alignment_prompts, axis=1)  # [K, M]
             many = generate(gen, inits.repeat_interleave(alignment_prompts, 0),
                             init_metric.numpy().repeat(alignment_prompts), prompted.ravel(), sampler=sampler,
-                            steps=steps, guidance=guidance, seed=seed, parts={"sparsity": sparsity, "bits": bits})
-            achieved = task.evaluate(compressed(many.cpu()).params)[gen.metric].numpy().reshape(prompted.shape)
+                            steps=steps, guidance=guidance, seed=seed, parts=given, constraint=compressed,
+                            constrain_from=constrain_from)
+            achieved = task.evaluate(many.params)[gen.metric].numpy().reshape(prompted.shape)
             r2 = alignment_r2(prompted, achieved)
             row["alignment"] = {"median": float(np.nanmedian(r2)), "mean": float(np.nanmean(r2)),
                                 "num_prompts": alignment_prompts}
