@@ -15,7 +15,7 @@ from checkpoints_dataset.fileio import write_json_atomic
 from checkpoints_dataset.params import state_dict_to_vector
 from gpt_params.cli.common import (UsageError, add_part_options, add_sampling_options, add_task_options,
                                    check_sampling, parse_parts, prepare_out)
-from gpt_params.core.compression import pack, project
+from gpt_params.core.compression import matrix_names, pack, project
 from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
 
 
@@ -189,7 +189,7 @@ def _prunable(gen: Generator, task) -> list[str]:
     """The Linear/Conv weights of the task's network (without a task: every entry of two or more dims)."""
     if task is not None:
         return [k for k in prunable_names(task.build_model()) if k in gen.layer_shapes]
-    return [k for k, shape in gen.layer_shapes.items() if len(shape) >= 2]
+    return matrix_names(gen.layer_shapes)
 
 
 def _write_networks(out: Path, gen: Generator, task, params: torch.Tensor, targets: list[Optional[float]],
