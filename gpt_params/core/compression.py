@@ -34,7 +34,7 @@ from checkpoints_dataset.compress import FLOAT_BITS, magnitude_mask
 
 PACKED_FORMAT, PACKED_VERSION = "gpt-params-packed", "1"
 
-__all__ = ["PACKED_FORMAT", "Projection", "matrix_names", "pack", "project", "project_ste", "read_network", "unpack"]
+__all__ = ["PACKED_FORMAT", "Projection", "matrix_names", "pack", "project", "read_network", "unpack"]
 
 
 @dataclass
@@ -85,20 +85,6 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
     moved = sum((view[k] - before[k]).reshape(n, -1).square().sum(1).cpu() for k in names)
     norm = total_sq.clamp(min=1e-30)
     return Projection(params=x, distance=(moved / norm).sqrt(), pruned_mass=1 - kept_sq / norm)
-
-
-def project_ste(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor, bits: Tensor) -> Tensor:
-    """``project`` in the forward pass; in the backward pass the identity on the kept entries and zero on the
-    pruned ones (straight-through, as quantization-aware training). For training losses on projected networks."""
-    with torch.no_grad():
-        target = project(params.detach().float().cpu(), layer_shapes, names, sparsity.cpu(), bits.cpu()).params
-    target = target.to(params.device, params.dtype)
-    keep = torch.ones_like(params)
-    split = layer_shapes.split(keep)
-    for k, w in layer_shapes.split(target).items():
-        if k in names:
-            split[k].copy_(w != 0)
-    return params * keep + (target - params * keep).detach()
 
 
 def matrix_names(layer_shapes) -> list[str]:

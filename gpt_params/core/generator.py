@@ -24,7 +24,7 @@ from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.params import LayerShapes
 from checkpoints_dataset.tasks import Task, TaskRef
 from gpt_params.core.autoencoder import ParameterAutoencoder
-from gpt_params.core.compression import Projection, matrix_names, project_ste, read_network
+from gpt_params.core.compression import Projection, read_network
 from gpt_params.core.conditions import Conditions
 from gpt_params.core.config import GeneratorConfig
 from gpt_params.core.diffusion import Diffusion, sample
@@ -174,14 +174,11 @@ class Generator(nn.Module):
 
     def denoising_loss(self, batch: dict[str, Tensor], cond_drop_prob: float, denoiser: nn.Module | None = None,
                        generator: torch.Generator | None = None,
-                       function_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
-                       constrain: bool = False) -> Tensor:
+                       function_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """The diffusion loss of a batch of pairs (``start``/``target`` [N, P], ``start_metric``/``target_metric``
         [N]); ``denoiser`` is ``self.model`` or a compiled wrapper of it. ``function_loss(predicted [N, P],
         target [N, P])`` (see ``FunctionLoss``), when given, is added: it compares the networks the x0
-        predictions make with their targets on the task's inputs. ``constrain``: the function loss scores the
-        predictions projected onto their targets' ``sparsity`` and ``bits`` parts (straight-through,
-        ``project_ste``), so the generator learns values that still work once exactly compressed."""
+        predictions make with their targets on the task's inputs."""
         target = self.encode(batch["target"])                 # [N, T, C] or [N, T, d]
         start = self.encode(batch["start"]) if self.uses_start else torch.zeros_like(target)
         err, pred = self.diffusion.training_terms(
@@ -194,16 +191,7 @@ class Generator(nn.Module):
             if self.autoencoder is not None or self.config.prediction != "x0":
                 raise ValueError("the function-space loss needs x0 predictions of parameter tokens: use "
                                  "--model.prediction x0 and --model.space params")
-            predicted = self.tokenizer.detokenize(pred)                         # [N, P]
-            if constrain:
-                names = [q.name for q in self.parts]
-                if not {"sparsity", "bits"} <= set(names):
-                    raise ValueError("a constrained function loss needs the condition parts sparsity and bits "
-                                     "(--data.parts '[sparsity, bits]')")
-                parts = batch["target_parts"]
-                predicted = project_ste(predicted, self.layer_shapes, matrix_names(self.layer_shapes),
-                                        parts[:, names.index("sparsity")], parts[:, names.index("bits")].round())
-            loss = loss + function_loss(predicted, batch["target"])
+            loss = loss + function_loss(self.tokenizer.detokenize(pred), batch["target"])
         return loss
 
     # ------------------------------------------------------------------ prompting

@@ -132,8 +132,6 @@ class GeneratorModule(pl.LightningModule):
         function_probes: how many of the task's probe inputs the function-space loss uses (None: all of them,
             256 for a classification task). Its cost grows with it: a ConvNet's forwards on 256 images for every
             network of the batch cost more than the DiT's step, so ``configs/fashion_cnn.yaml`` uses fewer.
-        function_constraint: "parts": the function-space loss scores each prediction projected exactly onto its
-            target's ``sparsity`` and ``bits`` parts (straight-through; compressed stores, issue 19); "none".
         compile: wrap the denoiser in torch.compile.
     """
 
@@ -157,7 +155,6 @@ class GeneratorModule(pl.LightningModule):
         optim: OptimOptions = OptimOptions(),
         function_loss: Optional[float] = None,
         function_probes: Optional[int] = None,
-        function_constraint: Literal["none", "parts"] = "none",
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -187,11 +184,6 @@ class GeneratorModule(pl.LightningModule):
         if function_loss and (prediction != "x0" or space != "params"):
             raise ValueError("--model.function_loss needs --model.prediction x0 and --model.space params (it scores "
                              "the networks of the x0 predictions)")
-        if function_constraint not in ("none", "parts"):
-            raise ValueError(f"--model.function_constraint must be none or parts, got {function_constraint!r}")
-        if function_constraint == "parts" and function_loss == 0:
-            raise ValueError("--model.function_constraint parts projects what the function-space loss scores: it "
-                             "needs that loss (drop --model.function_loss 0)")
         if function_probes is not None and function_probes < 1:
             raise ValueError(f"--model.function_probes must be at least 1 (or null: all), got {function_probes}")
         self.optim = optim
@@ -232,8 +224,7 @@ class GeneratorModule(pl.LightningModule):
             return self._autoencoder_step(batch, stage, batch_idx)
         loss = self.generator.denoising_loss(
             batch, cond_drop_prob=self.hparams.cond_drop_prob if stage == "train" else 0.0, denoiser=self._denoiser,
-            function_loss=self._function_loss_fn() if stage == "train" else None,
-            constrain=self.hparams.function_constraint == "parts")
+            function_loss=self._function_loss_fn() if stage == "train" else None)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  sync_dist=stage != "train", batch_size=batch["target"].shape[0])
         return loss
