@@ -289,6 +289,21 @@ def test_mask_channel_tokens_round_trip_and_weigh_only_nonzero_values(digits):
     assert ParameterTokenizer.from_config(tok.config()).mask_channel == "nonzero"
 
 
+def test_projection_keeps_by_the_scores_it_is_given(digits):
+    from gpt_params.core.compression import project
+    names = prunable_names(digits.build_model())
+    x = digits.init_params(1, torch.Generator().manual_seed(4))
+    scores = -x.abs()                                   # prefer the smallest weights
+    pr = project(x, digits.layer_shapes, names, 0.5, scores=scores)
+    for k in names:
+        kept = digits.layer_shapes.split(pr.params)[k] != 0
+        w = digits.layer_shapes.split(x)[k].abs()
+        assert w[kept].max() <= w[~kept].min()
+    meant = x * (scores > 0)                             # a mask channel that keeps nothing: nothing to move from
+    assert torch.equal(project(x, digits.layer_shapes, names, 0.5, scores=scores).params, pr.params)
+    assert meant.abs().sum() == 0
+
+
 def test_matrix_names_are_the_prunable_weights_of_an_mlp(digits):
     from gpt_params.core.compression import matrix_names
     assert matrix_names(digits.layer_shapes) == prunable_names(digits.build_model())

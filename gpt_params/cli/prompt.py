@@ -90,8 +90,9 @@ def main(argv: list[str]) -> int:
         names = _prunable(gen, task)
         projection = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
                                   generator=g, parts=parts, part_guidance=part_guidance, constrain_from=args.project_from,
-                                  constraint=lambda p: project(p.cpu(), gen.layer_shapes, names, constraint["sparsity"],
-                                                               constraint["bits"]))
+                                  constraint=lambda p, scores: project(p.cpu(), gen.layer_shapes, names,
+                                                                       constraint["sparsity"], constraint["bits"],
+                                                                       scores=None if scores is None else scores.cpu()))
         params = projection.params.cpu()                                              # [n, P] exactly compressed
     else:
         params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,

@@ -61,7 +61,9 @@ def _grid(rows: Tensor, bits: int, keep: Tensor | None = None) -> tuple[Tensor, 
 def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | float | None = None,
             bits: Tensor | int | None = None, scores: Tensor | None = None) -> Projection:
     """``params [N, P]`` onto per-network ``sparsity [N]`` (None or 0: dense) and ``bits [N]`` (None or 32:
-    float) over the prunable weights ``names``; ``scores [N, P]`` rank the entries to keep (default |params|)."""
+    float) over the prunable weights ``names``; ``scores [N, P]`` rank the entries to keep (default |params|):
+    a mask channel's output, whose network is then ``params`` where the score is positive and zero elsewhere,
+    which ``distance`` and ``pruned_mass`` are measured from."""
     x = params.float().clone()
     n = x.shape[0]
     sparsity = torch.zeros(n) if sparsity is None else torch.as_tensor(sparsity, dtype=torch.float32).reshape(-1).expand(n)
@@ -69,14 +71,14 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
     if ((sparsity < 0) | (sparsity >= 1)).any() or ((bits < 2) | (bits > FLOAT_BITS)).any():
         raise ValueError(f"sparsity must lie in [0, 1) and bits in 2..32, got {sparsity.tolist()} and {bits.tolist()}")
     view, rank = layer_shapes.split(x), layer_shapes.split(x.abs() if scores is None else scores.float())
-    before = {k: view[k].clone() for k in names}
-    kept_sq, total_sq = torch.zeros(n), torch.zeros(n)
+    before = {k: view[k] * (rank[k] > 0) if scores is not None else view[k].clone() for k in names}  # the network meant
+    pruned_sq, total_sq = torch.zeros(n), torch.zeros(n)
     for k in names:
         w = view[k]                                                           # [N, rows, ...] a view of x
         mask = magnitude_mask(rank[k].to(w.device), sparsity.to(w.device))
-        total_sq += w.reshape(n, -1).square().sum(1).cpu()
+        total_sq += before[k].reshape(n, -1).square().sum(1).cpu()
         w.mul_(mask)
-        kept_sq += w.reshape(n, -1).square().sum(1).cpu()
+        pruned_sq += (before[k] * ~mask).reshape(n, -1).square().sum(1).cpu()
         for i in range(n):
             if int(bits[i]) < FLOAT_BITS:
                 rows = w[i].reshape(w.shape[1], -1)                           # [rows, n]
@@ -84,7 +86,7 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
                 w[i].copy_((k_idx * scale[:, None]).reshape(w[i].shape))
     moved = sum((view[k] - before[k]).reshape(n, -1).square().sum(1).cpu() for k in names)
     norm = total_sq.clamp(min=1e-30)
-    return Projection(params=x, distance=(moved / norm).sqrt(), pruned_mass=1 - kept_sq / norm)
+    return Projection(params=x, distance=(moved / norm).sqrt(), pruned_mass=pruned_sq / norm)
 
 
 def matrix_names(layer_shapes) -> list[str]:

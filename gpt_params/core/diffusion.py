@@ -276,7 +276,7 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
            generator: torch.Generator | None = None, diffusion: Diffusion | None = None,
            autoencoder: nn.Module | None = None, callback: StepCallback | None = None, parts: Tensor | None = None,
            parts_given: Tensor | None = None, part_guidance: Sequence[float] | None = None,
-           project: Callable[[Tensor], Tensor] | None = None, project_from: float = 0.5) -> Tensor:
+           project: Callable[[Tensor, Tensor | None], Tensor] | None = None, project_from: float = 0.5) -> Tensor:
     """Generate parameter vectors ``[N, P]`` (float32, on ``start_params``' device) for a batch of prompts.
 
     ``start_params [N, P]`` (or ``[P]``), metrics as numbers or ``[N]`` raw values. The model runs in
@@ -287,9 +287,10 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
     (``model.start_input == "none"``) gets zero start tokens; ``start_params`` then only gives N.
     ``callback(i, t, params [N, P])`` sees the predicted clean sample of every step, decoded to parameter
     vectors like the result; ``parts``, ``parts_given`` and ``part_guidance``: the condition parts (see
-    ``Diffusion.sample_tokens``). ``project(params [N, P]) -> [N, P]`` (parameter space, no autoencoder) is
-    applied to the x0 prediction of the steps from ``project_from`` of the way on (x0 models) and to the result,
-    so the last denoising steps work from networks that meet the constraint.
+    ``Diffusion.sample_tokens``). ``project(params [N, P], scores [N, P] | None) -> [N, P]`` (parameter space,
+    no autoencoder) is applied to the x0 prediction of the steps from ``project_from`` of the way on (x0 models)
+    and to the result, so the last denoising steps work from networks that meet the constraint; with a mask
+    channel it gets every value as predicted and the channel as the scores to keep by, else ``None``.
     """
     start_params = torch.as_tensor(start_params)
     if start_params.dim() == 1:
@@ -324,15 +325,20 @@ def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, targ
             if project is not None and autoencoder is not None:
                 raise ValueError("project works in parameter space: it needs a generator with space 'params'")
             first = math.ceil(project_from * steps) if project is not None else steps
+
+            def constrained(tokens: Tensor) -> Tensor:  # [N, T, C] -> projected [N, P]
+                scores = tokenizer.mask_scores(tokens)
+                params = tokenizer.detokenize(tokens.float(), apply_mask=False).to(start_params.device)
+                return project(params, None if scores is None else scores.float().to(start_params.device))
+
             hook = None if project is None else (
-                lambda i, x0: tokenizer.tokenize(project(decode(x0)).to(x0.device)).to(x0.dtype) if i >= first else x0)
+                lambda i, x0: tokenizer.tokenize(constrained(x0).to(x0.device)).to(x0.dtype) if i >= first else x0)
             tokens = diffusion.sample_tokens(model, start_tokens, start_metric, target_metric, sampler=sampler,
                                              steps=steps, guidance=guidance, generator=generator,
                                              mask=None if autoencoder is not None else tokenizer.mask,
                                              callback=step_fn, parts=parts, parts_given=parts_given,
                                              part_guidance=part_guidance, x0_hook=hook)
-            out = decode(tokens)  # [N, P]
-            return out if project is None else project(out)
+            return decode(tokens) if project is None else constrained(tokens)  # [N, P]
     finally:
         for m, mode in zip(modules, was_training):
             m.train(mode)

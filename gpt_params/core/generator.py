@@ -200,7 +200,7 @@ class Generator(nn.Module):
                  steps: Optional[int] = None, guidance: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  batch_size: Optional[int] = None, trajectory: bool = False, parts: Optional[Mapping] = None,
                  part_guidance: Optional[Mapping[str, float]] = None,
-                 constraint: Optional[Callable[[Tensor], Projection]] = None,
+                 constraint: Optional[Callable[[Tensor, Optional[Tensor]], Projection]] = None,
                  constrain_from: float = 0.5) -> Tensor | tuple[Tensor, Tensor] | Projection:
         """Parameter vectors [N, P] for N prompts, on the generator's device, sampled in batches.
         A start-free generator takes ``start_params=None`` (N from ``target_metric``) and ignores a
@@ -212,8 +212,9 @@ class Generator(nn.Module):
         ``[S, N, P]`` on the CPU (S sampler steps; the last equals the result for the deterministic samplers).
         ``parts``: values of the condition parts by name (a number or ``[N]`` each; a label as its class
         index); parts not named get their null embedding. ``part_guidance``: a guidance scale by part name.
-        A name the generator does not know is refused. ``constraint(params [n, P]) -> Projection`` (e.g.
-        ``lambda p: project(p, layer_shapes, names, 0.9, 4)``, the same for every network) is applied to the x0
+        A name the generator does not know is refused. ``constraint(params [n, P], scores) -> Projection`` (e.g.
+        ``lambda p, s: project(p, layer_shapes, names, 0.9, 4, scores=s)``, the same for every network; ``scores``
+        is a mask channel's output, what to keep by, or None) is applied to the x0
         predictions of the steps from ``constrain_from`` of the way on and to the result, so the last steps
         denoise networks that meet it; then a ``Projection`` is returned whose ``distance`` is how far the
         model's last own prediction was from the constraint (1.0: only the result is projected)."""
@@ -240,8 +241,8 @@ class Generator(nn.Module):
         for i in range(0, n, batch_size):
             sl, steps_seen, log = slice(i, i + batch_size), [], []
 
-            def project(params: Tensor) -> Tensor:
-                log.append(constraint(params))
+            def project(params: Tensor, scores: Optional[Tensor]) -> Tensor:
+                log.append(constraint(params, scores))
                 return log[-1].params.to(params.device)
 
             out.append(sample(self.model, self.tokenizer, start_params[sl].to(device),

@@ -234,8 +234,9 @@ class ParameterTokenizer:
             tokens = torch.cat([tokens[..., :self.value_dim], channel], dim=-1)  # [N, T, C]
         return tokens
 
-    def detokenize(self, tokens: Tensor) -> Tensor:
-        """``tokens [N, T, C]`` (or ``[T, C]``) -> ``params [N, P]``; padding values are ignored."""
+    def detokenize(self, tokens: Tensor, apply_mask: bool = True) -> Tensor:
+        """``tokens [N, T, C]`` (or ``[T, C]``) -> ``params [N, P]``; padding values are ignored. With the mask
+        channel, entries it marks zero are zero unless ``apply_mask`` is False (then every value as predicted)."""
         if not isinstance(tokens, Tensor) or not torch.is_floating_point(tokens):
             raise ValueError(f"tokens must be a floating-point tensor [N, {self.num_tokens}, {self.token_dim}], "
                              f"got {getattr(tokens, 'dtype', type(tokens).__name__)}")
@@ -249,14 +250,16 @@ class ParameterTokenizer:
         params = flat[:, inverse]  # [N, P]
         if self.stats is not None:
             params = torch.addcmul(mean_p.to(params.dtype), params, std_p.to(params.dtype))  # [N, P]
-        if self.mask_channel == "nonzero":
+        if self.mask_channel == "nonzero" and apply_mask:
             params = params * (self.mask_scores(tokens) > 0)  # [N, P] zero where the channel says so
         return params
 
-    def mask_scores(self, tokens: Tensor) -> Tensor:
-        """The mask channel of ``tokens [N, T, C]`` per parameter ``[N, P]`` (positive: nonzero)."""
+    def mask_scores(self, tokens: Tensor) -> Tensor | None:
+        """The mask channel of ``tokens [N, T, C]`` per parameter ``[N, P]`` (positive: nonzero); None without one."""
         if self.mask_channel != "nonzero":
-            raise ValueError("this tokenizer has no mask channel (mask_channel='nonzero')")
+            return None
+        if tokens.dim() == 2:
+            tokens = tokens[None]  # [1, T, C]
         return rearrange(tokens, "n t c -> n (t c)")[:, self.mask_inverse.to(tokens.device)]
 
     def loss_weights(self, target_tokens: Tensor) -> Tensor:

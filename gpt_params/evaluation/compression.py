@@ -98,8 +98,9 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
             return {report_metric: summary(m[report_metric].numpy()), gen.metric: summary(m[gen.metric].numpy()),
                     "sparsity": summary(m["sparsity"].numpy()), "bits": summary(m["bits"].numpy())}
 
-        def compressed(params):
-            return project(params, task.layer_shapes, names, sparsity, None if bits >= FLOAT_BITS else bits)
+        def compressed(params, scores=None):   # scores: a mask channel's, what to keep by
+            return project(params, task.layer_shapes, names, sparsity, None if bits >= FLOAT_BITS else bits,
+                           scores=scores)
 
         if {"sparsity", "bits"} <= parts:
             given = {"sparsity": sparsity, "bits": bits}
