@@ -70,8 +70,10 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
     bits = torch.full((n,), FLOAT_BITS) if bits is None else torch.as_tensor(bits).reshape(-1).expand(n)
     if ((sparsity < 0) | (sparsity >= 1)).any() or ((bits < 2) | (bits > FLOAT_BITS)).any():
         raise ValueError(f"sparsity must lie in [0, 1) and bits in 2..32, got {sparsity.tolist()} and {bits.tolist()}")
-    view, rank = layer_shapes.split(x), layer_shapes.split(x.abs() if scores is None else scores.float())
-    before = {k: view[k] * (rank[k] > 0) if scores is not None else view[k].clone() for k in names}  # the network meant
+    order = x.abs() if scores is None else scores.float() - scores.float().amin(1, keepdim=True)  # >= 0, same order
+    view, rank = layer_shapes.split(x), layer_shapes.split(order)
+    meant = {k: v > 0 for k, v in layer_shapes.split(scores.float()).items()} if scores is not None else None
+    before = {k: view[k] * meant[k] if scores is not None else view[k].clone() for k in names}  # the network meant
     pruned_sq, total_sq = torch.zeros(n), torch.zeros(n)
     for k in names:
         w = view[k]                                                           # [N, rows, ...] a view of x
