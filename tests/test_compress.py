@@ -322,3 +322,32 @@ def test_a_mask_channel_generator_trains_and_prompts(tmp_path):
                      "--out", str(out)]) == 0
     for rec in json.loads((out / "results.json").read_text())["records"]:
         assert rec["achieved"]["sparsity"] == pytest.approx(0.9, abs=0.001)
+
+
+@pytest.mark.parametrize("config", ["digits_mlp_compressed", "fashion_mlp_compressed"])
+def test_the_compressed_configs_run_end_to_end_at_reduced_size(config, tmp_path):
+    """configs/<task>_compressed.yaml as shipped (its store built by `train`: compressed runs with the metrics,
+    the parts sparsity and bits), at reduced size; then a packed prompt. Fashion on the test's own small files."""
+    from pathlib import Path
+
+    from gpt_params.cli import main as gpt_main
+    from tests.conftest import train_args
+    from tests.helpers import fake_fashion
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml"
+    store = tmp_path / "store"
+    args = ["train", "--config", str(path), "--data.root", str(store), "--data.build_runs", "16",
+            "--data.build_epochs", "1", "--data.build_checkpoints", "6", "--data.val_runs", "2"]
+    if config.startswith("fashion"):
+        (tmp_path / "fashion").mkdir()
+        fake_fashion(tmp_path / "fashion", n_train=200, n_test=30)
+        args += ["--data.data_dir", str(tmp_path / "fashion"), "--data.task_options",
+                 "{compression: true, val_size: 40, eval_size: 30}"]
+    assert gpt_main(args + train_args(store, tmp_path / "run", steps=3)[1:]) == 0
+    manifest = open_store(store).manifest
+    assert {"sparsity", "bits"} <= set(manifest["metric_names"]) and manifest["build_config"]["bits"] == [32, 4, 3, 2]
+    ckpt = next((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/last.ckpt"))
+    assert gpt_main(["prompt", "--ckpt", str(ckpt), "--target", "0.3", "--num", "2", "--sparsity", "0.9", "--bits",
+                     "4", "--format", "packed", "--out", str(tmp_path / "gen")]) == 0
+    for rec in json.loads((tmp_path / "gen" / "results.json").read_text())["records"]:
+        assert rec["achieved"]["sparsity"] >= 0.899 and rec["achieved"]["bits"] == 4
