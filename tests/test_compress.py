@@ -245,6 +245,24 @@ def test_compressed_store_trains_and_prompts_exact_packed_networks(compressed_ck
         assert all(torch.equal(read_network(out / a["file"])[k], v) for k, v in read_network(dense / b["file"]).items())
 
 
+def test_prompt_ticket_mode_trains_the_generated_mask(compressed_ckpt, tmp_path, capsys):
+    from gpt_params.cli import main as gpt_main
+    from gpt_params.core.compression import read_network
+
+    out = tmp_path / "tickets"
+    assert gpt_main(["prompt", "--ckpt", str(compressed_ckpt), "--target", "0.2", "--num", "2", "--sparsity", "0.8",
+                     "--bits", "4", "--ticket", "1", "--format", "packed", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["ticket_epochs"] == 1
+    task = get_task("digits_mlp", compression=True)
+    for rec in results["records"]:
+        assert rec["achieved"]["sparsity"] == pytest.approx(0.8, abs=0.001) and rec["achieved"]["bits"] == 4
+        task.build_model().load_state_dict(read_network(out / rec["file"]), strict=True)
+    assert gpt_main(["prompt", "--ckpt", str(compressed_ckpt), "--target", "0.2", "--ticket", "1",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "--sparsity" in capsys.readouterr().err
+
+
 def test_evaluate_compression_section_compares_every_method(compressed_ckpt, tmp_path):
     """The evaluation's compression section on a tiny compressed generator: every method is scored from the
     same inits, the generated networks are exactly on the constraint, and the report and figure are written."""

@@ -17,6 +17,7 @@ from gpt_params.cli.common import (UsageError, add_part_options, add_sampling_op
                                    check_sampling, parse_parts, prepare_out)
 from gpt_params.core.compression import matrix_names, pack, project
 from gpt_params.core.generator import Generator, load_state_dict, save_state_dict
+from gpt_params.evaluation.compression import train_ticket
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with --sparsity/--bits: project the sampler's predictions from this fraction of its steps on "
                         "(0.5, the default: the later half; 1.0: the result only), so the last steps denoise networks "
                         "that meet the constraint")
+    p.add_argument("--ticket", type=int, default=None, metavar="EPOCHS",
+                   help="ticket mode (with --sparsity): keep only the generated network's mask, put it on the start and "
+                        "train that ticket EPOCHS epochs with Adam (lr 1e-3, mask fixed, quantization-aware at --bits); "
+                        "writes the trained tickets (classification tasks)")
     p.add_argument("--format", choices=["dense", "packed"], default="dense",
                    help="dense: state_dicts that load with strict=True (the default); packed: int8 / two int4 per "
                         "byte, float16 row scales and bit-packed masks (gpt_params.core.compression.read_network "
@@ -94,6 +99,13 @@ def main(argv: list[str]) -> int:
                                                                        constraint["sparsity"], constraint["bits"],
                                                                        scores=None if scores is None else scores.cpu()))
         params = projection.params.cpu()                                              # [n, P] exactly compressed
+        if args.ticket is not None:   # the generated mask on the start, trained; rounded onto the same grid again
+            if task is None or not hasattr(task, "split"):
+                raise UsageError("--ticket trains the ticket on the task's data: it needs a classification task "
+                                 "(give --task)")
+            trained = train_ticket(task, start, params, names, epochs=args.ticket, bits=constraint["bits"] or 32,
+                                   seed=args.seed, device=args.device)
+            params = project(trained, gen.layer_shapes, names, constraint["sparsity"], constraint["bits"]).params
     else:
         params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
                               generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]
@@ -115,6 +127,7 @@ def main(argv: list[str]) -> int:
     write_json_atomic(out / "results.json", {"metric": gen.metric, "guidance": guidance, "sampler": sampler,
                                              "steps": steps, "parts": parts, "part_guidance": part_guidance,
                                              "format": args.format, **constraint, "project_from": args.project_from,
+                                             "ticket_epochs": args.ticket,
                                              "records": records})
     _print_table(gen.metric, records, args.num)
     print(f"\n{n} networks written to {out} (results.json lists them)")
@@ -176,6 +189,9 @@ def _constraint(args, gen: Generator, parts: dict) -> dict:
                          f"{args.sparsity}")
     if args.bits is not None and not 2 <= args.bits <= 8:
         raise UsageError(f"--bits must be 2 to 8 (leave it out for float weights), got {args.bits}")
+    if args.ticket is not None and (args.ticket < 1 or args.sparsity is None):
+        raise UsageError(f"--ticket EPOCHS needs EPOCHS >= 1 and --sparsity (the mask to train), got --ticket "
+                         f"{args.ticket} and --sparsity {args.sparsity}")
     if not 0.0 <= args.project_from <= 1.0:
         raise UsageError(f"--project-from must lie in [0, 1] (a fraction of the sampler's steps), got {args.project_from}")
     known = {q.name for q in gen.parts}

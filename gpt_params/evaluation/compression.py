@@ -54,6 +54,15 @@ def _masks_of(task, params, names):
     return {n: split[n] != 0 for n in names}
 
 
+def train_ticket(task, start, generated, names: list[str], *, epochs: int, bits: int = FLOAT_BITS, seed: int = 0,
+                 device=None):
+    """The ticket mode: ``generated [K, P]``'s mask (its nonzero prunable weights) on ``start [K, P]``, trained
+    ``epochs`` epochs with Adam (lr 1e-3), the mask fixed and quantization-aware at ``bits`` -> ``[K, P]``."""
+    seeds = [seed * 1000 + i for i in range(start.shape[0])]
+    return _train(task, start, seeds, epochs=epochs, bits=bits, masks=_masks_of(task, generated, names),
+                  device=device).params[:, -1]
+
+
 def _store_runs(store, runs, sparsity: float, bits: int, metric: str):
     """Final ``metric`` of the held-out ``runs`` built with this sparsity and bit width."""
     out = []
@@ -124,9 +133,8 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
             row["alignment"] = {"median": float(np.nanmedian(r2)), "mean": float(np.nanmean(r2)),
                                 "num_prompts": alignment_prompts}
             # ticket mode: only the generated mask, on the init, trained once
-            ticket = _train(task, inits, seeds, epochs=epochs, bits=bits, masks=_masks_of(task, proj.params, names),
-                            device=device)
-            row["ticket_mode"] = {**score(ticket.params[:, -1]), "trainings": 1}
+            ticket = train_ticket(task, inits, proj.params, names, epochs=epochs, bits=bits, seed=seed, device=device)
+            row["ticket_mode"] = {**score(ticket), "trainings": 1}
         else:
             generated_metric = None
             notes.append("compression: the generator has no sparsity and bits parts; only its dense output is "
