@@ -2,13 +2,14 @@
 
     python -m bench.compress_baselines                      # digits_mlp, end to end (~20 min on 2 cores)
     python -m bench.compress_baselines --task fashion_mlp   # the full comparison (Fashion-MNIST files)
+    python -m bench.compress_baselines --sizes-only         # packed against dense file sizes, 0.9 + int4
 
 Trains what is missing under ``--work`` (the store and the generator of ``configs/<task>_compressed.yaml``;
 a second call reuses them), then runs the evaluation's ``compression`` section on the store's test runs
 (every method from the same default inits) and prints one row per method and (sparsity, bits): the test
 error (median over the inits), the sparsity and bits measured on the networks, and for the generator the
-error before the projection and the distance the projection moved it. The whole report goes to
-``--work/report.json``.
+error before the projection and the distance the projection moved it; last, the sizes of packed against dense
+files at 0.9 sparsity and int4. The whole report goes to ``--work/report.json``.
 """
 from __future__ import annotations
 
@@ -67,6 +68,34 @@ def _rows(report: dict) -> list[tuple]:
     return rows
 
 
+def packed_sizes() -> list[tuple[str, int, int]]:
+    """(network, dense bytes, packed bytes) of a default init projected to sparsity 0.9 and int4, written both
+    ways as `gpt-params prompt` writes them (tasks whose data files are missing are left out)."""
+    import tempfile
+
+    from checkpoints_dataset import get_task
+    from checkpoints_dataset.compress import prunable_names
+    from gpt_params.core.compression import pack, project
+    from gpt_params.core.generator import save_state_dict
+
+    out = []
+    for label, name, options in (("digits_mlp", "digits_mlp", {}), ("fashion_mlp", "fashion_mlp", {}),
+                                 ("fashion_mlp hidden=1280", "fashion_mlp", {"hidden": 1280})):
+        try:
+            task = get_task(name, **options)
+        except FileNotFoundError:
+            continue
+        names = prunable_names(task.build_model())
+        state = task.to_state_dict(project(task.init_params(1), task.layer_shapes, names, 0.9, 4).params[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state_dict(Path(tmp) / "dense.safetensors", state, {"metric": "val_error"})
+            tensors, meta = pack(state, names, 4)
+            save_state_dict(Path(tmp) / "packed.safetensors", tensors, {"metric": "val_error", **meta})
+            out.append((label, (Path(tmp) / "dense.safetensors").stat().st_size,
+                        (Path(tmp) / "packed.safetensors").stat().st_size))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=["digits_mlp", "fashion_mlp"], default="digits_mlp")
@@ -76,9 +105,14 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=64, help="the store's test runs the sparse-from-the-start row reads")
     p.add_argument("--max-steps", type=int, default=None, help="generator training steps (default: the config's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sizes-only", action="store_true", help="only the file sizes of packed against dense networks")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sizes_only:
+        for label, dense, packed in packed_sizes():
+            print(f"{label}: 0.9 sparse + int4, dense file {dense} B, packed {packed} B: {dense / packed:.1f}x smaller")
+        return 0
     from gpt_params.core.generator import Generator
     from gpt_params.evaluation.suite import run_sections
 
@@ -101,6 +135,8 @@ def main(argv=None) -> int:
         print(f"{method:<30} {s:>8g} {b:>4} {err:>10.3f} {ms:>10.3f} {mb:>3g}  {extra}")
     for n in notes:
         print(f"note: {n}")
+    for label, dense, packed in packed_sizes():
+        print(f"{label}: 0.9 sparse + int4, dense file {dense} B, packed {packed} B: {dense / packed:.1f}x smaller")
     print(json.dumps({"report": str(work / "report.json")}))
     return 0
 
