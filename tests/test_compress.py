@@ -255,8 +255,8 @@ def test_prompt_ticket_mode_trains_the_generated_mask(compressed_ckpt, tmp_path,
     results = json.loads((out / "results.json").read_text())
     assert results["ticket_epochs"] == 1
     task = get_task("digits_mlp", compression=True)
-    for rec in results["records"]:
-        assert rec["achieved"]["sparsity"] == pytest.approx(0.8, abs=0.001) and rec["achieved"]["bits"] == 4
+    for rec in results["records"]:   # the ticket's training may round kept weights to zero: at least as sparse
+        assert rec["achieved"]["sparsity"] >= 0.8 - 0.001 and rec["achieved"]["bits"] == 4
         task.build_model().load_state_dict(read_network(out / rec["file"]), strict=True)
     assert gpt_main(["prompt", "--ckpt", str(compressed_ckpt), "--target", "0.2", "--ticket", "1",
                      "--out", str(tmp_path / "x")]) == 2
@@ -311,15 +311,37 @@ def test_projection_keeps_by_the_scores_it_is_given(digits):
     from gpt_params.core.compression import project
     names = prunable_names(digits.build_model())
     x = digits.init_params(1, torch.Generator().manual_seed(4))
-    scores = -x.abs()                                   # prefer the smallest weights
+    scores = 1 / (x.abs() + 1e-3)                       # positive everywhere, preferring the smallest weights
     pr = project(x, digits.layer_shapes, names, 0.5, scores=scores)
     for k in names:
         kept = digits.layer_shapes.split(pr.params)[k] != 0
         w = digits.layer_shapes.split(x)[k].abs()
-        assert w[kept].max() <= w[~kept].min()
-    meant = x * (scores > 0)                             # a mask channel that keeps nothing: nothing to move from
-    assert torch.equal(project(x, digits.layer_shapes, names, 0.5, scores=scores).params, pr.params)
-    assert meant.abs().sum() == 0
+        assert kept.sum() == round(0.5 * kept.numel()) and w[kept].max() <= w[~kept].min()
+    nothing = project(x, digits.layer_shapes, names, 0.5, scores=-scores)   # a channel that keeps nothing
+    assert all((digits.layer_shapes.split(nothing.params)[k] == 0).all() for k in names)
+
+
+def test_projection_without_sparsity_is_idempotent_on_quantized_networks(digits):
+    """Bits alone: rounding may add zeros (as QAT does), so a network the trainer quantized is left as it is;
+    with scores from a mask channel, its zeros stay zero even when nothing is to be pruned."""
+    from gpt_params.core.compression import project
+    names = prunable_names(digits.build_model())
+    x = digits.init_params(1, torch.Generator().manual_seed(5))
+    q = project(x, digits.layer_shapes, names, None, 2).params
+    assert (q == 0).float().mean() > 0.2
+    again = project(q, digits.layer_shapes, names, 0.0, 2)
+    assert torch.equal(again.params, q) and again.distance.item() == 0
+    scores = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(6)) < 0.5, 1.0, -1.0)
+    kept = project(x, digits.layer_shapes, names, 0.0, 4, scores=scores).params
+    for k in names:
+        assert not digits.layer_shapes.split(kept)[k][digits.layer_shapes.split(scores)[k] < 0].any()
+
+
+def test_compressed_schedules_always_reach_the_last_step():
+    from checkpoints_dataset.tasks.supervised import compressed_schedule
+    for total, count, start in ((100, 2, 25), (320, 32, 80), (5, 32, 1), (10, 8, 0)):
+        steps = compressed_schedule(total, count, start)
+        assert steps[0] == 0 and steps[-1] == total and steps == sorted(set(steps))
 
 
 def test_matrix_names_are_the_prunable_weights_of_an_mlp(digits):

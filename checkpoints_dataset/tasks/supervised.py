@@ -36,7 +36,7 @@ def compressed_schedule(total: int, num_checkpoints: int, start: int) -> list[in
     ``checkpoint_schedule``), the rest evenly spaced over the compression and after it, to the last step."""
     dense = checkpoint_schedule(start, max(2, num_checkpoints // 2)) if start >= 1 else [0]
     rest = torch.linspace(start, total, num_checkpoints - len(dense) + 1).round().long().tolist()[1:]
-    return sorted(set(dense) | set(rest))
+    return sorted(set(dense) | set(rest) | {total})
 
 
 def train_supervised(task, hparams: list[dict], config: PopulationConfig, device: torch.device,
@@ -80,6 +80,7 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
     masks = ({n: masks[n].to(device=device, dtype=torch.bool)[order.to(device)] for n in prunable} if fixed_masks
              else {n: torch.ones(R, *trainable[n], dtype=torch.bool, device=device) for n in prunable})
     redraw = max(1, round((end - start) / MASK_UPDATES))
+    final_drawn = False
 
     def compressed(p: dict, b: Tensor) -> dict:
         """One run's tensors as its forward sees them: prunable weights fake-quantized to ``b`` bits."""
@@ -155,7 +156,8 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
         step += 1
         if compress and step >= start:
             views = trainable.split(flat)                                # name -> [R, *shape] views of flat
-            if not fixed_masks and (step == end or (step < end and (step - start) % redraw == 0)):
+            if not fixed_masks and not final_drawn and (step >= end or (step - start) % redraw == 0):
+                final_drawn = step >= end
                 target = gmp_sparsity(step, start, end, sparsity)  # [R]
                 for n in prunable:   # masks only shrink: a pruned entry never comes back
                     masks[n] &= magnitude_mask(views[n] * masks[n], target)

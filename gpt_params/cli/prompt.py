@@ -105,7 +105,8 @@ def main(argv: list[str]) -> int:
                                  "(give --task)")
             trained = train_ticket(task, start, params, names, epochs=args.ticket, bits=constraint["bits"] or 32,
                                    seed=args.seed, device=args.device)
-            params = project(trained, gen.layer_shapes, names, constraint["sparsity"], constraint["bits"]).params
+            params = project(trained, gen.layer_shapes, names, constraint["sparsity"], constraint["bits"],
+                             scores=(params != 0).float()).params   # exactly the generated mask kept
     else:
         params = gen.generate(start, start_metric, targets, sampler=sampler, steps=steps, guidance=guidance,
                               generator=g, parts=parts, part_guidance=part_guidance).cpu()   # [n, P]

@@ -63,7 +63,10 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
     """``params [N, P]`` onto per-network ``sparsity [N]`` (None or 0: dense) and ``bits [N]`` (None or 32:
     float) over the prunable weights ``names``; ``scores [N, P]`` rank the entries to keep (default |params|):
     a mask channel's output, whose network is then ``params`` where the score is positive and zero elsewhere,
-    which ``distance`` and ``pruned_mass`` are measured from."""
+    which ``distance`` and ``pruned_mass`` are measured from. With a sparsity exactly ``round((1 - s) n)``
+    entries per layer are kept, and a kept nonzero entry that would round to zero keeps the smallest level of
+    its sign (so a network with no exact zeros among them comes out exactly that sparse); with bits alone
+    rounding may add zeros, as quantization-aware training does."""
     x = params.float().clone()
     n = x.shape[0]
     sparsity = torch.zeros(n) if sparsity is None else torch.as_tensor(sparsity, dtype=torch.float32).reshape(-1).expand(n)
@@ -72,8 +75,11 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
         raise ValueError(f"sparsity must lie in [0, 1) and bits in 2..32, got {sparsity.tolist()} and {bits.tolist()}")
     order = x.abs() if scores is None else scores.float() - scores.float().amin(1, keepdim=True)  # >= 0, same order
     view, rank = layer_shapes.split(x), layer_shapes.split(order)
-    meant = {k: v > 0 for k, v in layer_shapes.split(scores.float()).items()} if scores is not None else None
-    before = {k: view[k] * meant[k] if scores is not None else view[k].clone() for k in names}  # the network meant
+    if scores is not None:   # the network the mask channel meant: its zeros stay zero, whatever is kept
+        meant = layer_shapes.split(scores.float())
+        for k in names:
+            view[k].mul_(meant[k] > 0)
+    before = {k: view[k].clone() for k in names}
     pruned_sq, total_sq = torch.zeros(n), torch.zeros(n)
     for k in names:
         w = view[k]                                                           # [N, rows, ...] a view of x
@@ -84,7 +90,10 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
         for i in range(n):
             if int(bits[i]) < FLOAT_BITS:
                 rows = w[i].reshape(w.shape[1], -1)                           # [rows, n]
-                k_idx, scale = _grid(rows, int(bits[i]), keep=mask[i].reshape(rows.shape))
+                # with a sparsity, kept nonzero entries stay nonzero (the count is exact); without one,
+                # rounding to zero is allowed, as in quantization-aware training
+                keep = (mask[i].reshape(rows.shape) & (rows != 0)) if float(sparsity[i]) > 0 else None
+                k_idx, scale = _grid(rows, int(bits[i]), keep=keep)
                 w[i].copy_((k_idx * scale[:, None]).reshape(w[i].shape))
     moved = sum((view[k] - before[k]).reshape(n, -1).square().sum(1).cpu() for k in names)
     norm = total_sq.clamp(min=1e-30)

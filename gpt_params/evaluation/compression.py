@@ -152,7 +152,7 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
                                     "adam": score(scratch.params[:, -1]), "total_steps": int(scratch.steps[-1])}
         if generated_metric is not None:
             row["sparse_from_start"]["steps_to_match"] = _steps_to_match(scratch, gen.metric, generated_metric,
-                                                                         sparsity, bits)
+                                                                         sparsity, bits, gen.lower_is_better)
         row["lottery_tickets"] = _tickets(task, inits, seeds, names, sparsity, bits, epochs, ticket_rounds, device,
                                           score)
         rand = torch.Generator().manual_seed(seed + 1)
@@ -164,7 +164,8 @@ def compression(gen, task, store, runs, *, targets=((0.8, 32), (0.9, 32), (0.0, 
     return {"metric": report_metric, "num_inits": num_inits, "epochs": epochs, "rows": rows}, _figure(rows, report_metric)
 
 
-def _steps_to_match(result, metric: str, generated: np.ndarray, sparsity: float, bits: int) -> dict:
+def _steps_to_match(result, metric: str, generated: np.ndarray, sparsity: float, bits: int,
+                    lower_is_better: bool = True) -> dict:
     """The first checkpoint step at which each sparse-from-the-start run is at the constraint and at least as
     good as the generated network from its init (runs that never are count as above the last step)."""
     values = result.metrics[metric].numpy()                                # [K, E]
@@ -172,7 +173,8 @@ def _steps_to_match(result, metric: str, generated: np.ndarray, sparsity: float,
     steps = result.steps.numpy()
     out = []
     for k in range(values.shape[0]):
-        hit = np.nonzero(on[k] & (values[k] <= generated[k]))[0]
+        good = values[k] <= generated[k] if lower_is_better else values[k] >= generated[k]
+        hit = np.nonzero(on[k] & good)[0]
         out.append(float(steps[hit[0]]) if len(hit) else math.inf)
     finite = [v for v in out if math.isfinite(v)]
     return {"median": float(np.median(out)) if finite else None, "above_cap": len(out) - len(finite),
