@@ -45,3 +45,18 @@ class RecordBatches(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         out = Path(os.environ["RECORD_BATCHES_DIR"]) / f"rank{trainer.global_rank}.json"
         out.write_text(json.dumps(self.batches))
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_args(tmp_path, config: str, fashion: bool = False) -> list[str]:
+    """`gpt-params train --config configs/<config>.yaml` with its store at ``tmp_path/store``; ``fashion``: on the
+    test's own small Fashion-MNIST-shaped files (``tmp_path/fashion``)."""
+    args = ["train", "--config", str(CONFIGS / f"{config}.yaml"), "--data.root", str(tmp_path / "store")]
+    if fashion:
+        data = tmp_path / "fashion"
+        data.mkdir()
+        fake_fashion(data, n_train=200, n_test=30)
+        args += ["--data.data_dir", str(data)]
+    return args

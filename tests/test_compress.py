@@ -368,21 +368,15 @@ def test_a_mask_channel_generator_trains_and_prompts(tmp_path):
 def test_the_compressed_configs_run_end_to_end_at_reduced_size(config, tmp_path):
     """configs/<task>_compressed.yaml as shipped (its store built by `train`: compressed runs with the metrics,
     the parts sparsity and bits), at reduced size; then a packed prompt. Fashion on the test's own small files."""
-    from pathlib import Path
-
     from gpt_params.cli import main as gpt_main
     from tests.conftest import train_args
-    from tests.helpers import fake_fashion
+    from tests.helpers import config_args
 
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml"
-    store = tmp_path / "store"
-    args = ["train", "--config", str(path), "--data.root", str(store), "--data.build_runs", "16",
-            "--data.build_epochs", "1", "--data.build_checkpoints", "6", "--data.val_runs", "2"]
-    if config.startswith("fashion"):
-        (tmp_path / "fashion").mkdir()
-        fake_fashion(tmp_path / "fashion", n_train=200, n_test=30)
-        args += ["--data.data_dir", str(tmp_path / "fashion"), "--data.task_options",
-                 "{compression: true, val_size: 40, eval_size: 30}"]
+    store, fashion = tmp_path / "store", config.startswith("fashion")
+    args = config_args(tmp_path, config, fashion) + [
+        "--data.build_runs", "16", "--data.build_epochs", "1", "--data.build_checkpoints", "6", "--data.val_runs", "2"]
+    if fashion:
+        args += ["--data.task_options", "{compression: true, val_size: 40, eval_size: 30}"]
     assert gpt_main(args + train_args(store, tmp_path / "run", steps=3)[1:]) == 0
     manifest = open_store(store).manifest
     assert {"sparsity", "bits"} <= set(manifest["metric_names"]) and manifest["build_config"]["bits"] == [32, 4, 3, 2]

@@ -15,7 +15,7 @@ from checkpoints_dataset import get_task, open_store
 from gpt_params import Generator
 from gpt_params.cli import main
 from tests.conftest import train_args
-from tests.helpers import fake_fashion
+from tests.helpers import config_args, fake_fashion
 
 OPTIONS = {"hidden": 8, "val_size": 40, "eval_size": 30}   # 784-8-10: 6,370 parameters, not the default 25,450
 
@@ -70,16 +70,10 @@ def test_a_non_default_width_survives_store_checkpoint_prompt_and_evaluate(wide_
 def test_the_fashion_cnn_config_runs_end_to_end_at_reduced_size(tmp_path):
     """configs/fashion_cnn.yaml as shipped (store built by `train`, function loss on 32 probes, edges between the
     conv channels), at reduced size: 12 runs on the test's own small files, a tiny DiT, 3 steps."""
-    from pathlib import Path
-
-    data = tmp_path / "fashion"
-    data.mkdir()
-    fake_fashion(data, n_train=200, n_test=30)
-    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_cnn.yaml"
     store = tmp_path / "store"
-    args = ["train", "--config", str(config), "--data.root", str(store), "--data.data_dir", str(data),
-            "--data.build_runs", "12", "--data.build_checkpoints", "4",
-            "--data.task_options", "{val_size: 40, eval_size: 30}", "--data.batch_size", "4"]
+    args = config_args(tmp_path, "fashion_cnn", fashion=True) + [
+        "--data.build_runs", "12", "--data.build_checkpoints", "4",
+        "--data.task_options", "{val_size: 40, eval_size: 30}", "--data.batch_size", "4"]
     args += train_args(store, tmp_path / "run", steps=3)[1:]     # tiny model, 3 steps, quiet
     assert main(args) == 0
     manifest = open_store(store).manifest
@@ -114,18 +108,12 @@ def test_the_million_parameter_config_runs_end_to_end_at_reduced_size(tmp_path):
     """configs/fashion_mlp_1m.yaml as shipped, the 784-1280-10 network included (float16 store built by `train` in
     groups, residual DiT with window attention over its 1,281 tokens), at reduced size: 8 runs on the test's
     own small files, a tiny DiT, 2 steps; then `prompt` writes loadable 1M-parameter networks."""
-    from pathlib import Path
-
     import numpy as np
 
-    data = tmp_path / "fashion"
-    data.mkdir()
-    fake_fashion(data, n_train=200, n_test=30)
-    config = Path(__file__).resolve().parents[1] / "configs" / "fashion_mlp_1m.yaml"
     store = tmp_path / "store"
-    args = ["train", "--config", str(config), "--data.root", str(store), "--data.data_dir", str(data),
-            "--data.build_runs", "8", "--data.build_checkpoints", "3", "--data.build_group_size", "4",
-            "--data.task_options", "{hidden: 1280, val_size: 40, eval_size: 30}", "--data.batch_size", "2"]
+    args = config_args(tmp_path, "fashion_mlp_1m", fashion=True) + [
+        "--data.build_runs", "8", "--data.build_checkpoints", "3", "--data.build_group_size", "4",
+        "--data.task_options", "{hidden: 1280, val_size: 40, eval_size: 30}", "--data.batch_size", "2"]
     args += train_args(store, tmp_path / "run", steps=2)[1:]
     args += ["--model.dit.hidden_size", "32", "--model.dit.num_heads", "2"]   # the config's own are wider
     assert main(args) == 0
