@@ -337,6 +337,21 @@ def test_projection_without_sparsity_is_idempotent_on_quantized_networks(digits)
         assert not digits.layer_shapes.split(kept)[k][digits.layer_shapes.split(scores)[k] < 0].any()
 
 
+def test_projection_counts_like_the_trainer_and_keeps_tiny_rows_on_their_grid():
+    """The kept count is the trainer's ``round((1 - s) n)`` in float64 (float32 0.85 would keep 1 of 10, not 2),
+    and a row of tiny weights keeps a nonzero float16 step, so pruning to an exact count survives 4 bits."""
+    from gpt_params.core.compression import pack, project, unpack
+    shapes = LayerShapes({"w": (1, 10), "b": (1,)})
+    x = torch.linspace(1, 2, 11)[None]                                        # [1, P]
+    assert (shapes.split(project(x, shapes, ["w"], 0.85).params)["w"] != 0).sum() == 2
+    assert (magnitude_mask(shapes.split(x)["w"], torch.tensor([0.85], dtype=torch.float64))).sum() == 2
+    tiny = project(x * 1e-9, shapes, ["w"], 0.5, 4).params
+    w = shapes.split(tiny)["w"]
+    assert (w != 0).sum() == 5 and torch.equal(w, w.half().float())
+    packed = pack({k: v[0] for k, v in shapes.split(tiny).items()}, ["w"], 4)
+    assert torch.equal(unpack(*packed)["w"], w[0])
+
+
 def test_compressed_schedules_always_reach_the_last_step():
     from checkpoints_dataset.tasks.supervised import compressed_schedule
     for total, count, start in ((100, 2, 25), (320, 32, 80), (5, 32, 1), (10, 8, 0)):

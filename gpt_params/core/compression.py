@@ -50,7 +50,9 @@ def _grid(rows: Tensor, bits: int, keep: Tensor | None = None) -> tuple[Tensor, 
     """Rows ``[r, n]`` -> grid indices ``k [r, n]`` (float) and float16-exact scales ``[r]`` of ``bits``. Entries
     of ``keep`` that would round to zero get the smallest level of their sign instead, so the mask stays exact."""
     q = 2 ** (bits - 1) - 1
-    scale = (rows.abs().amax(1) / q).half().float()                          # [r] what the packed file stores
+    # what the packed file stores; a nonzero row keeps a nonzero step (float16 underflows below ~6e-8)
+    step = rows.abs().amax(1) / q                                            # [r]
+    scale = torch.where(step > 0, step.clamp(min=torch.finfo(torch.float16).tiny), step).half().float()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     k = torch.round(rows / safe[:, None]).clamp(-q, q) * (scale > 0)[:, None]
     if keep is not None:
@@ -69,7 +71,8 @@ def project(params: Tensor, layer_shapes, names: list[str], sparsity: Tensor | f
     rounding may add zeros, as quantization-aware training does."""
     x = params.float().clone()
     n = x.shape[0]
-    sparsity = torch.zeros(n) if sparsity is None else torch.as_tensor(sparsity, dtype=torch.float32).reshape(-1).expand(n)
+    sparsity = torch.zeros(n, dtype=torch.float64) if sparsity is None else (
+        torch.as_tensor(sparsity, dtype=torch.float64).reshape(-1).expand(n))   # float64: round((1 - s) n) as trained
     bits = torch.full((n,), FLOAT_BITS) if bits is None else torch.as_tensor(bits).reshape(-1).expand(n)
     if ((sparsity < 0) | (sparsity >= 1)).any() or ((bits < 2) | (bits > FLOAT_BITS)).any():
         raise ValueError(f"sparsity must lie in [0, 1) and bits in 2..32, got {sparsity.tolist()} and {bits.tolist()}")
