@@ -51,6 +51,8 @@ def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.
                    "runs, interrupted or not (default 0)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="build part I of N (groups g with g %% N == I)")
+    p.add_argument("--workers", type=int, default=1, help="processes building at once, the torch threads split "
+                   "between them (a small network trains faster on one thread per process; default 1)")
     p.add_argument("--group-size", type=int, default=PopulationConfig.group_size, help="runs trained together")
     p.add_argument("--checkpoints", type=int, default=PopulationConfig.num_checkpoints, help="per run")
     p.add_argument("--batch-size", type=int, default=PopulationConfig.batch_size)
@@ -115,7 +117,8 @@ def main(argv=None, prog: str | None = None) -> int:
 
     try:
         store = build_population(task, args.out, config, device=args.device, shard=args.shard,
-                                 progress=not args.no_progress, dtype=args.dtype)
+                                 progress=not args.no_progress, dtype=args.dtype,
+                                 workers=args.workers)
     except (StoreError, ValueError) as e:
         parser.error(str(e))
     if store is None:

@@ -83,9 +83,15 @@ def build_config(task: "Task", config: PopulationConfig) -> dict:
 
 
 def build_population(task: "Task", out: str | Path, config: PopulationConfig, device: str | torch.device = "cpu",
-                     shard: tuple[int, int] = (0, 1), progress: bool = True, dtype: str = "float32"):
+                     shard: tuple[int, int] = (0, 1), progress: bool = True, dtype: str = "float32",
+                     workers: int = 1):
     """Build (or resume) this shard's groups of runs into the store at ``out`` (parameters stored as
     ``dtype``: "float32", or "float16" for half the disk and memory).
+
+    ``workers`` > 1 builds with that many processes (this one and spawned helpers, the torch threads split
+    between them): a small network's vmapped training uses one thread far better than several, so processes
+    scale where threads do not. Each process takes the next group nobody holds; the store is the same as
+    with one process (every run draws from its own seed).
 
     Returns the opened store once every group of every shard is present (the store is then finalized),
     else None (other shards still have groups to build).
@@ -93,6 +99,8 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must be (i, N) with N >= 1 and 0 <= i < N, got {index}/{count}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (processes building at once), got {workers}")
     if config.compressed and not {"sparsity", "bits"} <= set(task.metric_names):
         raise ValueError(f"a compressed build (sparsity {config.sparsity}, bits {config.bits}) needs a task that "
                          f"trains compressed runs and scores them: task {task.name!r} has no metrics sparsity and "
@@ -106,37 +114,101 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     num_groups = math.ceil(config.runs / config.group_size)
     mine = [g for g in range(num_groups) if g % count == index]
     todo = [g for g in mine if not store.shard_exists(out, shard_name(g))]
+    workers = max(1, min(workers, len(todo)))
     terminal = is_terminal(sys.stderr)   # in a log file, a redraw every 10 s (each is a carriage-return line)
     bar = tqdm(total=len(todo), unit="group", disable=not progress, mininterval=0.1 if terminal else 10,
-               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done",
+               desc=f"{task.name} {len(mine) - len(todo)}/{len(mine)} groups done"
+                    + (f", {workers} processes" if workers > 1 else ""),
                bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
-    for g in todo:
-        with _group_lock(out, g):   # another builder of this group (any --shard) finishes it first
-            done_meanwhile = store.shard_exists(out, shard_name(g))
-            if not done_meanwhile:
-                run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
-                hparams = [draw_hparams(config, r) for r in run_ids]
-                result = task.train_population(hparams, config, device,   # fractions may sum past the total
-                                               progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
-                _write_group(out, g, run_ids, hparams, result)
-        if done_meanwhile:
-            bar.update(1)
-        bar.set_postfix(group=g, refresh=terminal)
-    bar.close()
+
+    def count_done():   # groups finished by any process, and this one's fraction of the group it trains
+        bar.n = sum(store.shard_exists(out, shard_name(g)) for g in todo)
+        bar.refresh()
+
+    threads = torch.get_num_threads()
+    helpers = _start_helpers(task, out, config, device, todo, workers - 1, max(1, threads // workers))
+    try:
+        if helpers:
+            torch.set_num_threads(max(1, threads // workers))
+        for g in todo:
+            _build_group(task, out, config, device, g, wait=not helpers,   # helpers: skip the groups they hold
+                         progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
+            count_done()
+            bar.set_postfix(group=g, refresh=terminal)
+        for p in helpers:
+            while p.is_alive():
+                p.join(timeout=2.0)
+                count_done()
+    finally:
+        torch.set_num_threads(threads)
+        for p in helpers:   # after an error here (or Ctrl-C) no helper keeps training
+            if p.is_alive():
+                p.terminate()
+                p.join()
+        bar.close()
+    failed = [p.exitcode for p in helpers if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the {len(helpers)} helper build processes failed (exit codes "
+                           f"{failed}; their error is printed above); the groups built so far are kept: run the "
+                           "same command again to resume")
     if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
         store.finalize_store(out)
         return store.open_store(out)
     return None
 
 
+def _build_group(task: "Task", out: Path, config: PopulationConfig, device: torch.device, g: int, wait: bool,
+                 progress=None) -> None:
+    """Train and write group ``g`` unless it exists; ``wait=False``: skip it while another process holds it."""
+    with _group_lock(out, g, wait) as held:
+        if held and not store.shard_exists(out, shard_name(g)):
+            run_ids = list(range(g * config.group_size, min((g + 1) * config.group_size, config.runs)))
+            hparams = [draw_hparams(config, r) for r in run_ids]
+            result = task.train_population(hparams, config, device, progress=progress)   # fractions may sum past 1
+            _write_group(out, g, run_ids, hparams, result)
+
+
+def _helper(task: "Task", out: Path, config: PopulationConfig, device: torch.device, groups: list[int],
+            threads: int) -> None:
+    """A spawned build process: the groups nobody holds, in order (the parent finalizes the store)."""
+    torch.set_num_threads(threads)
+    for g in groups:
+        _build_group(task, out, config, device, g, wait=False)
+
+
+def _start_helpers(task: "Task", out: Path, config: PopulationConfig, device: torch.device, groups: list[int],
+                   count: int, threads: int) -> list:
+    if count < 1:
+        return []
+    import pickle
+
+    import torch.multiprocessing as mp
+    try:
+        pickle.dumps(task)
+    except Exception as e:   # a task class defined in __main__ or holding an open resource
+        raise ValueError(f"building with several processes sends the task to each of them, and task {task.name!r} "
+                         f"cannot be pickled ({e}); build with one process (workers=1, --workers 1)") from e
+    context = mp.get_context("spawn")   # fork after torch has started its thread pools can deadlock
+    helpers = [context.Process(target=_helper, args=(task, out, config, device, groups[i + 1:] + groups[:i + 1],
+                                                     threads), daemon=True) for i in range(count)]
+    for p in helpers:
+        p.start()
+    return helpers
+
+
 @contextlib.contextmanager
-def _group_lock(out: Path, group: int):
+def _group_lock(out: Path, group: int, wait: bool = True):
     """An exclusive lock on building one group of runs into the store at ``out``: builders of any shards
-    (several machines, or `gpt-params train` beside `build-dataset`) never train the same group at once."""
+    (several machines, or `gpt-params train` beside `build-dataset`) never train the same group at once.
+    Yields whether it is held: with ``wait=False``, False at once when another process holds it."""
     with open(out / f".build-{shard_name(group)}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -170,13 +242,14 @@ def store_is_complete(s: "store.CheckpointStore") -> bool:
 
 def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfig, device: str | torch.device = "cpu",
                  *, rank_zero: bool = True, option: str = "--task", timeout_s: float = 3600.0,
-                 dtype: str = "float32") -> "store.CheckpointStore":
+                 dtype: str = "float32", workers: int = 1) -> "store.CheckpointStore":
     """A complete store at ``root``: opened as it is, built with ``task`` and ``config`` when missing, or an
     interrupted build finished with the settings it recorded (its task must be built in, or the import path
     ``task`` names: a name read from a manifest is never imported otherwise; ``option`` is the user's flag
     for it). A group another process is building is waited for (``build_population``'s locks); with ``rank_zero``
     False the caller only waits for another process's build (DDP ranks). ``dtype``: the storage dtype of a new
-    build ("float16" halves disk and memory); an interrupted build keeps its own."""
+    build ("float16" halves disk and memory); an interrupted build keeps its own. ``workers``: processes
+    building at once (``build_population``)."""
     root = Path(root)
     if (root / "manifest.json").exists():
         existing = store.open_store(root)
@@ -197,7 +270,7 @@ def ensure_store(root: str | Path, task: TaskRef | None, config: PopulationConfi
         return _wait_for_store(root, timeout_s)
     log.info("Building the %s checkpoint store at %s (%d runs x %d epochs) ...", task.name, root, config.runs,
              config.epochs)
-    built_store = build_population(task.task, root, config, device=device, dtype=dtype)  # waits for a running build
+    built_store = build_population(task.task, root, config, device=device, dtype=dtype, workers=workers)  # waits for a running build
     if built_store is None:
         raise ValueError(f"the store at {root} is built in shards and some are still missing; finish them with "
                          "`gpt-params build-dataset ... --shard I/N` first")

@@ -61,3 +61,50 @@ def test_a_build_waits_while_another_holds_a_group(tmp_path):
             pass
         assert proc.returncode is None and not list(out.glob("shards/*.index.npz"))   # waiting, no group written
     assert proc.wait(timeout=300) == 0 and open_store(out).num_runs == 8
+
+
+def test_a_build_with_two_processes_makes_the_store_of_one(tmp_path, capsys):
+    """`--workers 2`: a spawned helper and this process take the groups nobody holds; the store is the same,
+    bit for bit, and finalized once."""
+    from checkpoints_dataset.__main__ import main
+
+    assert main([*ARGS, "--workers", "2", "--out", str(tmp_path / "two")]) in (0, None)
+    assert "8 runs" in capsys.readouterr().out
+    one = build_population(get_task("digits_mlp"), tmp_path / "one",
+                           PopulationConfig(runs=8, epochs=1, group_size=4, num_checkpoints=3), progress=False)
+    two = open_store(tmp_path / "two", verify="full")
+    assert two.num_runs == 8 and list(two.test_runs) == list(one.test_runs)
+    for s in (one, two):
+        s.order = np.lexsort((s.steps, s.run_ids))
+    assert np.array_equal(one.params(one.order), two.params(two.order))
+    assert all(np.array_equal(one._metrics[k][one.order], two._metrics[k][two.order]) for k in one.metric_names)
+
+
+def test_several_processes_need_a_task_that_pickles(tmp_path):
+    import pytest
+
+    task = get_task("digits_mlp")
+    task.hook = lambda: None   # e.g. a task holding a callback: it cannot be sent to another process
+    config = PopulationConfig(runs=4, epochs=1, group_size=2, num_checkpoints=2)
+    with pytest.raises(ValueError, match="cannot be pickled.*workers=1"):
+        build_population(task, tmp_path / "s", config, progress=False, workers=2)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        build_population(task, tmp_path / "s", config, progress=False, workers=0)
+
+
+def test_a_helper_skips_the_groups_another_process_holds(tmp_path):
+    """What each process of a `--workers` build does: the groups nobody holds, without waiting for the rest."""
+    import torch
+
+    from checkpoints_dataset import store
+    from checkpoints_dataset.population import _group_lock, _helper
+
+    task, out = get_task("digits_mlp"), tmp_path / "store"
+    config = PopulationConfig(runs=8, epochs=1, group_size=4, num_checkpoints=3)
+    assert build_population(task, out, config, progress=False, shard=(1, 2)) is None   # group 1 only: not final
+    threads = torch.get_num_threads()
+    with _group_lock(out, 0):
+        _helper(task, out, config, torch.device("cpu"), [0, 1], threads)   # group 0 is held, group 1 is done
+    assert not store.shard_exists(out, "group_00000") and store.shard_exists(out, "group_00001")
+    _helper(task, out, config, torch.device("cpu"), [0, 1], threads)
+    assert store.shard_exists(out, "group_00000")
