@@ -47,13 +47,17 @@ def test_function_loss_is_zero_on_the_target_and_has_gradients():
     value.backward()
     assert value.item() > 0 and predicted.grad.abs().sum() > 0
     assert FunctionLoss(task, 1.0)(predicted, target).item() == pytest.approx(value.item() / 2, rel=1e-5)
-    # fewer probe inputs: the loss on the first 8 of them, the same as the task's own outputs on those 8
+    # fewer probe inputs: each call draws 8 of them afresh from torch's generator (seeded runs repeat)
     few = FunctionLoss(task, 1.0, probes=8)
-    want = task.network_outputs(target, task.probe_inputs()[:8])
-    got = task.network_outputs(predicted.detach(), task.probe_inputs()[:8])
+    torch.manual_seed(3)
+    drawn = task.probe_inputs()[torch.randperm(task.probe_size)[:8]]
+    want = task.network_outputs(target, drawn)
+    got = task.network_outputs(predicted.detach(), drawn)
     expected = ((got - want) ** 2 / want.var(dim=(1, 2), keepdim=True)).mean()
+    torch.manual_seed(3)
     assert few(predicted.detach(), target).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert few._probe.shape[0] == 8
+    assert few.probe_batch(target.device).shape[0] == 8
+    assert few(predicted.detach(), target).item() != pytest.approx(expected.item(), rel=1e-5)   # another draw
 
 
 def test_function_loss_needs_x0_predictions_in_parameter_space(tiny_digits_store):
@@ -82,3 +86,22 @@ def test_train_with_edges_and_function_loss(two_layer_store, tmp_path):
     starts = task.init_params(2, torch.Generator().manual_seed(1))
     out = gen.generate(starts, 0.9, 0.1, steps=2)
     assert out.shape == starts.shape and torch.isfinite(out).all()
+
+
+def test_scale_augmentation_trains_on_relu_networks_and_is_refused_elsewhere(tiny_digits_store, tmp_path):
+    """--data.augment permute_scale: a digits generator trains with it; a tanh network's store (no scale
+    symmetry) and a store of quantized networks (whose row grids scaling would break) refuse it, with the fix."""
+    from gpt_params.training.data import ParameterDataModule
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(train_args(tiny_digits_store, tmp_path / "run", steps=4,
+                               extra=["--data.augment", "permute_scale"])) == 0, printed.getvalue()[-3000:]
+    config = PopulationConfig(runs=8, epochs=1, group_size=8, num_checkpoints=2)
+    build_population(get_task("tests.user_task:TanhDigits"), tmp_path / "tanh", config, progress=False)
+    with pytest.raises(ValueError, match="ReLU.*--data.augment permute"):
+        ParameterDataModule(root=str(tmp_path / "tanh"), task="tests.user_task:TanhDigits", augment="permute_scale")
+    quantized = PopulationConfig(runs=8, epochs=1, group_size=8, num_checkpoints=3, bits=(4,))
+    build_population(get_task("digits_mlp", compression=True), tmp_path / "q", quantized, progress=False)
+    with pytest.raises(ValueError, match="grids"):
+        ParameterDataModule(root=str(tmp_path / "q"), task="digits_mlp", augment="permute_scale")
