@@ -77,21 +77,23 @@ class FunctionLoss:
     task's ``probe_inputs()``, per network divided by the variance of its target's outputs (so the weight
     means the same for any output scale). Weight error is not function error: a small MSE in weight space
     can still break a network (issue 16, hypothesis 2; Meynent et al. 2025 for weight autoencoders).
-    ``probes``: each call compares the networks on ``probes`` of the probe inputs drawn afresh (torch's
-    global generator, so seeded runs repeat), not a fixed few the generator could learn to match alone
-    (None: all of them, every call); its cost is N x B network forwards."""
+    ``probes``: compare on ``probes`` of the probe inputs only, drawn once at random (the same for every
+    run and step: a fixed set scored better than a fresh draw per step on the ConvNet's validation runs,
+    bench/NOTES.md; a random one, unlike the first few, covers a grid's whole space); None: all of them. Its
+    cost is N x B network forwards."""
 
     def __init__(self, task, weight: float, probes: Optional[int] = None):
         self.task, self.weight, self.probes = task, float(weight), probes
         self._pool: Optional[torch.Tensor] = None
 
     def probe_batch(self, device: torch.device) -> torch.Tensor:
-        """The probe inputs of one call ``[B, ...]``: all of them, or ``probes`` drawn without replacement."""
+        """The probe inputs ``[B, ...]``: all of them, or the ``probes`` drawn once (seed 0, no replacement)."""
         if self._pool is None or self._pool.device != device:
-            self._pool = self.task.probe_inputs().to(device)                    # [pool, ...]
-        if self.probes is None or self.probes >= len(self._pool):
-            return self._pool
-        return self._pool[torch.randperm(len(self._pool))[:self.probes].to(device)]  # [B, ...]
+            pool = self.task.probe_inputs()                                        # [pool, ...]
+            if self.probes is not None and self.probes < len(pool):
+                pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:self.probes]]
+            self._pool = pool.to(device)                                           # [B, ...]
+        return self._pool
 
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probe = self.probe_batch(predicted.device)                                # [B, ...]
@@ -138,8 +140,8 @@ class GeneratorModule(pl.LightningModule):
             against their targets' on the task's probe inputs). None (default): 1.0 where it applies (x0
             predictions of parameter tokens, and a task that defines ``probe_inputs``), else off. A number:
             that weight (0: off), and an error where it cannot apply.
-        function_probes: on how many of the task's probe inputs the function-space loss compares, drawn afresh
-            at every step (None: all of them, 256 for a classification task). Its cost grows with it: a
+        function_probes: on how many of the task's probe inputs the function-space loss compares, drawn once at
+            random (None: all of them, 256 for a classification task). Its cost grows with it: a
             ConvNet's forwards on 256 images for every network of the batch cost more than the DiT's step, so
             ``configs/fashion_cnn.yaml`` uses fewer.
         compile: wrap the denoiser in torch.compile.
