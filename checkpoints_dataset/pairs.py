@@ -4,8 +4,7 @@ Item ``i`` has the ``i``-th checkpoint of the chosen runs as its target. Its sta
 checkpoint with probability ``init_prob``, else (``ordered=True``) uniform among the run's earlier
 checkpoints, or (``ordered=False``) uniform among the run's other checkpoints. A run's initial checkpoint
 as target has itself as start when ordered. With ``permute=True`` one random neuron permutation per pair
-is applied identically to start and target; with ``scale > 0`` also one random positive factor per hidden
-unit (``permute.apply_scales``, for ReLU networks only: the caller checks ``positively_homogeneous``).
+is applied identically to start and target.
 
 A batch is fetched by ``__getitems__`` (which DataLoader uses with automatic batching): one fancy-indexed
 memmap read for all starts and targets and one batched ``apply_permutations`` call. Randomness comes from
@@ -22,7 +21,6 @@ distribution; with ``device="cpu"`` and the same seed both paths give identical 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .permute import apply_permutations, apply_scales
+from .permute import apply_permutations
 from .store import CheckpointStore, open_store
 
 
@@ -51,8 +49,6 @@ class PairDataset(Dataset):
         init_prob: chance the start is the run's initial checkpoint.
         ordered: target later than start (G.pt) or any other checkpoint of the run.
         permute: apply permutation augmentation (needs the store's permutation spec).
-        scale: unit scale augmentation: factors ``exp(U(-scale, scale))`` per hidden unit, the same on start and
-            target (0: off; needs the store's permutation spec, and keeps the function of ReLU networks only).
         fields: "params" (full pairs) or "metrics" (metrics and steps only, no params read: quick checks).
         seed: base seed of the dataset's generators.
         metric_values: the metric of every checkpoint of the store (``[num_checkpoints]``, store order) to use
@@ -65,7 +61,7 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, store: CheckpointStore | str, runs=None, metric: str | None = None, init_prob: float = 0.25,
-                 ordered: bool = True, permute: bool = True, seed: int = 0, scale: float = 0.0,
+                 ordered: bool = True, permute: bool = True, seed: int = 0,
                  fields: Literal["params", "metrics"] = "params", device: str | torch.device | None = None,
                  metric_values: np.ndarray | None = None, parts: Sequence[str] = ()):
         self.store = store if isinstance(store, CheckpointStore) else open_store(store)
@@ -77,13 +73,9 @@ class PairDataset(Dataset):
         if fields not in ("params", "metrics"):
             raise ValueError(f"fields must be 'params' or 'metrics', got {fields!r}")
         self.spec = self.store.permutation_spec
-        if (permute or scale) and fields == "params" and self.spec is None:
-            raise ValueError("the store has no permutation spec; pass permute=False and scale=0 (or rebuild the "
-                             "store with a spec)")
-        if not (math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"scale must be a finite log-factor >= 0 (0: off), got {scale}")
+        if permute and fields == "params" and self.spec is None:
+            raise ValueError("the store has no permutation spec; pass permute=False (or rebuild the store with a spec)")
         self.init_prob, self.ordered, self.permute, self.fields = init_prob, ordered, permute, fields
-        self.scale = float(scale)
         runs = self.store.train_runs if runs is None else np.asarray(runs, np.int64).reshape(-1)
         metric_all = self.store._metrics[self.metric] if metric_values is None else np.asarray(metric_values, np.float64)
         if metric_all.shape != (self.store.num_checkpoints,):
@@ -189,11 +181,6 @@ class PairDataset(Dataset):
                 perms = [torch.rand(n, g.size, generator=gen, device=gen.device).argsort(dim=1)
                          for g in self.spec.groups]  # per group [n, size]
                 both = apply_permutations(both, self.spec, [torch.cat([p, p]) for p in perms])  # same on both
-            if self.scale:
-                gen = self._torch_gen
-                scales = [torch.exp((2 * torch.rand(n, g.size, generator=gen, device=gen.device) - 1) * self.scale)
-                          for g in self.spec.groups]   # per group [n, size]
-                both = apply_scales(both, self.spec, [torch.cat([f, f]) for f in scales])      # same on both
             batch["start"], batch["target"] = both[:n], both[n:]  # [n, P]
         return batch
 

@@ -9,13 +9,6 @@ entries and whole blocks move together.
 
 Semantics everywhere: a permutation ``perm`` of a group maps ``new[..., i, ...] = old[..., perm[i], ...]``
 on each of its axes. Input and output units are never permuted (the output layer belongs to no group).
-
-Networks whose hidden activations are positively homogeneous (ReLU: ``f(a x) = a f(x)`` for ``a > 0``, with
-pooling, Flatten and Dropout between layers but no normalization) have a second symmetry: a unit's incoming
-weights and bias multiplied by ``a`` and what reads it (the next layer's input columns) divided by ``a``
-(``positively_homogeneous``, ``random_scales``, ``apply_scales``). A model equivariant to permutations
-learns nothing from permuted copies, but scaled copies are new inputs of the same function (Shamsian et
-al. 2024 found such augmentations cut the overfitting of weight-space models).
 """
 
 from __future__ import annotations
@@ -89,25 +82,6 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GE
                 nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Identity,
                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d) + _POOL
-
-
-def positively_homogeneous(module: nn.Module) -> bool:
-    """Whether ``apply_scales`` keeps the function of ``module``: its layers (``infer_permutation_spec``'s) are
-    Linear and Conv2d with only ReLU, LeakyReLU, pooling, Flatten and Dropout between them."""
-    try:
-        prefix, seq = _find_sequential(module)
-    except ValueError:
-        return False
-    seen_weight = False
-    for _, m in _leaves(seq, prefix):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            seen_weight = True
-        elif seen_weight and not isinstance(m, _HOMOGENEOUS):
-            return False   # a norm layer or a saturating activation between two layers
-    return seen_weight
 
 
 def _find_sequential(module: nn.Module) -> tuple[str, nn.Sequential]:
@@ -251,38 +225,6 @@ def apply_permutations(params: Tensor, spec: PermutationSpec | Mapping, perms: S
             t = torch.gather(t, 2, perm[:, None, :, None].expand(t.shape))
         layers[name] = t.reshape(K, *shape)
     return spec.layer_shapes.join(layers)  # [K, P]
-
-
-def random_scales(K: int, spec: PermutationSpec | Mapping, max_log: float = math.log(2.0),
-                  generator: torch.Generator | None = None) -> list[Tensor]:
-    """One positive factor per row and unit, ``exp(U(-max_log, max_log))``: a list (one per group) of [K, size]."""
-    spec = as_spec(spec)
-    gen_device = generator.device if generator is not None else "cpu"
-    return [torch.exp((2 * torch.rand(K, g.size, generator=generator, device=gen_device) - 1) * max_log)
-            for g in spec.groups]
-
-
-def apply_scales(params: Tensor, spec: PermutationSpec | Mapping, scales: Sequence[Tensor]) -> Tensor:
-    """Multiply each unit's own entries (axis 0 of its group's places: incoming weights, bias) by its factor
-    and divide the entries that read it (the next layer's input axis) by it: ``params [K, P]``, ``scales``
-    one [K, size] per group. The function is unchanged only for ``positively_homogeneous`` networks."""
-    spec = as_spec(spec)
-    params = check_params(params, spec.num_params)  # [K, P]
-    if len(scales) != len(spec.groups):
-        raise ValueError(f"got {len(scales)} scale tensors for {len(spec.groups)} groups")
-    K = params.shape[0]
-    layers = spec.layer_shapes.split(params)   # name -> [K, *shape] views
-    factors: dict[str, Tensor] = {}
-    for g, s in zip(spec.groups, scales):
-        s = s.to(params.device, params.dtype)
-        if s.shape != (K, g.size):
-            raise ValueError(f"scales of group {g.name!r} have shape {list(s.shape)}, expected [{K}, {g.size}]")
-        for name, axis, block in g.axes:
-            shape = spec.layer_shapes[name]
-            f = (s if axis == 0 else 1.0 / s).repeat_interleave(block, dim=1)   # [K, size * block]
-            f = f.reshape(K, *([1] * axis), shape[axis], *([1] * (len(shape) - axis - 1)))
-            factors[name] = factors[name] * f if name in factors else f
-    return spec.layer_shapes.join({k: v * factors[k] if k in factors else v for k, v in layers.items()})  # [K, P]
 
 
 def permute_params(params: Tensor, spec: PermutationSpec | Mapping, generator: torch.Generator | None = None

@@ -66,33 +66,3 @@ def test_unordered_seeding_and_metrics_only(store):
     assert next(iter(loader))["start"].shape == (8, store.num_params)
     with pytest.raises(ValueError, match="metric"):
         PairDataset(store, metric="nope")
-
-
-def test_scaled_pairs_carry_the_same_unit_factors_on_start_and_target(store):
-    """scale > 0: one positive factor per hidden unit, the same on start and target; the starts drawn are
-    those of the unscaled dataset with the same seed (the factors come from the torch generator)."""
-    from checkpoints_dataset.permute import apply_scales
-
-    plain = PairDataset.collate(PairDataset(store, seed=4, permute=False).__getitems__(range(20)))
-    scaled = PairDataset.collate(PairDataset(store, seed=4, permute=False, scale=0.7).__getitems__(range(20)))
-    assert torch.equal(plain["start_step"], scaled["start_step"]) and not torch.equal(plain["start"], scaled["start"])
-    spec, first = store.permutation_spec, store.permutation_spec.groups[0]
-    w0 = spec.layer_shapes.split(scaled["target"])[f"{first.axes[0][0]}"]          # [n, 7, 16]
-    raw = spec.layer_shapes.split(plain["target"])[f"{first.axes[0][0]}"]
-    factors = (w0 / raw)[:, :, 0]                                                   # [n, 7] one per unit
-    assert torch.allclose(w0, raw * factors[:, :, None], rtol=1e-4)
-    assert ((factors > 0.49) & (factors < 2.02)).all()
-    again = apply_scales(plain["start"], spec,
-                         [f for f in _factors_of(spec, plain["target"], scaled["target"])])
-    assert torch.allclose(again, scaled["start"], rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="scale must be"):
-        PairDataset(store, scale=-1.0)
-
-
-def _factors_of(spec, raw, scaled):
-    """Each group's unit factors [n, size], read off its units' biases (scaled by their own factor only)."""
-    out = []
-    for g in spec.groups:
-        name = next(n for n, axis, _ in g.axes if axis == 0 and n.endswith("bias"))
-        out.append(spec.layer_shapes.split(scaled)[name] / spec.layer_shapes.split(raw)[name])   # [n, size]
-    return out

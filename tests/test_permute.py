@@ -8,9 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from checkpoints_dataset.params import state_dict_to_vector, vector_to_state_dict
-from checkpoints_dataset.permute import (PermutationSpec, apply_permutations, apply_scales, infer_permutation_spec,
-                                         permute_params, positively_homogeneous, random_permutations, random_scales,
-                                         weight_matching)
+from checkpoints_dataset.permute import (PermutationSpec, apply_permutations, infer_permutation_spec,
+                                         permute_params, random_permutations, weight_matching)
 from conftest import builtin_task
 
 
@@ -121,34 +120,3 @@ def test_weight_matching_recovers_known_permutation():
     assert torch.equal(aligned, vec)
     for p, f in zip(perms, found):  # found = inverse of the applied permutation
         assert torch.equal(p[0][f], torch.arange(len(f)))
-
-
-@pytest.mark.parametrize("model,x,homogeneous", [
-    (nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 3)),
-     torch.randn(4, 5), True),
-    (None, None, True),
-    (_cnn(bn=True, head="gap"), None, False),
-    (nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), None, False),
-], ids=["relu_mlp", "cnn_flatten_block", "cnn_bn", "tanh_mlp"])
-def test_unit_scales_keep_the_function_of_relu_networks_only(model, x, homogeneous):
-    if model is None:   # the CNN whose Flatten gives the last Linear blocks of 4 entries per channel
-        model = _cnn(bn=False, head="flatten")
-        model[2] = nn.Sequential(nn.Conv2d(6, 5, 3), nn.LeakyReLU(0.1))   # not GELU
-    x = torch.randn(2, 2, 13, 13) if x is None and isinstance(model[0], nn.Conv2d) else (
-        torch.randn(4, 5) if x is None else x)
-    model = _randomize(model)
-    assert positively_homogeneous(model) == homogeneous
-    spec = infer_permutation_spec(model)
-    vec = state_dict_to_vector(model.state_dict())[None].repeat(3, 1)                # [K, P]
-    scaled = apply_scales(vec, spec, random_scales(3, spec, generator=torch.Generator().manual_seed(2)))
-    assert (scaled != vec).any()
-    with torch.no_grad():
-        reference = model(x)
-        worst = 0.0
-        for row in scaled:
-            other = copy.deepcopy(model)
-            other.load_state_dict(vector_to_state_dict(row, other), strict=True)
-            worst = max(worst, (other.eval()(x) - reference).abs().max().item())
-    assert (worst < 1e-5) == homogeneous
-    with pytest.raises(ValueError, match="scale tensors"):
-        apply_scales(vec, spec, [])

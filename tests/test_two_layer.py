@@ -86,21 +86,3 @@ def test_train_with_edges_and_function_loss(two_layer_store, tmp_path):
     out = gen.generate(starts, 0.9, 0.1, steps=2)
     assert out.shape == starts.shape and torch.isfinite(out).all()
 
-
-def test_scale_augmentation_trains_on_relu_networks_and_is_refused_elsewhere(tiny_digits_store, tmp_path):
-    """--data.augment permute_scale: a digits generator trains with it; a tanh network's store (no scale
-    symmetry) and a store of quantized networks (whose row grids scaling would break) refuse it, with the fix."""
-    from gpt_params.training.data import ParameterDataModule
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(train_args(tiny_digits_store, tmp_path / "run", steps=4,
-                               extra=["--data.augment", "permute_scale"])) == 0, printed.getvalue()[-3000:]
-    config = PopulationConfig(runs=8, epochs=1, group_size=8, num_checkpoints=2)
-    build_population(get_task("tests.user_task:TanhDigits"), tmp_path / "tanh", config, progress=False)
-    with pytest.raises(ValueError, match="ReLU.*--data.augment permute"):
-        ParameterDataModule(root=str(tmp_path / "tanh"), task="tests.user_task:TanhDigits", augment="permute_scale")
-    quantized = PopulationConfig(runs=8, epochs=1, group_size=8, num_checkpoints=3, bits=(4,))
-    build_population(get_task("digits_mlp", compression=True), tmp_path / "q", quantized, progress=False)
-    with pytest.raises(ValueError, match="grids"):
-        ParameterDataModule(root=str(tmp_path / "q"), task="digits_mlp", augment="permute_scale")

@@ -13,15 +13,6 @@ class SmallDigits(DigitsMLP):
         return nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
 
 
-class TanhDigits(DigitsMLP):
-    """A 64-8-10 tanh MLP: hidden units have no scale symmetry (tanh(a x) != a tanh(x))."""
-
-    name = "tanh_digits"
-
-    def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
-
-
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()

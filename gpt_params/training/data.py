@@ -20,14 +20,12 @@ from torch.utils.data import DataLoader
 
 from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.pairs import PairBatches, PairDataset
-from checkpoints_dataset.permute import positively_homogeneous
 from checkpoints_dataset.population import PopulationConfig, ensure_store, store_is_complete
 from checkpoints_dataset.store import CheckpointStore, open_store
 from checkpoints_dataset.tasks import Task, TaskRef
 from checkpoints_dataset.tasks.ref import plain_json
 
 log = logging.getLogger(__name__)
-SCALE_LOG_RANGE = float(np.log(2.0))   # --data.augment permute_scale: unit factors in [1/2, 2]
 
 
 def _task_kwargs(task_options: Optional[dict], data_dir: Optional[str], store: Optional[CheckpointStore]) -> dict:
@@ -69,11 +67,7 @@ class ParameterDataModule(pl.LightningDataModule):
         init_prob: probability that a pair starts at the run's initial checkpoint (prompts start from
             fresh inits; the prototype found 0.25 doubles alignment over uniform starts).
         ordered: target later than start in the run (G.pt); False allows any two checkpoints.
-        augment: "permute" applies one random function-preserving neuron permutation per pair;
-            "permute_scale" also multiplies each hidden unit's incoming weights by a random factor in [1/2, 2]
-            and divides its outgoing ones by it (the same function for ReLU networks, which the task's model
-            must be: a model equivariant to permutations learns nothing from permuted copies, but scaled
-            copies are new inputs; bench/NOTES.md, issue 16); "none".
+        augment: "permute" applies one random function-preserving neuron permutation per pair.
         val_runs: training runs set aside for the validation loss.
         build_runs: runs to build when the store is missing.
         build_epochs: epochs per run when building.
@@ -113,7 +107,7 @@ class ParameterDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         init_prob: float = 0.25,
         ordered: bool = True,
-        augment: Literal["permute", "permute_scale", "none"] = "permute",
+        augment: Literal["permute", "none"] = "permute",
         val_runs: int = 8,
         build_runs: int = 512,
         build_epochs: int = 20,
@@ -145,16 +139,6 @@ class ParameterDataModule(pl.LightningDataModule):
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
                              f"choose one of {list(self.store.metric_names)}")
         self.metric = metric
-        if augment == "permute_scale" and (self.task is None or not positively_homogeneous(self.task.build_model())):
-            raise ValueError("--data.augment permute_scale keeps a network's function only when its hidden units are "
-                             "ReLU (Linear and Conv2d layers with ReLU, pooling, Flatten or Dropout between them), "
-                             f"and the task here ({'none' if self.task_ref is None else self.task_ref.name}) is not "
-                             "such a network: use --data.augment permute")
-        if augment == "permute_scale" and "bits" in self.store.metric_names and (
-                np.nanmin(self.store.metrics(np.arange(self.store.num_checkpoints))["bits"]) < 32):
-            raise ValueError("--data.augment permute_scale would move quantized networks off their per-row grids "
-                             f"(the store at {self.root} holds networks of fewer than 32 bits): use --data.augment "
-                             "permute")
         test = set(int(r) for r in self.store.test_runs)
         train = np.array([r for r in self.store.train_runs if int(r) not in test])
         if len(train) < 2:
@@ -277,8 +261,7 @@ class ParameterDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------- dataloaders
     def _dataset(self, runs: np.ndarray, seed: int, device=None) -> PairDataset:
         return PairDataset(self.store, runs=runs, metric=self.metric, init_prob=self.hparams.init_prob,
-                           ordered=self.hparams.ordered, permute=self.hparams.augment != "none",
-                           scale=SCALE_LOG_RANGE if self.hparams.augment == "permute_scale" else 0.0,
+                           ordered=self.hparams.ordered, permute=self.hparams.augment == "permute",
                            seed=seed, device=device, metric_values=self.metric_values,
                            parts=[p["name"] for p in self.info.parts])
 
