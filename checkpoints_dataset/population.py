@@ -121,9 +121,9 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
                     + (f", {workers} processes" if workers > 1 else ""),
                bar_format="{l_bar}{bar}| {n:.2f}/{total} groups [{elapsed}<{remaining}{postfix}]")
 
-    def count_done():   # groups finished by any process, and this one's fraction of the group it trains
+    def count_done():   # groups finished by any process (a redraw only as often as the bar's mininterval)
         bar.n = sum(store.shard_exists(out, shard_name(g)) for g in todo)
-        bar.refresh()
+        bar.update(0)
 
     threads = torch.get_num_threads()
     helpers = _start_helpers(task, out, config, device, todo, workers - 1, max(1, threads // workers))
