@@ -89,9 +89,9 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
     ``dtype``: "float32", or "float16" for half the disk and memory).
 
     ``workers`` > 1 builds with that many processes (this one and spawned helpers, the torch threads split
-    between them): a small network's vmapped training uses one thread far better than several, so processes
+    between them): a small network's vmapped training uses one thread better than several, so processes
     scale where threads do not. Each process takes the next group nobody holds; the store is the same as
-    with one process (every run draws from its own seed).
+    with one process (every run draws from its own seed). What a failed helper left, this process builds.
 
     Returns the opened store once every group of every shard is present (the store is then finalized),
     else None (other shards still have groups to build).
@@ -139,6 +139,10 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
             while p.is_alive():
                 p.join(timeout=2.0)
                 count_done()
+        for g in todo if helpers else ():   # what a failed helper (or another builder) left: wait, build the rest
+            _build_group(task, out, config, device, g, wait=True,
+                         progress=lambda f: bar.update(max(0.0, min(f, bar.total - bar.n))))
+            count_done()
     finally:
         torch.set_num_threads(threads)
         for p in helpers:   # after an error here (or Ctrl-C) no helper keeps training
@@ -148,9 +152,8 @@ def build_population(task: "Task", out: str | Path, config: PopulationConfig, de
         bar.close()
     failed = [p.exitcode for p in helpers if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"{len(failed)} of the {len(helpers)} helper build processes failed (exit codes "
-                           f"{failed}; their error is printed above); the groups built so far are kept: run the "
-                           "same command again to resume")
+        log.warning("%d of the %d helper build processes failed (exit codes %s; their error is printed above); "
+                    "this process built the groups they left", len(failed), len(helpers), failed)
     if all(store.shard_exists(out, shard_name(g)) for g in range(num_groups)):
         store.finalize_store(out)
         return store.open_store(out)

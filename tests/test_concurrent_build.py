@@ -108,3 +108,24 @@ def test_a_helper_skips_the_groups_another_process_holds(tmp_path):
     assert not store.shard_exists(out, "group_00000") and store.shard_exists(out, "group_00001")
     _helper(task, out, config, torch.device("cpu"), [0, 1], threads)
     assert store.shard_exists(out, "group_00000")
+
+
+def test_a_multi_process_build_waits_for_a_held_group_and_builds_what_is_left(tmp_path):
+    """With helpers nobody waits while training, but before finalizing the parent takes every group once
+    more, waiting for its holder: a group another builder held (or a failed helper left) is built then."""
+    import threading
+
+    from checkpoints_dataset.population import _group_lock
+
+    out = tmp_path / "store"
+    out.mkdir()
+    config = PopulationConfig(runs=8, epochs=1, group_size=4, num_checkpoints=3)
+    result = {}
+    with _group_lock(out, 0):
+        worker = threading.Thread(target=lambda: result.setdefault(
+            "store", build_population(get_task("digits_mlp"), out, config, progress=False, workers=2)))
+        worker.start()
+        worker.join(timeout=20)
+        assert worker.is_alive() and "store" not in result   # group 1 built, group 0 awaited
+    worker.join(timeout=300)
+    assert result["store"].num_runs == 8
