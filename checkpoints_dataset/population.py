@@ -186,16 +186,19 @@ def _start_helpers(task: "Task", out: Path, config: PopulationConfig, device: to
     import pickle
 
     import torch.multiprocessing as mp
-    try:
-        pickle.dumps(task)
-    except Exception as e:   # a task class defined in __main__ or holding an open resource
-        raise ValueError(f"building with several processes sends the task to each of them, and task {task.name!r} "
-                         f"cannot be pickled ({e}); build with one process (workers=1, --workers 1)") from e
     context = mp.get_context("spawn")   # fork after torch has started its thread pools can deadlock
     helpers = [context.Process(target=_helper, args=(task, out, config, device, groups[i + 1:] + groups[:i + 1],
                                                      threads), daemon=True) for i in range(count)]
-    for p in helpers:
-        p.start()
+    for i, p in enumerate(helpers):
+        try:
+            p.start()   # pickles the task for the new process
+        except (pickle.PicklingError, AttributeError, TypeError) as e:   # a class from __main__, a lambda, a handle
+            for started in helpers[:i]:
+                started.terminate()
+                started.join()
+            raise ValueError(f"building with several processes sends the task to each of them, and task "
+                             f"{task.name!r} cannot be pickled ({e}); build with one process (workers=1, "
+                             "--workers 1)") from e
     return helpers
 
 

@@ -68,7 +68,7 @@ def test_a_build_with_two_processes_makes_the_store_of_one(tmp_path, capsys):
     bit for bit, and finalized once."""
     from checkpoints_dataset.__main__ import main
 
-    assert main([*ARGS, "--workers", "2", "--out", str(tmp_path / "two")]) in (0, None)
+    assert main([*ARGS, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
     assert "8 runs" in capsys.readouterr().out
     one = build_population(get_task("digits_mlp"), tmp_path / "one",
                            PopulationConfig(runs=8, epochs=1, group_size=4, num_checkpoints=3), progress=False)

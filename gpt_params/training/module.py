@@ -78,9 +78,8 @@ class FunctionLoss:
     means the same for any output scale). Weight error is not function error: a small MSE in weight space
     can still break a network (issue 16, hypothesis 2; Meynent et al. 2025 for weight autoencoders).
     ``probes``: compare on ``probes`` of the probe inputs only, drawn once at random (the same for every
-    run and step: a fixed set scored better than a fresh draw per step on the ConvNet's validation runs,
-    bench/NOTES.md; a random one, unlike the first few, covers a grid's whole space); None: all of them. Its
-    cost is N x B network forwards."""
+    run and step: a fresh draw per step did not do better on the ConvNet, bench/NOTES.md; a random set,
+    unlike the first few, covers a grid's whole space); None: all of them. Its cost is N x B network forwards."""
 
     def __init__(self, task, weight: float, probes: Optional[int] = None):
         self.task, self.weight, self.probes = task, float(weight), probes
