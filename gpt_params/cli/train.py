@@ -171,11 +171,15 @@ def main(argv: list[str]) -> int:
         check_resume(Path(cli.config.get("ckpt_path")), data.info, model.generator.config.dit)
     trainer.fit(model, datamodule=data, ckpt_path=cli.config.get("ckpt_path"), weights_only=True)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)   # a collective call: every rank makes it
+    last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    if not last.exists():   # a stop between checkpoint events: save the state it ended in (every rank: a barrier)
+        trainer.save_checkpoint(last)
+    # Lightning leaves the process group up; a gloo group torn down by interpreter exit can abort a rank
+    # ("terminate called without an active exception") after all its work is done
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return 0
-    last = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
-    if not last.exists():   # a stop between checkpoint events: save the state it ended in
-        trainer.save_checkpoint(last)
     print(f"\nCheckpoint: {last}")
     print(f"TensorBoard: tensorboard --logdir {log_dir}")
     n_runs = cli.config.get("final_eval_runs", 32)
