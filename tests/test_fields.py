@@ -218,3 +218,10 @@ def test_the_shapes_config_runs_end_to_end_at_reduced_size(tmp_path):
     assert main(["denoise", "--ckpt", str(ckpt), "--target", "0.9", "--label", "type=2", "--num", "2",
                  "--steps", "2", "--size", "32", "--out", str(out)]) == 0
     assert json.loads((out / "trajectory.json").read_text())["parts"] == {"type": 2.0}
+    from gpt_params.evaluation.samples import samples
+
+    opened = open_store(store)
+    result, fig = samples(gen, gen.make_task(), opened, opened.test_runs, per_class=1)
+    assert result["num_generated"] == 6 and 0.0 <= result["label_accuracy"] <= 1.0 and result["metric"] == "iou"
+    assert 0.0 <= result["metric_80pct"] <= result["metric_median"] <= 1.0   # IoU: higher is better
+    assert "copy_fraction" not in result and len(fig.axes) == 6              # no images: no pixel measures

@@ -166,6 +166,7 @@ def test_the_samples_section_per_class(labelled, tiny_generator_ckpt, tiny_digit
     for key in ("label_accuracy", "copy_fraction", "one_nna", "coverage"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["mmd"] > 0 and result["sharpness_ratio"] > 0 and len(fig.axes) == 20
+    assert result["metric"] == "psnr" and result["metric_80pct"] <= result["metric_median"]   # psnr: higher is better
     other = Generator.load(tiny_generator_ckpt)               # digits_mlp: no label part, no images
     skipped, _ = samples(other, get_task("digits_mlp"), open_store(tiny_digits_store), [0])
     assert "label condition part" in skipped["skipped"]

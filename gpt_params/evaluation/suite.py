@@ -7,8 +7,8 @@ Figure)``:
 2. ``one_step`` — prompt the data's best metric from random inits; Adam / SGD steps to match it.
 3. ``recursive`` — k successive prompts from the out-of-distribution inits.
 4.-6. ``novelty``, ``diversity``, ``landscape`` — weight space, after weight matching.
-7. ``samples`` — per class of a label condition part, on field tasks: label accuracy, copies, sharpness,
-   1-NNA, coverage, MMD (skipped for other tasks and generators).
+7. ``samples`` — per class of a label condition part: label accuracy and the metric's spread; on image
+   fields also copies, sharpness, 1-NNA, coverage, MMD (skipped for generators without a label part).
 8. ``compression`` — sparse and quantized networks from the same inits: generated, compressed afterwards,
    sparse from the start, lottery tickets, random masks (tasks with the metrics sparsity and bits only).
 
@@ -150,10 +150,13 @@ def summary_lines(report: dict) -> list[str]:
                      f"solutions in the low region, {land['generated_basins']} basin(s)")
     smp = report.get("samples", {})
     if "label_accuracy" in smp:
-        lines.append(f"Samples ({smp['num_generated']} per {smp['label']}): label accuracy "
-                     f"{100 * smp['label_accuracy']:.0f}%, copies {100 * smp['copy_fraction']:.0f}%, sharpness "
-                     f"{fmt(smp['sharpness_ratio'])}x real, 1-NNA {fmt(smp['one_nna'])}, coverage "
-                     f"{fmt(smp['coverage'])}, MMD {fmt(smp['mmd'])}")
+        line = (f"Samples ({smp['num_generated']} per {smp['label']}): label accuracy "
+                f"{100 * smp['label_accuracy']:.0f}%, {smp['metric']} median {fmt(smp['metric_median'])} (80% reach "
+                f"{fmt(smp['metric_80pct'])})")
+        if "copy_fraction" in smp:
+            line += (f", copies {100 * smp['copy_fraction']:.0f}%, sharpness {fmt(smp['sharpness_ratio'])}x real, "
+                     f"1-NNA {fmt(smp['one_nna'])}, coverage {fmt(smp['coverage'])}, MMD {fmt(smp['mmd'])}")
+        lines.append(line)
     for key, row in report.get("compression", {}).get("rows", {}).items():
         med = lambda d: fmt(d[report["compression"]["metric"]]["median"])
         gen_ = row.get("generated")
