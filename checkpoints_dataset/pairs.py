@@ -120,6 +120,16 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self._order)
 
+    def target_weights(self, best_fraction: float, boost: float) -> np.ndarray:
+        """Sampling weights of the positions ``[N]``: ``1 + boost`` where the target is among the best
+        ``best_fraction`` of the chosen checkpoints by the metric (in the store's direction), else 1."""
+        if not 0.0 < best_fraction <= 1.0 or boost < 0:
+            raise ValueError(f"best_fraction must be in (0, 1] and boost >= 0, got {best_fraction} and {boost}")
+        m = self._metric[self._order].astype(np.float64)                          # [N] the targets' metric
+        lower = self.store.lower_is_better.get(self.metric, True)
+        cut = np.quantile(m, best_fraction if lower else 1.0 - best_fraction)
+        return np.where(m <= cut if lower else m >= cut, 1.0 + boost, 1.0)
+
     def _reseed(self, worker: int | None) -> None:
         ss = np.random.SeedSequence([self.seed, self.epoch] + ([] if worker is None else [worker]))
         self._rng = np.random.default_rng(ss)
@@ -205,9 +215,12 @@ class PairBatches(IterableDataset):
     (DistributedSampler's split), cut into ``len(dataset) // (batch_size * num_replicas)`` batches of
     ``batch_size`` (the rest dropped, like ``drop_last``): the ranks of a DDP job train on disjoint targets,
     the same number of batches each. Start checkpoints and permutations come from each rank's dataset.
+    With ``weights [N]`` a pass is ``N`` positions drawn with replacement in proportion to them instead
+    (``WeightedRandomSampler``'s draw), split between the ranks the same way.
     """
 
-    def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 weights: np.ndarray | None = None):
         if batch_size < 1 or num_replicas < 1:
             raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}")
         if not 0 <= rank < num_replicas:
@@ -217,12 +230,16 @@ class PairBatches(IterableDataset):
                              "replica(s); lower the batch size or add runs")
         self.dataset, self.batch_size, self.num_replicas = dataset, batch_size, num_replicas
         self.rank, self.seed, self._passes = rank, seed, 0
+        self.weights = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+        if self.weights is not None and self.weights.shape != (len(dataset),):
+            raise ValueError(f"weights must have one value per position [{len(dataset)}], got {list(self.weights.shape)}")
 
     def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.num_replicas)
 
     def __iter__(self):
-        shared = np.random.default_rng([self.seed, self._passes]).permutation(len(self.dataset))  # [N] positions
+        rng, n = np.random.default_rng([self.seed, self._passes]), len(self.dataset)
+        shared = rng.permutation(n) if self.weights is None else rng.choice(n, n, p=self.weights)  # [N] positions
         self._passes += 1
         order = shared[self.rank::self.num_replicas]                                              # [N / replicas]
         for b in range(len(self)):

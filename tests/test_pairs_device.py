@@ -82,6 +82,36 @@ def test_datamodule_pair_device(tiny_digits_store):
             ParameterDataModule(root=str(tiny_digits_store), pair_device="cuda").setup("fit")
 
 
+@pytest.mark.parametrize("pair_device", ["cpu", "cpu:0"])   # DataLoader's sampler, and PairBatches
+def test_best_boost_draws_the_best_targets_more_often(tiny_digits_store, pair_device):
+    """--data.best_boost B: targets among the best 10% (lowest val_error) come 1 + B times as often."""
+    from gpt_params.training.data import ParameterDataModule
+
+    dm = ParameterDataModule(root=str(tiny_digits_store), batch_size=8, pair_device=pair_device, best_boost=9.0)
+    dm.setup("fit")
+    ds = dm.train_set
+    weights = ds.target_weights(0.1, 9.0)                                   # [N]
+    best = weights > 1
+    metric = ds._metric[ds._order]
+    assert 0.05 < best.mean() <= 0.2 and metric[best].max() <= metric[~best].min()
+    torch.manual_seed(0)
+    drawn = np.concatenate([b["target_metric"].cpu().numpy() for _ in range(20) for b in dm.train_dataloader()])
+    share = (drawn <= metric[best].max()).mean()                            # expected 10 b / (10 b + (1 - b))
+    expected = 10 * best.mean() / (10 * best.mean() + 1 - best.mean())
+    assert abs(share - expected) < 0.08 and share > 2 * best.mean()
+    assert ds.target_weights(1.0, 2.0).min() == 3.0                        # the whole set is "the best"
+    with pytest.raises(ValueError, match="best_boost"):
+        ParameterDataModule(root=str(tiny_digits_store), best_boost=-1.0)
+    with pytest.raises(ValueError, match="best_fraction"):
+        ParameterDataModule(root=str(tiny_digits_store), best_fraction=0.0)
+
+
+def test_best_targets_of_a_higher_is_better_metric(tiny_field_store):
+    ds = PairDataset(open_store(tiny_field_store), metric="psnr", permute=False)
+    psnr, best = ds._metric[ds._order], ds.target_weights(0.1, 1.0) == 2.0
+    assert best.any() and psnr[best].min() >= psnr[~best].max()             # the highest PSNR
+
+
 @pytest.mark.gpu
 def test_cuda_resident_pairs(tiny_digits_store):
     store = open_store(tiny_digits_store)

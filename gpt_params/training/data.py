@@ -16,7 +16,7 @@ from typing import Literal, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.pairs import PairBatches, PairDataset
@@ -68,6 +68,10 @@ class ParameterDataModule(pl.LightningDataModule):
             fresh inits; the prototype found 0.25 doubles alignment over uniform starts).
         ordered: target later than start in the run (G.pt); False allows any two checkpoints.
         augment: "permute" applies one random function-preserving neuron permutation per pair.
+        best_boost: targets among the best ``best_fraction`` of the training checkpoints (by the metric) are
+            drawn with weight ``1 + best_boost`` (others 1), with replacement; 0 (default): each target once
+            per epoch. The best prompts are the rarest targets; this shows them more often.
+        best_fraction: what "the best" means for ``best_boost`` (a fraction of the training checkpoints).
         val_runs: training runs set aside for the validation loss.
         build_runs: runs to build when the store is missing.
         build_epochs: epochs per run when building.
@@ -108,6 +112,8 @@ class ParameterDataModule(pl.LightningDataModule):
         init_prob: float = 0.25,
         ordered: bool = True,
         augment: Literal["permute", "none"] = "permute",
+        best_boost: float = 0.0,
+        best_fraction: float = 0.1,
         val_runs: int = 8,
         build_runs: int = 512,
         build_epochs: int = 20,
@@ -139,6 +145,9 @@ class ParameterDataModule(pl.LightningDataModule):
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
                              f"choose one of {list(self.store.metric_names)}")
         self.metric = metric
+        if best_boost < 0 or not 0.0 < best_fraction <= 1.0:
+            raise ValueError(f"--data.best_boost must be >= 0 (got {best_boost}) and --data.best_fraction in (0, 1] "
+                             f"(got {best_fraction})")
         test = set(int(r) for r in self.store.test_runs)
         train = np.array([r for r in self.store.train_runs if int(r) not in test])
         if len(train) < 2:
@@ -287,11 +296,20 @@ class ParameterDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set.device is not None:   # whole batches drawn on the device, no workers
             replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-            batches = PairBatches(self.train_set, self.hparams.batch_size, replicas, rank=rank, seed=self.hparams.seed)
+            batches = PairBatches(self.train_set, self.hparams.batch_size, replicas, rank=rank, seed=self.hparams.seed,
+                                  weights=self._target_weights())
             return DataLoader(batches, batch_size=None)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.hparams.num_workers,
+        weights = self._target_weights()
+        sampler = None if weights is None else WeightedRandomSampler(torch.from_numpy(weights), len(weights))
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=sampler is None,
+                          sampler=sampler, drop_last=True, num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
+
+    def _target_weights(self) -> Optional[np.ndarray]:
+        """Sampling weights of the training targets (``best_boost``), None for uniform epochs."""
+        if not self.hparams.best_boost:
+            return None
+        return self.train_set.target_weights(self.hparams.best_fraction, self.hparams.best_boost)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
