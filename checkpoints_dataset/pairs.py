@@ -122,7 +122,8 @@ class PairDataset(Dataset):
 
     def target_weights(self, best_fraction: float, boost: float) -> np.ndarray:
         """Sampling weights of the positions ``[N]``: ``1 + boost`` where the target is among the best
-        ``best_fraction`` of the chosen checkpoints by the metric (in the store's direction), else 1."""
+        ``best_fraction`` of the chosen checkpoints by the metric (in the store's direction; checkpoints tied
+        at the cut count as the best too, so a discrete metric may boost a little more), else 1."""
         if not 0.0 < best_fraction <= 1.0 or boost < 0:
             raise ValueError(f"best_fraction must be in (0, 1] and boost >= 0, got {best_fraction} and {boost}")
         m = self._metric[self._order].astype(np.float64)                          # [N] the targets' metric
@@ -216,7 +217,8 @@ class PairBatches(IterableDataset):
     ``batch_size`` (the rest dropped, like ``drop_last``): the ranks of a DDP job train on disjoint targets,
     the same number of batches each. Start checkpoints and permutations come from each rank's dataset.
     With ``weights [N]`` a pass is ``N`` positions drawn with replacement in proportion to them instead
-    (``WeightedRandomSampler``'s draw), split between the ranks the same way.
+    (``WeightedRandomSampler``'s draw), split between the ranks the same way: disjoint slices of one shared
+    draw, in which a target may recur, within a rank and across ranks.
     """
 
     def __init__(self, dataset: PairDataset, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,

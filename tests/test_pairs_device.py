@@ -94,16 +94,32 @@ def test_best_boost_draws_the_best_targets_more_often(tiny_digits_store, pair_de
     best = weights > 1
     metric = ds._metric[ds._order]
     assert 0.05 < best.mean() <= 0.2 and metric[best].max() <= metric[~best].min()
-    torch.manual_seed(0)
-    drawn = np.concatenate([b["target_metric"].cpu().numpy() for _ in range(20) for b in dm.train_dataloader()])
+    loader = dm.train_dataloader()                                          # 20 passes, each a fresh draw
+    drawn = np.concatenate([b["target_metric"].cpu().numpy() for _ in range(20) for b in loader])
     share = (drawn <= metric[best].max()).mean()                            # expected 10 b / (10 b + (1 - b))
     expected = 10 * best.mean() / (10 * best.mean() + 1 - best.mean())
     assert abs(share - expected) < 0.08 and share > 2 * best.mean()
     assert ds.target_weights(1.0, 2.0).min() == 3.0                        # the whole set is "the best"
-    with pytest.raises(ValueError, match="best_boost"):
-        ParameterDataModule(root=str(tiny_digits_store), best_boost=-1.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="best_boost"):
+            ParameterDataModule(root=str(tiny_digits_store), best_boost=bad)
     with pytest.raises(ValueError, match="best_fraction"):
         ParameterDataModule(root=str(tiny_digits_store), best_fraction=0.0)
+
+
+def test_weighted_pair_batches_split_one_draw_between_ranks(tiny_digits_store):
+    store = open_store(tiny_digits_store)
+    ds = PairDataset(store, seed=0, device="cpu")
+    weights = ds.target_weights(0.1, 9.0)
+    order = np.random.default_rng([3, 0]).choice(len(ds), len(ds), p=weights / weights.sum())   # the shared draw
+    for rank in range(2):
+        batches = PairBatches(ds, batch_size=8, num_replicas=2, rank=rank, seed=3, weights=weights)
+        first = next(iter(batches))
+        expect = ds._order[order[rank::2][:8]]                                # store checkpoints of the slice
+        assert first["target_step"].tolist() == store.steps[expect].tolist()
+        assert first["run_id"].tolist() == store.run_ids[expect].tolist()
+    with pytest.raises(ValueError, match="one value per position"):
+        PairBatches(ds, batch_size=8, weights=weights[:-1])
 
 
 def test_best_targets_of_a_higher_is_better_metric(tiny_field_store):

@@ -155,6 +155,17 @@ def test_set_measures_of_known_sets():
     assert cov == pytest.approx(1 / 6) and mmd > 0
 
 
+def test_the_level_most_samples_reach():
+    from gpt_params.evaluation.samples import level_reached
+
+    for n in (5, 6, 10, 20, 48):
+        values = np.random.default_rng(n).permutation(n).astype(float)
+        high, low = level_reached(values, 0.8, False), level_reached(values, 0.8, True)
+        assert (values >= high).mean() >= 0.8 and (values >= high + 1).mean() < 0.8   # the best such level
+        assert (values <= low).mean() >= 0.8 and (values <= low - 1).mean() < 0.8
+    assert level_reached([0.3, 0.9, 0.5, 0.7, 0.8], 0.8, False) == 0.5               # IoU: 4 of 5 reach 0.5
+
+
 def test_the_samples_section_per_class(labelled, tiny_generator_ckpt, tiny_digits_store):
     from checkpoints_dataset import get_task
     from gpt_params.evaluation.samples import samples

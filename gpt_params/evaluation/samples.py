@@ -1,10 +1,16 @@
-"""Section 7, samples: what a class-conditioned generator makes for each class (issue 18), for field tasks.
+"""Section 7, samples: what a class-conditioned generator makes for each class (issue 18).
 
 For every class of the task's label (a condition part of the generator, ``--data.parts '[label]'``),
 ``per_class`` networks are generated from the held-out runs' inits (ignored by start-free generators),
-prompted for the data's best metric and that class. Measured on the fields' images:
+prompted for the data's best metric and that class. Measured on every task:
 
-- ``label_accuracy``: the class of the nearest pool image equals the requested one;
+- ``label_accuracy``: the label the task gives the generated network (a field's nearest pool image's class,
+  a shape's nearest pool shape's type) equals the requested one;
+- ``metric_median`` and ``metric_80pct``: the level 80% of the samples reach or beat, so "IoU at least 0.8
+  in 80% of samples" reads ``metric_80pct >= 0.8``.
+
+Tasks with images (the 2-D fields) also get:
+
 - ``copy_fraction``: at least ``copy_db`` dB (PSNR) to an image a training run fitted (memorized, not made);
 - ``sharpness_ratio``: mean sharpness of the generated fields over that of the held-out runs' final fields
   (a blurry class mean scores a high nearest-image PSNR, but not a sharpness near 1);
@@ -13,9 +19,7 @@ prompted for the data's best metric and that class. Measured on the fields' imag
   ideal, 1 means the sets are apart), ``coverage`` (fraction of real fields that are some generated
   field's nearest) and ``mmd`` (mean over real fields of the distance to the nearest generated one).
 
-Tasks without images (``shapes_occupancy``) get the label accuracy and the metric's spread only:
-``metric_median`` and ``metric_80pct`` (the value 80% of the samples reach or beat, so "IoU at least 0.8 in
-80% of samples" reads ``metric_80pct >= 0.8``). Generators without a label part give ``{"skipped": reason}``.
+Generators without a label part give ``{"skipped": reason}``.
 """
 from __future__ import annotations
 
@@ -45,6 +49,13 @@ def coverage_mmd(generated: Tensor, real: Tensor) -> tuple[float, float]:
     return float(covered), float(d.min(0).values.mean())
 
 
+def level_reached(values, fraction: float, lower_is_better: bool) -> float:
+    """The best level that at least ``fraction`` of ``values`` reach or beat (in the metric's direction)."""
+    worse_first = np.sort(np.asarray(values, np.float64))
+    worse_first = worse_first[::-1] if lower_is_better else worse_first
+    return float(worse_first[int(np.floor(len(worse_first) * (1.0 - fraction) + 1e-9))])
+
+
 def _empty_figure(text: str) -> Figure:
     fig = Figure(figsize=(4, 1))
     fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=8)
@@ -71,7 +82,6 @@ def samples(gen, task, store, runs, *, per_class: int = 8, copy_db: float = 25.0
     params = torch.cat(out)                                                             # [K, P]
     scores = task.evaluate(params)
     metric = scores[gen.metric].numpy()
-    worse_first = np.sort(metric)[::-1] if task.lower_is_better[gen.metric] else np.sort(metric)
     result = {
         "label": label.name, "classes": label.classes, "per_class": per_class, "num_generated": len(params),
         "target": best_value(gen),
@@ -79,7 +89,7 @@ def samples(gen, task, store, runs, *, per_class: int = 8, copy_db: float = 25.0
         "label_accuracy_per_class": [float((scores[label.name].numpy()[classes == c] == c).mean())
                                      for c in range(label.classes)],
         "metric": gen.metric, "metric_median": float(np.median(metric)),
-        "metric_80pct": float(worse_first[int(np.floor(0.2 * (len(metric) - 1)))])}
+        "metric_80pct": level_reached(metric, 0.8, gen.lower_is_better)}
     if hasattr(task, "images"):
         result.update(_image_measures(task, store, runs, params, scores, copy_db))
     fig = Figure(figsize=(1.1 * per_class, 1.1 * label.classes))

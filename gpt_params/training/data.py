@@ -145,7 +145,7 @@ class ParameterDataModule(pl.LightningDataModule):
             raise ValueError(f"--data.metric {metric!r} is not in the store at {self.root}; "
                              f"choose one of {list(self.store.metric_names)}")
         self.metric = metric
-        if best_boost < 0 or not 0.0 < best_fraction <= 1.0:
+        if not best_boost >= 0 or not 0.0 < best_fraction <= 1.0:   # (NaN fails too)
             raise ValueError(f"--data.best_boost must be >= 0 (got {best_boost}) and --data.best_fraction in (0, 1] "
                              f"(got {best_fraction})")
         test = set(int(r) for r in self.store.test_runs)
@@ -300,7 +300,10 @@ class ParameterDataModule(pl.LightningDataModule):
                                   weights=self._target_weights())
             return DataLoader(batches, batch_size=None)
         weights = self._target_weights()
-        sampler = None if weights is None else WeightedRandomSampler(torch.from_numpy(weights), len(weights))
+        # its own generator: the draws do not depend on the model's use of the global RNG, and every DDP
+        # rank draws the same list, of which Lightning's sampler wrapper gives each rank its own slice
+        sampler = None if weights is None else WeightedRandomSampler(
+            torch.from_numpy(weights), len(weights), generator=torch.Generator().manual_seed(self.hparams.seed))
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=sampler is None,
                           sampler=sampler, drop_last=True, num_workers=self.hparams.num_workers,
                           persistent_workers=self.hparams.num_workers > 0)
