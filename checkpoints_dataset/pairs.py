@@ -124,7 +124,7 @@ class PairDataset(Dataset):
         """Sampling weights of the positions ``[N]``: ``1 + boost`` where the target is among the best
         ``best_fraction`` of the chosen checkpoints by the metric (in the store's direction; checkpoints tied
         at the cut count as the best too, so a discrete metric may boost a little more), else 1."""
-        if not 0.0 < best_fraction <= 1.0 or boost < 0:
+        if not 0.0 < best_fraction <= 1.0 or not boost >= 0:   # (NaN fails too)
             raise ValueError(f"best_fraction must be in (0, 1] and boost >= 0, got {best_fraction} and {boost}")
         m = self._metric[self._order].astype(np.float64)                          # [N] the targets' metric
         lower = self.store.lower_is_better.get(self.metric, True)
