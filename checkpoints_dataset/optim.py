@@ -45,9 +45,13 @@ class PopulationConfig:
     bits: tuple[int, ...] = (32,)
     compress_start: float = 0.25
     compress_end: float = 0.75
+    # runs in consecutive blocks of this many (an "init group": runs k*K ... k*K + K - 1) start from one init
+    # (its seed and init_scale) and differ in data order and the other hyperparameters, so the data holds
+    # several trajectories from one start; the held-out split then keeps whole init groups
+    runs_per_init: int = 1
 
     def __post_init__(self):
-        for name in ("runs", "epochs", "group_size", "batch_size"):
+        for name in ("runs", "epochs", "group_size", "batch_size", "runs_per_init"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_checkpoints < 2:
@@ -77,10 +81,23 @@ class PopulationConfig:
         if not self.compressed:
             for k in ("sparsity", "bits", "compress_start", "compress_end"):
                 del out[k]
+        if self.runs_per_init == 1:   # likewise: one run per init, as every store built before it existed
+            del out["runs_per_init"]
         return out
 
 
-__all__ = ["GroupResult", "adam_first", "checkpoint_schedule", "init_optimizer_state", "optimizer_step"]
+__all__ = ["GroupResult", "adam_first", "checkpoint_schedule", "init_optimizer_state", "optimizer_step",
+           "run_generators"]
+
+
+def run_generators(hparams: list[dict]) -> tuple[list[torch.Generator], list[torch.Generator]]:
+    """Each run's (init generator, data generator). One generator serves both (the init drawn first, then the
+    data order) unless the run shares its init with others (``init_seed`` in its hparams, from
+    ``runs_per_init`` > 1): then the init comes from the group's seed and the data order from the run's."""
+    data = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
+    init = [torch.Generator().manual_seed(int(h["init_seed"])) if "init_seed" in h else g
+            for h, g in zip(hparams, data)]
+    return init, data
 
 
 @dataclass

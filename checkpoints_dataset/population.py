@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GroupResult", "InitScheme", "OptimizerName", "PopulationConfig", "adam_first", "build_config",
            "build_population", "checkpoint_schedule", "draw_hparams", "init_optimizer_state", "optimizer_step",
-           "run_seed", "shard_name", "ensure_store", "store_is_complete"]
+           "init_seed", "run_seed", "shard_name", "ensure_store", "store_is_complete"]
 
 
 
@@ -49,8 +49,16 @@ def run_seed(seed: int, run_id: int) -> int:
     return int(state >> np.uint64(1))
 
 
+def init_seed(seed: int, init_group: int) -> int:
+    """A 63-bit seed for the init shared by the runs of ``init_group`` (``runs_per_init`` > 1)."""
+    state = np.random.SeedSequence([int(seed), int(init_group), 1]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
 def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
-    """The JSON-able hyperparameters of one run, drawn from the config's ranges by its own seed."""
+    """The JSON-able hyperparameters of one run, drawn from the config's ranges by its own seed. With
+    ``runs_per_init`` K > 1 the run also records its ``init_group`` (run_id // K) and that group's
+    ``init_seed``, and takes the group's ``init_scale``: the runs of a group start from one init."""
     seed = run_seed(config.seed, run_id)
     rng = np.random.default_rng(seed)
     optimizer = str(config.optimizers[int(rng.integers(len(config.optimizers)))])
@@ -66,6 +74,11 @@ def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
     if config.compressed:   # drawn after the rest, so a run's other hyperparameters do not depend on it
         hparams["sparsity"] = float(config.sparsity[int(rng.integers(len(config.sparsity)))])
         hparams["bits"] = int(config.bits[int(rng.integers(len(config.bits)))])
+    if config.runs_per_init > 1:
+        group = int(run_id) // config.runs_per_init
+        shared = init_seed(config.seed, group)
+        hparams.update(init_group=group, init_seed=shared,
+                       init_scale=float(np.random.default_rng(shared).uniform(*config.init_scale)))
     return hparams
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 _BASE_KEYS = ("task", "layer_shapes", "metric_names", "lower_is_better", "dtype", "build_config")
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StoreError", "create_store", "write_shard", "shard_exists",
-           "finalize_store", "open_store", "CheckpointStore", "write_json_atomic"]  # write_json_atomic: fileio's
+           "finalize_store", "open_store", "CheckpointStore", "split_last", "write_json_atomic"]  # write_json_atomic: fileio's
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -162,6 +162,22 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     return int((~keep).sum())
 
 
+def split_last(runs: Sequence[int], n: int, init_group: Callable[[int], Any]) -> tuple[list[int], list[int]]:
+    """Split sorted run ids into (head, tail): the tail holds the last ``n`` runs, widened to whole init groups
+    (runs whose ``init_group(run)`` is the same non-None value start from one init; no tail init is in the
+    head), and at least one group stays in the head."""
+    runs = [int(r) for r in runs]
+    if n <= 0:
+        return runs, []
+    key = lambda r: ("group", init_group(r)) if init_group(r) is not None else ("run", r)
+    tail_keys = {key(r) for r in runs[len(runs) - n:]}
+    head = [r for r in runs if key(r) not in tail_keys]
+    if not head:   # one group holds the last n: keep the first group for the head
+        first = key(runs[0])
+        head, tail_keys = [r for r in runs if key(r) == first], tail_keys - {first}
+    return head, [r for r in runs if key(r) in tail_keys]
+
+
 def _summarize(root: Path, manifest: dict, shards: Mapping[str, tuple[dict, dict]], test_fraction: float,
                min_test_runs: int) -> dict:
     """Manifest fields derived from the shards' indexes: shards, runs, split, stats, dropped counts."""
@@ -185,7 +201,8 @@ def _summarize(root: Path, manifest: dict, shards: Mapping[str, tuple[dict, dict
             acc += np.array([st["sum"][r], st["sumsq"][r], st["count"][r]])
     runs = sorted(sums)
     n_test = min(max(min_test_runs, math.ceil(test_fraction * len(runs))), max(len(runs) - 1, 0))
-    train, test = runs[:len(runs) - n_test], runs[len(runs) - n_test:]
+    hparams = {int(k): v for meta, _ in shards.values() for k, v in meta["run_hparams"].items()}
+    train, test = split_last(runs, n_test, lambda r: hparams.get(r, {}).get("init_group"))
     acc = sum((sums[r] for r in train), np.zeros((3, L)))
     stats = {}
     for j, (layer, _) in enumerate(manifest["layer_shapes"]):
@@ -332,6 +349,10 @@ class CheckpointStore:
 
     def run_hparams(self, run_id) -> dict:
         return dict(self._hparams.get(int(run_id), {}))
+
+    def init_group(self, run_id):
+        """The init group of a run (runs of one group start from one init: ``runs_per_init``), or None."""
+        return self._hparams.get(int(run_id), {}).get("init_group")
 
     def __repr__(self) -> str:
         return (f"CheckpointStore({str(self.root)!r}, task={self.task!r}, runs={self.num_runs}, "

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..optim import (GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step,
+                     run_generators)
 from ..params import check_params
 from .base import Task
 from .fashion import FILES, default_data_dir, load_fashion_mnist, missing_files_message
@@ -41,8 +42,8 @@ def population_inits(task: Task, runs: list[dict], init: Init, shared_seed: int)
     ``init_scale``), or (``init="shared"``) all the one init of ``shared_seed``, unscaled."""
     if init == "shared":
         return task.init_params(1, torch.Generator().manual_seed(shared_seed)).expand(len(runs), -1).clone()
-    return torch.cat([task.init_params(1, torch.Generator().manual_seed(int(h["seed"])),
-                                       h.get("init_scheme", "default")) * float(h["init_scale"]) for h in runs])
+    return torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) * float(h["init_scale"])
+                      for g, h in zip(run_generators(runs)[0], runs)])
 
 
 def fit_full_batch(task, runs: list[dict], order: Tensor, loss_fn, data: tuple[Tensor, ...], config: PopulationConfig,

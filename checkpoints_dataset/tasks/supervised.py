@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
 from ..compress import FLOAT_BITS, fake_quantize, gmp_sparsity, magnitude_mask, prunable_names, quantize_rows
-from ..optim import GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ..optim import (GroupResult, PopulationConfig, adam_first, checkpoint_schedule, init_optimizer_state, optimizer_step,
+                     run_generators)
 from ..params import LayerShapes
 
 MASK_UPDATES = 100       # mask redraws along the pruning ramp (Zhu & Gupta prune every dT steps, not every step)
@@ -60,8 +61,8 @@ def train_supervised(task, hparams: list[dict], config: PopulationConfig, device
     schedule = (compressed_schedule(total, config.num_checkpoints, start) if config.compressed
                 else checkpoint_schedule(total, config.num_checkpoints))
 
-    gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
-    drawn = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+    init_gens, gens = run_generators(hparams)                                # init, then data order
+    drawn = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(init_gens, hparams)])
     init = drawn if init is None else init.float().cpu()[order]           # the generators advance either way
     model = copy.deepcopy(task._eval_model).train()
     replace_all_batch_norm_modules_(model)              # batch statistics only, no in-place buffers

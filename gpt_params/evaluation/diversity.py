@@ -4,8 +4,10 @@ differs) against trained networks of similar metric: pairwise aligned distances 
 
 Trained networks of similar metric come from different inits, and a generator conditioned on a start
 checkpoint learns from one trajectory per init: from one start it should vary little (the data's
-target given a start is nearly one network). ``across_starts`` compares like with like: one network
-from each of several held-out inits, for the same prompt, against the same kind of trained networks."""
+target given a start is nearly one network). Two comparisons are like with like: ``across_starts``, one
+network from each of several held-out inits, for the same prompt, against the same kind of trained
+networks; and, in a store built with several runs per init (``runs_per_init``), ``same_init``: the
+networks generated from one start against the final checkpoints of the held-out runs trained from it."""
 
 from __future__ import annotations
 
@@ -34,6 +36,18 @@ def _agreement(preds: np.ndarray) -> np.ndarray:
     return (preds[i] == preds[j]).mean(axis=1)
 
 
+def _one_per_init(store, run_ids: np.ndarray) -> np.ndarray:
+    """The first run of each init group in ``run_ids`` (runs sharing an init are one start)."""
+    seen, out = set(), []
+    for r in run_ids.tolist():
+        group = store.init_group(r)
+        key = ("run", r) if group is None else ("group", group)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return np.asarray(out, dtype=np.int64)
+
+
 def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks: int = 8, sampler: str | None = None,
               steps: int | None = None, guidance: float | None = None, seed: int = 0, device=None,
               notes: list[str] | None = None) -> tuple[dict, Figure]:
@@ -41,7 +55,9 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
     sampling noise differs) against the final checkpoints of training runs closest in metric: pairwise
     aligned distances and, on data tasks, pairwise agreement of test-split predictions. ``across_starts``:
     the same distances for one network from each of the first ``num_networks`` held-out inits (fewer when
-    there are fewer runs), against the training runs' final checkpoints closest to their metric."""
+    there are fewer runs; one run per init group), against the training runs' final checkpoints closest to
+    their metric. ``same_init`` (when the prompt run shares its init with other runs): the generated networks'
+    distances against those of the final checkpoints of every run trained from that init."""
     notes = [] if notes is None else notes
     spec = task.permutation_spec
     run_ids = held_out_runs(store, runs, notes)
@@ -57,8 +73,8 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
     across = None
     if not getattr(gen, "uses_start", True):
         notes.append("diversity: the generator ignores the start; across_starts skipped")
-    elif len(run_ids) > 1:
-        starts_params, starts_metric = generate_best(gen, task, store, run_ids, num_networks, sampler=sampler,
+    elif len(starts := _one_per_init(store, run_ids)) > 1:
+        starts_params, starts_metric = generate_best(gen, task, store, starts, num_networks, sampler=sampler,
                                                      steps=steps, guidance=guidance, seed=seed, device=device)
         near = checkpoints_near(store, finals, [np.median(starts_metric)], num_networks, metric=gen.metric)
         across = {"generated": _pairwise(starts_params, spec),
@@ -67,12 +83,19 @@ def diversity(gen, task, store, runs: int | Sequence[int] = 32, *, num_networks:
               "generated_metric": summary(gen_metric),
               "trained_metric": summary(store.metrics(trained_idx)[gen.metric]),
               "pairwise_distance": {k: summary(v) for k, v in dist.items()}}
+    group = store.init_group(int(run_ids[0]))
+    siblings = [] if group is None else [r for r in store.runs.tolist() if store.init_group(r) == group]
+    if len(siblings) > 1:
+        _, sibling_finals = run_endpoints(store, siblings)
+        result["same_init"] = {"runs": siblings, "trained_metric": summary(store.metrics(sibling_finals)[gen.metric]),
+                               "pairwise_distance": {"generated": summary(dist["generated"]), "trained": summary(
+                                   _pairwise(as_tensor(store.params(sibling_finals)), spec))}}
     if across is not None:
         result["across_starts"] = {"num_generated": len(starts_params), "generated_metric": summary(starts_metric),
                                    "trained_metric": summary(store.metrics(near)[gen.metric]),
                                    "pairwise_distance": {k: summary(v) for k, v in across.items()}}
     elif getattr(gen, "uses_start", True):
-        notes.append("diversity: one held-out run only; across_starts skipped")
+        notes.append("diversity: one held-out init only; across_starts skipped")
     agree = {}
     if has_data(task):
         preds, _ = predictions(task, torch.cat([gen_params, trained]), "test", device=device)

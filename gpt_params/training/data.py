@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from checkpoints_dataset.info import DataInfo
 from checkpoints_dataset.pairs import PairBatches, PairDataset
 from checkpoints_dataset.population import PopulationConfig, ensure_store, store_is_complete
-from checkpoints_dataset.store import CheckpointStore, open_store
+from checkpoints_dataset.store import CheckpointStore, open_store, split_last
 from checkpoints_dataset.tasks import Task, TaskRef
 from checkpoints_dataset.tasks.ref import plain_json
 
@@ -88,6 +88,9 @@ class ParameterDataModule(pl.LightningDataModule):
         build_device: device of the build ("cpu" or "cuda").
         build_workers: processes building at once (the torch threads split between them; a small network
             trains faster on one thread per process than on several threads in one; default 1).
+        build_runs_per_init: runs that start from one init when building (default 1): with K > 1, runs
+            k*K ... k*K + K - 1 share their init and differ in data order and hyperparameters, so the data
+            holds several trajectories from each start; test and validation runs are whole init groups.
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
         task_options: other keyword options of the task, e.g. ``{trainer: es}`` for cartpole's evolution
             strategies. A build records the ones that shape its runs, and resumes with those.
@@ -127,6 +130,7 @@ class ParameterDataModule(pl.LightningDataModule):
         build_seed: int = 0,
         build_device: str = "cpu",
         build_workers: int = 1,
+        build_runs_per_init: int = 1,
         data_dir: Optional[str] = None,
         task_options: Optional[dict] = None,
         seed: int = 0,
@@ -155,7 +159,11 @@ class ParameterDataModule(pl.LightningDataModule):
                              "out for testing: training needs at least 2 more (one for validation); build or "
                              "record more runs (at least 7)")
         n_val = min(val_runs, max(len(train) // 5, 1))
-        self.val_run_ids, self.train_run_ids = train[-n_val:], train[:-n_val]
+        head, tail = split_last(train, n_val, self.store.init_group)   # whole init groups (runs_per_init)
+        if not tail:
+            raise ValueError(f"the store at {self.root} has its training runs in one init group (runs_per_init): "
+                             "validation needs runs from another init; build more runs (at least 3 init groups)")
+        self.train_run_ids, self.val_run_ids = np.array(head, dtype=np.int64), np.array(tail, dtype=np.int64)
         seen = np.concatenate([self.train_run_ids, self.val_run_ids])
         self.metric_values = self._scored_metric(seen)
         self.info = DataInfo.from_store(
@@ -191,7 +199,7 @@ class ParameterDataModule(pl.LightningDataModule):
                       build_lr: tuple[float, float] = PopulationConfig.lr,
                       build_sparsity: tuple[float, ...] = PopulationConfig.sparsity,
                       build_bits: tuple[int, ...] = PopulationConfig.bits, build_seed: int = 0, build_device: str = "cpu",
-                      build_workers: int = 1,
+                      build_workers: int = 1, build_runs_per_init: int = 1,
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -208,7 +216,8 @@ class ParameterDataModule(pl.LightningDataModule):
         config = PopulationConfig(runs=build_runs, epochs=build_epochs, num_checkpoints=build_checkpoints,
                                   group_size=build_group_size, optimizers=tuple(build_optimizers),
                                   lr=(float(build_lr[0]), float(build_lr[1])), seed=build_seed,
-                                  sparsity=tuple(float(v) for v in build_sparsity), bits=tuple(int(v) for v in build_bits))
+                                  sparsity=tuple(float(v) for v in build_sparsity), bits=tuple(int(v) for v in build_bits),
+                                  runs_per_init=build_runs_per_init)
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
                             option="--data.task", dtype=build_dtype, workers=build_workers)
 

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ...optim import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step
+from ...optim import GroupResult, checkpoint_schedule, init_optimizer_state, optimizer_step, run_generators
 from ...params import vector_to_tensors
 from .env import MAX_EPISODE_STEPS, cartpole_step
 from .evaluator import batched_returns
@@ -173,8 +173,8 @@ def train_population(task, hparams: list[dict], config, device, progress: Callab
     device = torch.device(device)
     R, total = len(hparams), config.epochs * task.generations_per_epoch
     schedule = checkpoint_schedule(total, config.num_checkpoints)
-    gens = [torch.Generator().manual_seed(int(h["seed"])) for h in hparams]
-    init = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(gens, hparams)])
+    init_gens, gens = run_generators(hparams)    # one generator each unless runs share an init (runs_per_init)
+    init = torch.cat([task.init_params(1, g, h.get("init_scheme", "default")) for g, h in zip(init_gens, hparams)])
     # the run's settings, drawn with its generator and recorded in its hparams (and the manifest)
     if task.trainer == "reinforce":
         for h, g in zip(hparams, gens):
