@@ -162,6 +162,12 @@ def write_shard(root, name: str, *, params, run_ids, steps, epochs, metrics: Map
     return int((~keep).sum())
 
 
+def _init_group(hparams) -> int | str | None:
+    """A run's ``init_group`` from its recorded hyperparameters, hashable (a recorder may write any JSON)."""
+    group = hparams.get("init_group") if isinstance(hparams, dict) else None
+    return group if group is None or isinstance(group, (int, str)) else json.dumps(group, sort_keys=True)
+
+
 def split_last(runs: Sequence[int], n: int, init_group: Callable[[int], Any]) -> tuple[list[int], list[int]]:
     """Split sorted run ids into (head, tail): the tail holds the last ``n`` runs, widened to whole init groups
     (runs whose ``init_group(run)`` is the same non-None value start from one init; no tail init is in the
@@ -202,7 +208,7 @@ def _summarize(root: Path, manifest: dict, shards: Mapping[str, tuple[dict, dict
     runs = sorted(sums)
     n_test = min(max(min_test_runs, math.ceil(test_fraction * len(runs))), max(len(runs) - 1, 0))
     hparams = {int(k): v for meta, _ in shards.values() for k, v in meta["run_hparams"].items()}
-    train, test = split_last(runs, n_test, lambda r: hparams.get(r, {}).get("init_group"))
+    train, test = split_last(runs, n_test, lambda r: _init_group(hparams.get(r)))
     acc = sum((sums[r] for r in train), np.zeros((3, L)))
     stats = {}
     for j, (layer, _) in enumerate(manifest["layer_shapes"]):
@@ -352,7 +358,7 @@ class CheckpointStore:
 
     def init_group(self, run_id):
         """The init group of a run (runs of one group start from one init: ``runs_per_init``), or None."""
-        return self._hparams.get(int(run_id), {}).get("init_group")
+        return _init_group(self._hparams.get(int(run_id)))
 
     def __repr__(self) -> str:
         return (f"CheckpointStore({str(self.root)!r}, task={self.task!r}, runs={self.num_runs}, "
