@@ -72,9 +72,6 @@ def build_parser(prog: str = "python -m checkpoints_dataset build") -> argparse.
     p.add_argument("--runs-per-init", type=int, default=1, metavar="K",
                    help="runs that share one init (default 1): runs k*K ... k*K+K-1 start from the same init and "
                         "differ in data order and hyperparameters; held-out runs are whole init groups")
-    p.add_argument("--runs-share", choices=["init", "hparams"], default="init",
-                   help="with --runs-per-init: what the runs of a group share, the init only (default) or the "
-                        "init and every hyperparameter (they differ in data order only)")
     p.add_argument("--data-dir", default=None, help="data directory of the task (Fashion-MNIST IDX files)")
     p.add_argument("--task-option", type=_task_option, action="append", default=[], metavar="NAME=VALUE",
                    help="a keyword option of the task, repeatable; values are Python literals or plain strings "
@@ -117,8 +114,7 @@ def main(argv=None, prog: str | None = None) -> int:
                                   num_checkpoints=args.checkpoints, batch_size=args.batch_size,
                                   optimizers=tuple(o.strip() for o in args.optimizers.split(",")),
                                   sparsity=sparsity, bits=bits, compress_start=args.compress_start,
-                                  compress_end=args.compress_end, runs_per_init=args.runs_per_init,
-                                  runs_share=args.runs_share)
+                                  compress_end=args.compress_end, runs_per_init=args.runs_per_init)
     except ValueError as e:
         parser.error(str(e))
 

@@ -19,7 +19,6 @@ from torch import Tensor
 
 OptimizerName = Literal["adam", "sgd"]
 InitScheme = Literal["default", "xavier", "kaiming", "orthogonal"]
-RunsShare = Literal["init", "hparams"]
 
 
 @dataclass
@@ -47,11 +46,9 @@ class PopulationConfig:
     compress_start: float = 0.25
     compress_end: float = 0.75
     # runs in consecutive blocks of this many (an "init group": runs k*K ... k*K + K - 1) start from one init
-    # (its seed and init_scale), so the data holds several trajectories from one start; the held-out split
-    # then keeps whole init groups. runs_share: what else the runs of a group share: "init" (they differ in
-    # data order and every other hyperparameter) or "hparams" (they differ in data order only: SGD noise)
+    # (its seed and init_scale) and differ in data order and the other hyperparameters, so the data holds
+    # several trajectories from one start; the held-out split then keeps whole init groups
     runs_per_init: int = 1
-    runs_share: RunsShare = "init"
 
     def __post_init__(self):
         for name in ("runs", "epochs", "group_size", "batch_size", "runs_per_init"):
@@ -59,9 +56,6 @@ class PopulationConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_checkpoints < 2:
             raise ValueError(f"num_checkpoints must be >= 2 (the init and the last step), got {self.num_checkpoints}")
-        if self.runs_share not in ("init", "hparams"):
-            raise ValueError(f"runs_share must be 'init' or 'hparams' (what the runs of an init group share besides "
-                             f"the init), got {self.runs_share!r}")
         bad = [o for o in self.optimizers if o not in ("adam", "sgd")]
         if bad or not self.optimizers:
             raise ValueError(f"optimizers must be a non-empty subset of ('adam', 'sgd'), got {self.optimizers}")
@@ -88,7 +82,7 @@ class PopulationConfig:
             for k in ("sparsity", "bits", "compress_start", "compress_end"):
                 del out[k]
         if self.runs_per_init == 1:   # likewise: one run per init, as every store built before it existed
-            del out["runs_per_init"], out["runs_share"]
+            del out["runs_per_init"]
         return out
 
 

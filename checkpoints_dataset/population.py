@@ -58,13 +58,9 @@ def init_seed(seed: int, init_group: int) -> int:
 def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
     """The JSON-able hyperparameters of one run, drawn from the config's ranges by its own seed. With
     ``runs_per_init`` K > 1 the run also records its ``init_group`` (run_id // K) and that group's
-    ``init_seed``, and takes the group's ``init_scale``: the runs of a group start from one init; with
-    ``runs_share="hparams"`` every hyperparameter is the group's and only the run's ``seed`` (its data
-    order) is its own."""
+    ``init_seed``, and takes the group's ``init_scale``: the runs of a group start from one init."""
     seed = run_seed(config.seed, run_id)
-    group = int(run_id) // config.runs_per_init
-    shared = init_seed(config.seed, group) if config.runs_per_init > 1 else None
-    rng = np.random.default_rng(shared if shared is not None and config.runs_share == "hparams" else seed)
+    rng = np.random.default_rng(seed)
     optimizer = str(config.optimizers[int(rng.integers(len(config.optimizers)))])
     lr = float(np.exp(rng.uniform(np.log(config.lr[0]), np.log(config.lr[1]))))
     hparams = {
@@ -78,10 +74,11 @@ def draw_hparams(config: PopulationConfig, run_id: int) -> dict:
     if config.compressed:   # drawn after the rest, so a run's other hyperparameters do not depend on it
         hparams["sparsity"] = float(config.sparsity[int(rng.integers(len(config.sparsity)))])
         hparams["bits"] = int(config.bits[int(rng.integers(len(config.bits)))])
-    if shared is not None:   # "hparams": every value above came from the group's generator already
-        hparams.update(init_group=group, init_seed=shared)
-        if config.runs_share == "init":
-            hparams["init_scale"] = float(np.random.default_rng(shared).uniform(*config.init_scale))
+    if config.runs_per_init > 1:
+        group = int(run_id) // config.runs_per_init
+        shared = init_seed(config.seed, group)
+        hparams.update(init_group=group, init_seed=shared,
+                       init_scale=float(np.random.default_rng(shared).uniform(*config.init_scale)))
     return hparams
 
 

@@ -38,27 +38,6 @@ def test_runs_of_one_init_group_share_its_seed_and_scale():
     assert "runs_per_init" not in PopulationConfig().to_json() and config.to_json()["runs_per_init"] == K
     with pytest.raises(ValueError, match="runs_per_init"):
         PopulationConfig(runs_per_init=0)
-    with pytest.raises(ValueError, match="runs_share"):
-        PopulationConfig(runs_per_init=2, runs_share="lr")
-
-
-def test_runs_sharing_hparams_differ_in_data_order_only():
-    config = PopulationConfig(runs=4, runs_per_init=2, runs_share="hparams", seed=2, sparsity=(0.0, 0.5, 0.8))
-    h = [draw_hparams(config, r) for r in range(4)]
-    own = {"run_id", "seed"}
-    for a, b in (h[:2], h[2:]):
-        assert {k: v for k, v in a.items() if k not in own} == {k: v for k, v in b.items() if k not in own}
-        assert a["seed"] != b["seed"]
-    assert h[0]["init_seed"] != h[2]["init_seed"] and h[0]["lr"] != h[2]["lr"]
-    assert config.to_json()["runs_share"] == "hparams" and "runs_share" not in PopulationConfig().to_json()
-
-
-def test_the_command_line_builds_runs_that_share_hparams(tmp_path):
-    assert main(["--task", "digits_mlp", "--runs", "8", "--epochs", "1", "--checkpoints", "2", "--runs-per-init", "2",
-                 "--runs-share", "hparams", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
-    s = open_store(tmp_path / "s")
-    assert s.manifest["build_config"]["runs_share"] == "hparams"
-    assert s.run_hparams(6)["lr"] == s.run_hparams(7)["lr"] != s.run_hparams(5)["lr"]
 
 
 def test_a_group_starts_from_one_init_and_trains_apart(grouped_store):

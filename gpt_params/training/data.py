@@ -91,8 +91,6 @@ class ParameterDataModule(pl.LightningDataModule):
         build_runs_per_init: runs that start from one init when building (default 1): with K > 1, runs
             k*K ... k*K + K - 1 share their init and differ in data order and hyperparameters, so the data
             holds several trajectories from each start; test and validation runs are whole init groups.
-        build_runs_share: what the runs of an init group share: "init" (default) or "hparams" (the init and
-            every hyperparameter: they differ in data order only).
         data_dir: where the task's data files are (Fashion-MNIST); None: the task's default.
         task_options: other keyword options of the task, e.g. ``{trainer: es}`` for cartpole's evolution
             strategies. A build records the ones that shape its runs, and resumes with those.
@@ -133,7 +131,6 @@ class ParameterDataModule(pl.LightningDataModule):
         build_device: str = "cpu",
         build_workers: int = 1,
         build_runs_per_init: int = 1,
-        build_runs_share: Literal["init", "hparams"] = "init",
         data_dir: Optional[str] = None,
         task_options: Optional[dict] = None,
         seed: int = 0,
@@ -202,7 +199,7 @@ class ParameterDataModule(pl.LightningDataModule):
                       build_lr: tuple[float, float] = PopulationConfig.lr,
                       build_sparsity: tuple[float, ...] = PopulationConfig.sparsity,
                       build_bits: tuple[int, ...] = PopulationConfig.bits, build_seed: int = 0, build_device: str = "cpu",
-                      build_workers: int = 1, build_runs_per_init: int = 1, build_runs_share: str = "init",
+                      build_workers: int = 1, build_runs_per_init: int = 1,
                       data_dir: Optional[str] = None, task_options: Optional[dict] = None,
                       **_other_options) -> CheckpointStore:
         """Make sure the store at ``root`` is complete before a data module opens it: build it when missing
@@ -220,7 +217,7 @@ class ParameterDataModule(pl.LightningDataModule):
                                   group_size=build_group_size, optimizers=tuple(build_optimizers),
                                   lr=(float(build_lr[0]), float(build_lr[1])), seed=build_seed,
                                   sparsity=tuple(float(v) for v in build_sparsity), bits=tuple(int(v) for v in build_bits),
-                                  runs_per_init=build_runs_per_init, runs_share=build_runs_share)
+                                  runs_per_init=build_runs_per_init)
         return ensure_store(root_path, ref, config, device=build_device, rank_zero=_is_rank_zero(),
                             option="--data.task", dtype=build_dtype, workers=build_workers)
 
