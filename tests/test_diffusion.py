@@ -188,3 +188,24 @@ def test_sample_decodes_every_step_to_parameters():
                  callback=lambda i, t, p: params.append(p))
     assert len(params) == 3 and all(p.shape == (2, tok.num_params) for p in params)
     assert torch.allclose(params[-1], out, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon", "v"])
+def test_training_terms_return_the_clean_prediction(prediction):
+    """A model that outputs the exact target of its parameterization has zero loss, and the clean sample
+    returned for it (what the function-space loss scores) is the data, whatever it predicts."""
+    diffusion = Diffusion(prediction=prediction)
+    x0 = torch.randn(16, 5, 3, generator=torch.Generator().manual_seed(0))
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t, start, target_metric, start_metric, drop_target=None, **_):
+            a = diffusion.alphas_cumprod[t][:, None, None]
+            eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+            return {"x0": x0, "epsilon": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction]
+
+    oracle = Oracle()
+    oracle.prediction = prediction
+    err, clean = diffusion.training_terms(oracle, x0, torch.zeros_like(x0), torch.rand(16), torch.rand(16),
+                                          generator=torch.Generator().manual_seed(1))
+    assert err.max() < 1e-6
+    torch.testing.assert_close(clean, x0, atol=1e-3, rtol=0)

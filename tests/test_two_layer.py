@@ -59,12 +59,13 @@ def test_function_loss_is_zero_on_the_target_and_has_gradients():
     assert torch.equal(few.probe_batch(target.device), drawn) and not torch.equal(drawn, task.probe_inputs()[:8])
 
 
-def test_function_loss_needs_x0_predictions_in_parameter_space(tiny_digits_store):
+def test_function_loss_needs_clean_predictions_in_parameter_space(tiny_digits_store):
     from gpt_params.training.data import ParameterDataModule
 
     info = ParameterDataModule(root=str(tiny_digits_store)).info
-    with pytest.raises(ValueError, match="prediction x0"):
+    with pytest.raises(ValueError, match="prediction x0 or v"):
         GeneratorModule(info, prediction="epsilon", function_loss=1.0)
+    GeneratorModule(info, prediction="v", function_loss=1.0)   # v gives clean predictions too
     with pytest.raises(ValueError, match=">= 0"):
         GeneratorModule(info, function_loss=-1.0)
     with pytest.raises(ValueError, match="function_probes must be at least 1"):

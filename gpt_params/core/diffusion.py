@@ -125,7 +125,8 @@ class Diffusion:
                        target_metric: Tensor, cond_drop_prob: float = 0.1, mask: Tensor | None = None,
                        generator: torch.Generator | None = None, parts: Tensor | None = None,
                        weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``training_loss`` per pair ``[N]`` (weighted) and the model's output ``[N, T, C]``. ``parts [N, E]``:
+        """``training_loss`` per pair ``[N]`` (weighted) and the clean sample the model predicts ``[N, T, C]`` (its
+        output for x0 models; from the output, ``x_t`` and the timestep for epsilon and v). ``parts [N, E]``:
         the condition parts' values (a model with parts), each dropped on its own with ``cond_drop_prob``.
         ``weights [N, T, C]``: per-slot loss weights instead of ``mask`` (e.g. a mask channel's true mask)."""
         self._check_model(model)
@@ -154,13 +155,18 @@ class Diffusion:
             target = self.train_scheduler.get_velocity(x0, noise, t)  # [N, T, C]
         w = maskf if weights is None else weights.to(device=device, dtype=x0.dtype)  # [T, C] or [N, T, C]
         err = ((pred.float() - target.float()) ** 2 * w).sum(dim=(1, 2)) / w.sum(dim=(-2, -1)).clamp(min=1)  # [N]
+        abar = self.alphas_cumprod.to(device=device, dtype=torch.float32)[t]  # [N]
         if self.min_snr_gamma is not None:
-            abar = self.alphas_cumprod.to(device)[t]  # [N]
             snr = abar / (1 - abar)  # [N]
             clipped = snr.clamp(max=self.min_snr_gamma)
             weight = {"x0": clipped, "epsilon": clipped / snr, "v": clipped / (snr + 1)}[self.prediction]  # [N]
             err = err * weight
-        return err, pred
+        if self.prediction == "x0":
+            return err, pred
+        a = abar.to(pred.dtype)[:, None, None]  # [N, 1, 1]
+        if self.prediction == "epsilon":   # unstable where abar -> 0 (1/sqrt(abar) ~ 150 at t = 999)
+            return err, (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        return err, a.sqrt() * x_t - (1 - a).sqrt() * pred  # v
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -177,8 +177,8 @@ class Generator(nn.Module):
                        function_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """The diffusion loss of a batch of pairs (``start``/``target`` [N, P], ``start_metric``/``target_metric``
         [N]); ``denoiser`` is ``self.model`` or a compiled wrapper of it. ``function_loss(predicted [N, P],
-        target [N, P])`` (see ``FunctionLoss``), when given, is added: it compares the networks the x0
-        predictions make with their targets on the task's inputs."""
+        target [N, P])`` (see ``FunctionLoss``), when given, is added: it compares the networks of the clean
+        predictions (x0, or derived from v) with their targets on the task's inputs."""
         target = self.encode(batch["target"])                 # [N, T, C] or [N, T, d]
         start = self.encode(batch["start"]) if self.uses_start else torch.zeros_like(target)
         err, pred = self.diffusion.training_terms(
@@ -188,9 +188,9 @@ class Generator(nn.Module):
             weights=self.tokenizer.loss_weights(target) if self.config.mask_channel != "none" else None)
         loss = err.mean()
         if function_loss is not None:
-            if self.autoencoder is not None or self.config.prediction != "x0":
-                raise ValueError("the function-space loss needs x0 predictions of parameter tokens: use "
-                                 "--model.prediction x0 and --model.space params")
+            if self.autoencoder is not None or self.config.prediction == "epsilon":
+                raise ValueError("the function-space loss needs clean predictions of parameter tokens: use "
+                                 "--model.prediction x0 or v and --model.space params")
             loss = loss + function_loss(self.tokenizer.detokenize(pred), batch["target"])
         return loss
 

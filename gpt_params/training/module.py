@@ -136,7 +136,7 @@ class GeneratorModule(pl.LightningModule):
         autoencoder: the latent-space autoencoder and its training phase.
         optim: AdamW and its warmup + cosine schedule.
         function_loss: weight of the function-space loss (``FunctionLoss``: outputs of the predicted networks
-            against their targets' on the task's probe inputs). None (default): 1.0 where it applies (x0
+            against their targets' on the task's probe inputs). None (default): 1.0 where it applies (x0 or v
             predictions of parameter tokens, and a task that defines ``probe_inputs``), else off. A number:
             that weight (0: off), and an error where it cannot apply.
         function_probes: on how many of the task's probe inputs the function-space loss compares, drawn once at
@@ -192,9 +192,9 @@ class GeneratorModule(pl.LightningModule):
         self.hparams[LEGACY_MARKER] = CHECKPOINT_FORMAT
         if function_loss is not None and not (math.isfinite(function_loss) and function_loss >= 0):
             raise ValueError(f"--model.function_loss must be a finite weight >= 0 (0: off), got {function_loss}")
-        if function_loss and (prediction != "x0" or space != "params"):
-            raise ValueError("--model.function_loss needs --model.prediction x0 and --model.space params (it scores "
-                             "the networks of the x0 predictions)")
+        if function_loss and (prediction == "epsilon" or space != "params"):
+            raise ValueError("--model.function_loss needs --model.prediction x0 or v and --model.space params (it "
+                             "scores the networks of the clean predictions; from epsilon they blow up at high noise)")
         if function_probes is not None and function_probes < 1:
             raise ValueError(f"--model.function_probes must be at least 1 (or null: all), got {function_probes}")
         self.optim = optim
@@ -248,7 +248,7 @@ class GeneratorModule(pl.LightningModule):
 
     def _make_function_loss(self) -> Optional[FunctionLoss]:
         weight, config = self.hparams.function_loss, self.generator.config
-        if weight == 0 or config.prediction != "x0" or config.space != "params":
+        if weight == 0 or config.prediction == "epsilon" or config.space != "params":
             return None   # an explicit weight > 0 with these was refused in __init__
         task = getattr(self.trainer.datamodule, "task", None)   # None when fed plain dataloaders
         try:
