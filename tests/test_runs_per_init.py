@@ -84,6 +84,15 @@ def test_validation_runs_are_whole_init_groups(grouped_store, tmp_path):
         ParameterDataModule(root=str(tmp_path / "two_groups"), task="digits_mlp")
 
 
+def test_the_data_module_builds_runs_per_init(tmp_path):
+    from gpt_params.training.data import ParameterDataModule
+
+    built = ParameterDataModule.prepare_store(root=str(tmp_path / "s"), task="digits_mlp", build_runs=6,
+                                              build_epochs=1, build_checkpoints=2, build_runs_per_init=3)
+    assert built.manifest["build_config"]["runs_per_init"] == 3
+    assert [built.init_group(r) for r in range(6)] == [0, 0, 0, 1, 1, 1] and built.test_runs.tolist() == [3, 4, 5]
+
+
 class Identity:
     """Returns its start: every network from one start is that start."""
     metric, lower_is_better = "val_error", True
