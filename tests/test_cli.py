@@ -258,8 +258,20 @@ def test_ctrl_c_leaves_a_last_ckpt_that_resumes(tiny_digits_store, tmp_path):
     while time.monotonic() < deadline and not list((tmp_path / "run").glob("lightning_logs/version_0/hparams.yaml")):
         time.sleep(0.5)
     time.sleep(5)                                            # let it take some steps
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        out = None
+        for _ in range(5):   # a KeyboardInterrupt raised inside a __del__ is swallowed by Python: press again
+            proc.send_signal(signal.SIGINT)
+            try:
+                out, _ = proc.communicate(timeout=60)   # reads the pipe while it waits (no full-pipe stall)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert out is not None, "the training did not stop after 5 presses of Ctrl-C"
+    finally:
+        if proc.poll() is None:   # never leave a 100,000-step training behind
+            proc.kill()
+            proc.wait()
     last = list((tmp_path / "run").glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     assert last, out[-3000:]
     step = torch.load(last[0], map_location="cpu", weights_only=True)["global_step"]
