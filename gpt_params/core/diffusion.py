@@ -161,12 +161,7 @@ class Diffusion:
             clipped = snr.clamp(max=self.min_snr_gamma)
             weight = {"x0": clipped, "epsilon": clipped / snr, "v": clipped / (snr + 1)}[self.prediction]  # [N]
             err = err * weight
-        if self.prediction == "x0":
-            return err, pred
-        a = abar.to(pred.dtype)[:, None, None]  # [N, 1, 1]
-        if self.prediction == "epsilon":   # unstable where abar -> 0 (1/sqrt(abar) ~ 150 at t = 999)
-            return err, (x_t - (1 - a).sqrt() * pred) / a.sqrt()
-        return err, a.sqrt() * x_t - (1 - a).sqrt() * pred  # v
+        return err, self._clean(pred, x_t, abar.to(pred.dtype)[:, None, None])  # abar [N, 1, 1]
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -271,10 +266,15 @@ class Diffusion:
         given = getattr(step, "pred_original_sample", None)
         if given is not None:
             return given
-        abar = self.alphas_cumprod[int(t)].to(device=x_t.device, dtype=x_t.dtype)
-        if self.prediction == "epsilon":
+        return self._clean(out, x_t, self.alphas_cumprod[int(t)].to(device=x_t.device, dtype=x_t.dtype))
+
+    def _clean(self, out: Tensor, x_t: Tensor, abar: Tensor) -> Tensor:
+        """The clean sample a model output predicts at ``x_t`` with ``abar`` (a scalar or one per sample)."""
+        if self.prediction == "x0":
+            return out
+        if self.prediction == "epsilon":   # unstable where abar -> 0 (1/sqrt(abar) ~ 150 at t = 999)
             return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
-        return abar.sqrt() * x_t - (1 - abar).sqrt() * out
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * out  # v
 
 
 def sample(model: nn.Module, tokenizer, start_params: Tensor, start_metric, target_metric, *,
